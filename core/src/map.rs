@@ -1,0 +1,324 @@
+//! The network map as a node sees it, and the versioned deltas that keep it current.
+//!
+//! The server sends one full map when a session starts and then deltas. Each delta names the version it
+//! applies to; a node that holds another version must not guess, it asks for a full map
+//! ([`MapError::Gap`]). Maps are kept in `BTreeMap`s so their iteration order, their serialised form on
+//! disk and every diff are deterministic.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::NodeId;
+
+/// Site agent or machine client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    /// A site agent: hosts resources.
+    Site,
+    /// A machine client: uses resources.
+    Client,
+}
+
+impl NodeKind {
+    /// `site` or `client`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Site => "site",
+            NodeKind::Client => "client",
+        }
+    }
+}
+
+/// Where a peer may be reached, and how the address was learned.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Candidate {
+    /// `IP:PORT`.
+    pub addr: String,
+    /// `lan`, `reflexive` or `advertised`.
+    pub kind: String,
+}
+
+/// A peer this node may exchange tunnel traffic with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The peer's node id.
+    pub node_id: NodeId,
+    /// The peer's name.
+    pub name: String,
+    /// Site or client.
+    pub kind: NodeKind,
+    /// X25519 public key, absent until the peer first joins.
+    pub public_key: Option<[u8; 32]>,
+    /// The peer's own overlay address.
+    pub overlay_addr: String,
+    /// Inner addresses (`ADDR/32`) this peer may send from and be sent to.
+    pub allowed_ips: Vec<String>,
+    /// Where the peer may be reached.
+    pub candidates: Vec<Candidate>,
+    /// Whether the peer holds a control session now (a hint only).
+    pub online: bool,
+}
+
+/// A resource this node hosts (site) or may use (client).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceInfo {
+    /// Unique resource name.
+    pub name: String,
+    /// The overlay address it answers on.
+    pub overlay_addr: String,
+    /// `HOST:PORT` to re-dial; only known to the hosting site.
+    pub target: Option<String>,
+    /// The port it answers on.
+    pub port: u16,
+    /// Optional alias FQDN.
+    pub alias: Option<String>,
+    /// The hosting site's node id.
+    pub site_id: NodeId,
+    /// Every DNS name it answers as.
+    pub dns_names: Vec<String>,
+}
+
+/// A relay the node may use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// `HOST:PORT` of the QUIC listener.
+    pub addr: String,
+    /// SHA-256 of the relay's TLS SPKI.
+    pub key_pin: Vec<u8>,
+    /// Signed capability.
+    pub capability: Vec<u8>,
+    /// `HOST:PORT` of the TCP/TLS listener.
+    pub tcp_addr: Option<String>,
+}
+
+/// The whole network as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMap {
+    /// Version of this view; deltas name the version they apply to.
+    pub version: u64,
+    /// This node.
+    pub node_id: NodeId,
+    /// This node's name.
+    pub node_name: String,
+    /// Site or client.
+    pub kind: NodeKind,
+    /// This node's overlay address.
+    pub overlay_addr: String,
+    /// The whole overlay CIDR.
+    pub overlay_cidr: String,
+    /// The private DNS zone.
+    pub dns_zone: String,
+    /// Inner MTU.
+    pub mtu: u16,
+    /// Peers by node id.
+    pub peers: BTreeMap<NodeId, PeerInfo>,
+    /// Resources by name.
+    pub resources: BTreeMap<String, ResourceInfo>,
+    /// Relays.
+    pub relays: Vec<RelayInfo>,
+}
+
+/// A change to a [`NetworkMap`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDelta {
+    /// The version this delta applies to.
+    pub base_version: u64,
+    /// The version after applying it.
+    pub version: u64,
+    /// Peers added or changed (whole entries).
+    pub upsert_peers: Vec<PeerInfo>,
+    /// Peers removed.
+    pub remove_peers: Vec<NodeId>,
+    /// Resources added or changed (whole entries).
+    pub upsert_resources: Vec<ResourceInfo>,
+    /// Resources removed, by name.
+    pub remove_resources: Vec<String>,
+    /// A new relay list, when it changed.
+    pub relays: Option<Vec<RelayInfo>>,
+}
+
+/// Why a delta was not applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MapError {
+    /// The delta is for another version: ask the server for a full map.
+    #[error("delta for version {base} does not apply to map version {have}; a full map is needed")]
+    Gap {
+        /// Version the node holds.
+        have: u64,
+        /// Version the delta applies to.
+        base: u64,
+    },
+}
+
+impl NetworkMap {
+    /// Applies a delta in place, or leaves the map untouched and reports a gap.
+    pub fn apply(&mut self, delta: MapDelta) -> Result<(), MapError> {
+        if delta.base_version != self.version || delta.version <= delta.base_version {
+            return Err(MapError::Gap { have: self.version, base: delta.base_version });
+        }
+        for id in delta.remove_peers {
+            self.peers.remove(&id);
+        }
+        for p in delta.upsert_peers {
+            self.peers.insert(p.node_id.clone(), p);
+        }
+        for name in delta.remove_resources {
+            self.resources.remove(&name);
+        }
+        for r in delta.upsert_resources {
+            self.resources.insert(r.name.clone(), r);
+        }
+        if let Some(relays) = delta.relays {
+            self.relays = relays;
+        }
+        self.version = delta.version;
+        Ok(())
+    }
+
+    /// The resource answering as `name` (case-insensitive, trailing dot ignored), if any.
+    pub fn resource_by_dns_name(&self, name: &str) -> Option<&ResourceInfo> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        self.resources.values().find(|r| r.dns_names.iter().any(|n| n.eq_ignore_ascii_case(name)))
+    }
+}
+
+/// What changed between two maps, entry by entry: the input for reconciling installed state.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MapDiff<'a> {
+    /// Peers only in the new map.
+    pub added_peers: Vec<&'a PeerInfo>,
+    /// Peers in both maps whose entries differ.
+    pub changed_peers: Vec<&'a PeerInfo>,
+    /// Peers only in the old map.
+    pub removed_peers: Vec<NodeId>,
+    /// Resources added or changed.
+    pub upserted_resources: Vec<&'a ResourceInfo>,
+    /// Resources only in the old map.
+    pub removed_resources: Vec<String>,
+}
+
+impl MapDiff<'_> {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added_peers.is_empty()
+            && self.changed_peers.is_empty()
+            && self.removed_peers.is_empty()
+            && self.upserted_resources.is_empty()
+            && self.removed_resources.is_empty()
+    }
+}
+
+/// The entry-by-entry difference from `old` to `new`.
+pub fn diff<'a>(old: &NetworkMap, new: &'a NetworkMap) -> MapDiff<'a> {
+    let mut d = MapDiff::default();
+    for (id, p) in &new.peers {
+        match old.peers.get(id) {
+            None => d.added_peers.push(p),
+            Some(o) if o != p => d.changed_peers.push(p),
+            Some(_) => {}
+        }
+    }
+    d.removed_peers = old.peers.keys().filter(|id| !new.peers.contains_key(*id)).cloned().collect();
+    for (name, r) in &new.resources {
+        if old.resources.get(name) != Some(r) {
+            d.upserted_resources.push(r);
+        }
+    }
+    d.removed_resources =
+        old.resources.keys().filter(|n| !new.resources.contains_key(*n)).cloned().collect();
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_random([n; 10])
+    }
+
+    fn peer(n: u8, addr: &str) -> PeerInfo {
+        PeerInfo {
+            node_id: id(n),
+            name: format!("p{n}"),
+            kind: NodeKind::Site,
+            public_key: Some([n; 32]),
+            overlay_addr: addr.into(),
+            allowed_ips: vec![format!("{addr}/32")],
+            candidates: vec![],
+            online: true,
+        }
+    }
+
+    fn map() -> NetworkMap {
+        NetworkMap {
+            version: 1,
+            node_id: id(0),
+            node_name: "me".into(),
+            kind: NodeKind::Client,
+            overlay_addr: "100.96.0.2".into(),
+            overlay_cidr: "100.96.0.0/16".into(),
+            dns_zone: "tunnel.internal".into(),
+            mtu: 1280,
+            peers: BTreeMap::new(),
+            resources: BTreeMap::new(),
+            relays: vec![],
+        }
+    }
+
+    #[test]
+    fn apply_in_order_and_refuse_gaps() {
+        let mut m = map();
+        let d = MapDelta { base_version: 1, version: 2, upsert_peers: vec![peer(1, "100.96.0.3")], ..Default::default() };
+        m.apply(d).unwrap();
+        assert_eq!(m.version, 2);
+        assert_eq!(m.peers.len(), 1);
+        let before = m.clone();
+        let gap = MapDelta { base_version: 3, version: 4, remove_peers: vec![id(1)], ..Default::default() };
+        assert_eq!(m.apply(gap), Err(MapError::Gap { have: 2, base: 3 }));
+        assert_eq!(m, before, "a refused delta leaves the map untouched");
+        m.apply(MapDelta { base_version: 2, version: 3, remove_peers: vec![id(1)], ..Default::default() }).unwrap();
+        assert!(m.peers.is_empty());
+    }
+
+    #[test]
+    fn diff_reports_each_kind_of_change() {
+        let mut a = map();
+        a.peers.insert(id(1), peer(1, "100.96.0.3"));
+        a.peers.insert(id(2), peer(2, "100.96.0.4"));
+        let mut b = a.clone();
+        b.peers.remove(&id(2));
+        b.peers.insert(id(3), peer(3, "100.96.0.5"));
+        b.peers.get_mut(&id(1)).unwrap().candidates.push(Candidate { addr: "192.0.2.1:5".into(), kind: "reflexive".into() });
+        let d = diff(&a, &b);
+        assert_eq!(d.added_peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>(), vec![id(3)]);
+        assert_eq!(d.changed_peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>(), vec![id(1)]);
+        assert_eq!(d.removed_peers, vec![id(2)]);
+        assert!(diff(&b, &b).is_empty());
+    }
+
+    proptest! {
+        /// Applying "remove everything old, upsert everything new" always yields the new map's entries.
+        #[test]
+        fn delta_from_diff_reaches_target(olds in proptest::collection::btree_set(0u8..20, 0..10),
+                                          news in proptest::collection::btree_set(0u8..20, 0..10)) {
+            let mut a = map();
+            for n in &olds { a.peers.insert(id(*n), peer(*n, "100.96.0.9")); }
+            let mut b = map();
+            b.version = 7;
+            for n in &news { b.peers.insert(id(*n), peer(*n, "100.96.0.10")); }
+            let d = diff(&a, &b);
+            let delta = MapDelta {
+                base_version: a.version, version: 7,
+                upsert_peers: d.added_peers.iter().chain(d.changed_peers.iter()).map(|p| (*p).clone()).collect(),
+                remove_peers: d.removed_peers.clone(),
+                ..Default::default()
+            };
+            a.apply(delta).unwrap();
+            prop_assert_eq!(a, b);
+        }
+    }
+}

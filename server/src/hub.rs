@@ -1,0 +1,289 @@
+//! Live sessions and the distribution of map changes to them.
+//!
+//! Each connected node has a [`Session`] holding what the server last sent it, entry by entry. A change
+//! in the model names the entries it touched (`(viewer, entry)` pairs); for each connected viewer the hub
+//! recomputes just those entries, compares them with what was sent, and pushes one versioned delta with
+//! the differences. Work per change therefore grows with the entries touched, never with the size of
+//! the network.
+//!
+//! Endpoint and presence changes (a node connects, reports new candidates, disconnects) are not pushed
+//! one by one: they mark the node dirty and a flush every [`FLUSH_INTERVAL`] sends one delta per viewer
+//! for all of them, so a storm of reconnects costs one delta per affected viewer per flush.
+//!
+//! A session's outbound queue is bounded. When it is full the delta is dropped and the session is marked
+//! for a full map, which the flush sends once the queue has room: a slow node costs memory in proportion
+//! to its own map only.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use tunnel_core::map::{PeerInfo, ResourceInfo};
+use tunnel_core::NodeId;
+use tunnel_proto::v1 as pb;
+
+use crate::control::SessionEnd;
+use crate::convert;
+use crate::registry::{Entry, Registry};
+
+/// How often coalesced presence and endpoint changes are flushed.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Outbound queue length per session.
+pub const SESSION_QUEUE: usize = 64;
+
+/// The stream items a session sends.
+pub type Outbound = Result<pb::ServerMessage, Status>;
+
+/// One connected node.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    tx: mpsc::Sender<Outbound>,
+    version: u64,
+    sent_peers: HashMap<NodeId, PeerInfo>,
+    sent_resources: HashMap<String, ResourceInfo>,
+    needs_full: bool,
+    kill: Option<oneshot::Sender<SessionEnd>>,
+}
+
+/// Counters for /metrics and the benchmark.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HubStats {
+    pub deltas_sent: u64,
+    pub full_maps_sent: u64,
+    pub deltas_dropped: u64,
+}
+
+/// All sessions, plus the nodes whose own entries changed since the last flush.
+#[derive(Debug, Default)]
+pub struct Hub {
+    sessions: HashMap<NodeId, Session>,
+    dirty: HashSet<NodeId>,
+    next_session: u64,
+    pub stats: HubStats,
+}
+
+impl Hub {
+    /// Number of open sessions.
+    pub fn connected(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether `id` has an open session.
+    pub fn is_connected(&self, id: &NodeId) -> bool {
+        self.sessions.contains_key(id)
+    }
+
+    /// Registers a session for `id`, ending any older one, and queues its full map. Returns the session
+    /// id and the receiver that ends the session when the node is removed or rotated.
+    pub fn open(
+        &mut self,
+        reg: &Registry,
+        id: &NodeId,
+        tx: mpsc::Sender<Outbound>,
+    ) -> (u64, oneshot::Receiver<SessionEnd>) {
+        self.next_session += 1;
+        let (kill_tx, kill_rx) = oneshot::channel();
+        // An older session of the same node is stale (the node reconnected): dropping its kill sender
+        // ends it without telling the node its credentials are bad.
+        self.sessions.remove(id);
+        let mut s = Session {
+            id: self.next_session,
+            tx,
+            version: 0,
+            sent_peers: HashMap::new(),
+            sent_resources: HashMap::new(),
+            needs_full: true,
+            kill: Some(kill_tx),
+        };
+        send_full(reg, id, &mut s, &mut self.stats);
+        self.sessions.insert(id.clone(), s);
+        (self.next_session, kill_rx)
+    }
+
+    /// Forgets session `session_id` of `id` if it is still the current one.
+    pub fn close(&mut self, id: &NodeId, session_id: u64) -> bool {
+        if self.sessions.get(id).is_some_and(|s| s.id == session_id) {
+            self.sessions.remove(id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Ends `id`'s session with `reason` (node removed, secret rotated).
+    pub fn kill(&mut self, id: &NodeId, reason: &str) {
+        if let Some(mut s) = self.sessions.remove(id) {
+            if let Some(k) = s.kill.take() {
+                let _ = k.send(SessionEnd::Revoked(reason.to_owned()));
+            }
+        }
+    }
+
+    /// Ends every session because the server is stopping.
+    pub fn close_all(&mut self) {
+        for (_, mut s) in self.sessions.drain() {
+            if let Some(k) = s.kill.take() {
+                let _ = k.send(SessionEnd::Shutdown);
+            }
+        }
+    }
+
+    /// Marks `id`'s own entries (key, candidates, presence) as changed; the next flush sends them.
+    pub fn mark_dirty(&mut self, id: &NodeId) {
+        self.dirty.insert(id.clone());
+    }
+
+    /// A node asked for its full map again.
+    pub fn request_full(&mut self, reg: &Registry, id: &NodeId) {
+        if let Some(s) = self.sessions.get_mut(id) {
+            s.needs_full = true;
+            send_full(reg, id, s, &mut self.stats);
+        }
+    }
+
+    /// Sends the deltas for `touched` entries now.
+    pub fn distribute(&mut self, reg: &Registry, touched: Vec<(NodeId, Entry)>) {
+        let mut by_viewer: BTreeMap<NodeId, BTreeSet<Entry>> = BTreeMap::new();
+        for (viewer, entry) in touched {
+            if self.sessions.contains_key(&viewer) {
+                by_viewer.entry(viewer).or_default().insert(entry);
+            }
+        }
+        for (viewer, entries) in by_viewer {
+            if let Some(s) = self.sessions.get_mut(&viewer) {
+                send_delta(reg, &viewer, s, entries, &mut self.stats);
+            }
+        }
+    }
+
+    /// Sends everything coalesced since the last flush, and full maps to sessions that need one.
+    pub fn flush(&mut self, reg: &Registry) {
+        let dirty: Vec<NodeId> = self.dirty.drain().collect();
+        let mut touched = Vec::new();
+        for id in &dirty {
+            touched.extend(reg.entries_showing(id));
+        }
+        self.distribute(reg, touched);
+        for (id, s) in self.sessions.iter_mut() {
+            if s.needs_full && s.tx.capacity() > 0 {
+                send_full(reg, id, s, &mut self.stats);
+            }
+        }
+    }
+}
+
+fn send_full(reg: &Registry, id: &NodeId, s: &mut Session, stats: &mut HubStats) {
+    let Some(node) = reg.nodes.get(id) else { return };
+    let mut peers = HashMap::new();
+    let mut resources = HashMap::new();
+    for e in reg.all_entries(id) {
+        match e {
+            Entry::Peer(p) => {
+                if let Some(info) = reg.peer_entry(id, &p) {
+                    peers.insert(p, info);
+                }
+            }
+            Entry::Resource(r) => {
+                if let Some(info) = reg.resource_entry(id, &r) {
+                    resources.insert(r, info);
+                }
+            }
+        }
+    }
+    let version = s.version + 1;
+    let mut sorted_peers: Vec<&PeerInfo> = peers.values().collect();
+    sorted_peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let mut sorted_res: Vec<&ResourceInfo> = resources.values().collect();
+    sorted_res.sort_by(|a, b| a.name.cmp(&b.name));
+    let map = pb::NetworkMap {
+        version,
+        node_id: id.to_string(),
+        node_name: node.name.clone(),
+        kind: convert::kind_to_pb(node.kind) as i32,
+        overlay_addr: node.addr.to_string(),
+        overlay_cidr: reg.pool.net().to_string(),
+        dns_zone: reg.zone.clone(),
+        mtu: u32::from(reg.mtu),
+        peers: sorted_peers.into_iter().map(convert::peer_to_pb).collect(),
+        resources: sorted_res.into_iter().map(convert::resource_to_pb).collect(),
+        relays: vec![],
+    };
+    let msg = pb::ServerMessage { msg: Some(pb::server_message::Msg::FullMap(map)) };
+    match s.tx.try_send(Ok(msg)) {
+        Ok(()) => {
+            s.version = version;
+            s.sent_peers = peers;
+            s.sent_resources = resources;
+            s.needs_full = false;
+            stats.full_maps_sent += 1;
+            tracing::debug!(node = %id, version, "full map queued");
+        }
+        Err(_) => {
+            // Queue full or closed: the flush retries when there is room.
+            s.needs_full = true;
+        }
+    }
+}
+
+fn send_delta(reg: &Registry, id: &NodeId, s: &mut Session, entries: BTreeSet<Entry>, stats: &mut HubStats) {
+    if s.needs_full {
+        // A full map is pending anyway and will carry these changes.
+        return;
+    }
+    let mut delta = pb::MapDelta { base_version: s.version, version: s.version + 1, ..Default::default() };
+    for e in entries {
+        match e {
+            Entry::Peer(p) => match reg.peer_entry(id, &p) {
+                Some(info) => {
+                    if s.sent_peers.get(&p) != Some(&info) {
+                        delta.upsert_peers.push(convert::peer_to_pb(&info));
+                        s.sent_peers.insert(p, info);
+                    }
+                }
+                None => {
+                    if s.sent_peers.remove(&p).is_some() {
+                        delta.remove_peers.push(p.to_string());
+                    }
+                }
+            },
+            Entry::Resource(r) => match reg.resource_entry(id, &r) {
+                Some(info) => {
+                    if s.sent_resources.get(&r) != Some(&info) {
+                        delta.upsert_resources.push(convert::resource_to_pb(&info));
+                        s.sent_resources.insert(r, info);
+                    }
+                }
+                None => {
+                    if s.sent_resources.remove(&r).is_some() {
+                        delta.remove_resources.push(r);
+                    }
+                }
+            },
+        }
+    }
+    if delta.upsert_peers.is_empty()
+        && delta.remove_peers.is_empty()
+        && delta.upsert_resources.is_empty()
+        && delta.remove_resources.is_empty()
+    {
+        return;
+    }
+    let version = delta.version;
+    let msg = pb::ServerMessage { msg: Some(pb::server_message::Msg::Delta(delta)) };
+    match s.tx.try_send(Ok(msg)) {
+        Ok(()) => {
+            s.version = version;
+            stats.deltas_sent += 1;
+            tracing::debug!(node = %id, version, "map delta queued");
+        }
+        Err(_) => {
+            // What we recorded as sent is now ahead of the node: resynchronise with a full map.
+            s.needs_full = true;
+            stats.deltas_dropped += 1;
+            tracing::debug!(node = %id, "session queue full; a full map will follow");
+        }
+    }
+}

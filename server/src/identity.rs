@@ -1,0 +1,148 @@
+//! The server's own secrets, kept in `--data-dir`: the TLS key (whose pin every token carries), the admin
+//! secret, and the key that signs session tickets. Made on first start, read on every later one.
+//!
+//! Only the key is kept, not the certificate: a fresh self-signed certificate is made from it at every
+//! start, so certificates never expire under anyone and the pin stays the same.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rand::RngCore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tunnel_core::{AdminToken, KeyPin, Secret};
+
+/// The server's keys and secrets.
+pub struct Identity {
+    /// DER of a self-signed certificate for the TLS key.
+    pub cert_der: CertificateDer<'static>,
+    /// PKCS#8 DER of the TLS key.
+    key_der: Vec<u8>,
+    /// SHA-256 of the TLS key's SubjectPublicKeyInfo.
+    pub pin: KeyPin,
+    /// The admin secret.
+    pub admin_secret: Secret,
+    /// Key for session-ticket MACs.
+    pub ticket_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("pin", &self.pin).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Loads the identity from `dir`, making whatever is missing.
+    pub fn load_or_create(dir: &Path, cert_name: &str) -> Result<Identity> {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        let key_path = dir.join("tls.key");
+        let key_pair = if key_path.exists() {
+            let pem = fs::read_to_string(&key_path)
+                .with_context(|| format!("cannot read TLS key {}", key_path.display()))?;
+            rcgen::KeyPair::from_pem(&pem)
+                .with_context(|| format!("TLS key {} is damaged", key_path.display()))?
+        } else {
+            let kp = rcgen::KeyPair::generate().context("cannot generate the TLS key")?;
+            write_secret_file(&key_path, kp.serialize_pem().as_bytes())?;
+            kp
+        };
+        let pin = KeyPin::of_spki(&key_pair.public_key_der());
+        let mut params = rcgen::CertificateParams::new(vec![cert_name.to_owned()])
+            .context("cannot build the TLS certificate")?;
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let cert = params.self_signed(&key_pair).context("cannot sign the TLS certificate")?;
+
+        let admin_path = dir.join("admin.secret");
+        let admin_secret = match fs::read_to_string(&admin_path) {
+            Ok(s) => Secret::new(s.trim()),
+            Err(_) => {
+                let mut b = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut b);
+                let s = Secret::from_random(b);
+                write_secret_file(&admin_path, s.expose().as_bytes())?;
+                s
+            }
+        };
+
+        let ticket_path = dir.join("ticket.key");
+        let ticket_key = match fs::read(&ticket_path) {
+            Ok(b) if b.len() == 32 => b.try_into().unwrap_or([0; 32]),
+            Ok(_) => anyhow::bail!("{} is damaged (expected 32 bytes)", ticket_path.display()),
+            Err(_) => {
+                let mut b = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut b);
+                write_secret_file(&ticket_path, &b)?;
+                b
+            }
+        };
+
+        Ok(Identity {
+            cert_der: cert.der().clone(),
+            key_der: key_pair.serialize_der(),
+            pin,
+            admin_secret,
+            ticket_key,
+        })
+    }
+
+    /// The TLS private key.
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    /// Writes `DIR/admin.token` for `server` (`HOST:PORT`) and returns the token.
+    pub fn write_admin_token(&self, dir: &Path, server: &str) -> Result<AdminToken> {
+        let token = AdminToken { server: server.to_owned(), secret: self.admin_secret.clone(), pin: self.pin };
+        write_secret_file(&admin_token_path(dir), format!("{}\n", token.encode()).as_bytes())?;
+        Ok(token)
+    }
+}
+
+/// Where the admin token is written.
+pub fn admin_token_path(dir: &Path) -> PathBuf {
+    dir.join("admin.token")
+}
+
+/// Writes a file readable by its owner only, replacing it atomically.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(contents).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create(dir.path(), "localhost").unwrap();
+        let b = Identity::load_or_create(dir.path(), "other-name").unwrap();
+        assert_eq!(a.pin, b.pin, "the pin survives a restart, even with a new certificate name");
+        assert_eq!(a.admin_secret, b.admin_secret);
+        assert_eq!(a.ticket_key, b.ticket_key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join("tls.key")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let c = Identity::load_or_create(tempfile::tempdir().unwrap().path(), "localhost").unwrap();
+        assert_ne!(a.pin, c.pin);
+    }
+}

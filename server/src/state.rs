@@ -1,0 +1,528 @@
+//! The server's shared state and every administrative operation on it.
+//!
+//! Each operation follows one order: take the write lock (operations are serialised, so validation
+//! and commit see the same state), validate against the model, commit to the database, then apply the
+//! same change to the model and push the touched entries to the connected nodes. A failed database write
+//! (a full disk, a lost connection) therefore changes nothing anywhere.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use tunnel_core::map::NodeKind;
+use tunnel_core::{names, JoinToken, KeyPin, NodeId, Secret, Target};
+use tunnel_proto::v1 as pb;
+
+use crate::auth::{LoginLimiter, SecretHasher, Tickets};
+use crate::convert;
+use crate::hub::Hub;
+use crate::registry::{NodeRec, Registry, ResourceRec};
+use crate::store::{AuditRow, GrantRow, NodeRow, ResourceRow, Store, StoreError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Why an operation was refused. Mapped to a gRPC status in one place ([`OpError::into_status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl OpError {
+    /// The gRPC status for this error.
+    pub fn into_status(self) -> tonic::Status {
+        use tonic::Status;
+        match self {
+            OpError::NotFound(m) => Status::not_found(m),
+            OpError::AlreadyExists(m) => Status::already_exists(m),
+            OpError::Invalid(m) => Status::invalid_argument(m),
+            OpError::Exhausted(m) => Status::resource_exhausted(m),
+            OpError::Store(e) => Status::unavailable(format!("{e}; nothing was changed")),
+            OpError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+type OpResult<T> = Result<T, OpError>;
+
+/// The model and the sessions, locked together so a change and its distribution are one step.
+#[derive(Debug)]
+pub struct Model {
+    pub reg: Registry,
+    pub hub: Hub,
+}
+
+/// Fixed facts about this server.
+#[derive(Debug, Clone)]
+pub struct ServerFacts {
+    /// `HOST:PORT` that tokens carry.
+    pub public_addr: String,
+    pub pin: KeyPin,
+    pub version: String,
+}
+
+/// Everything the gRPC services share.
+#[derive(Debug)]
+pub struct Shared {
+    pub facts: ServerFacts,
+    pub admin_secret: Secret,
+    pub store: Store,
+    model: Mutex<Model>,
+    write: tokio::sync::Mutex<()>,
+    pub hasher: SecretHasher,
+    pub tickets: Tickets,
+    pub limiter: LoginLimiter,
+    /// Last-seen times waiting for the next batched write.
+    pub seen: Mutex<HashMap<NodeId, i64>>,
+}
+
+/// A node's join-secret limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JoinLimits {
+    pub ttl_seconds: u64,
+    pub once: bool,
+}
+
+impl Shared {
+    /// Shared state over a loaded model.
+    pub fn new(
+        facts: ServerFacts,
+        admin_secret: Secret,
+        store: Store,
+        reg: Registry,
+        hasher: SecretHasher,
+        tickets: Tickets,
+    ) -> Self {
+        Shared {
+            facts,
+            admin_secret,
+            store,
+            model: Mutex::new(Model { reg, hub: Hub::default() }),
+            write: tokio::sync::Mutex::new(()),
+            hasher,
+            tickets,
+            limiter: LoginLimiter::new(10, 10),
+            seen: Mutex::default(),
+        }
+    }
+
+    /// The model, locked. Never hold this across an `.await`.
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The write lock that serialises changes.
+    pub async fn write_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write.lock().await
+    }
+
+    /// Records an audit event in the log table and in the `audit` tracing target.
+    pub async fn audit(&self, actor: &str, action: &str, target: &str, source: &str, outcome: &str) {
+        tracing::info!(target: "audit", actor, action, target, source, outcome, "audit");
+        let row = AuditRow {
+            at_ms: now_ms(),
+            actor: actor.into(),
+            action: action.into(),
+            target: target.into(),
+            source: source.into(),
+            outcome: outcome.into(),
+        };
+        if let Err(e) = self.store.audit(&row).await {
+            tracing::warn!(error = %e, action, "could not write the audit log");
+        }
+    }
+
+    fn new_secret() -> Secret {
+        let mut b = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        Secret::from_random(b)
+    }
+
+    fn token(&self, id: &NodeId, secret: Secret) -> JoinToken {
+        JoinToken { server: self.facts.public_addr.clone(), node_id: id.clone(), secret, pin: self.facts.pin }
+    }
+
+    /// Adds a site or client and returns its join token.
+    pub async fn add_node(&self, kind: NodeKind, name: &str, limits: JoinLimits) -> OpResult<pb::JoinTokenReply> {
+        names::check_label(kind.as_str(), name).map_err(|e| OpError::Invalid(e.to_string()))?;
+        let _w = self.write_lock().await;
+        let now = now_ms();
+        let addr = {
+            let mut m = self.model();
+            if m.reg.node_by_name(kind, name).is_some() {
+                return Err(OpError::AlreadyExists(format!("{} '{name}' already exists", kind.as_str())));
+            }
+            m.reg.pool.next_free(now).map_err(|e| OpError::Exhausted(e.to_string()))?
+        };
+        let mut idb = [0u8; 10];
+        rand::rngs::OsRng.fill_bytes(&mut idb);
+        let id = NodeId::from_random(idb);
+        let secret = Self::new_secret();
+        let hash = self.hasher.hash(secret.expose().to_owned()).await.map_err(|e| OpError::Internal(e.to_string()))?;
+        let row = NodeRow {
+            id: id.to_string(),
+            kind: kind.as_str().into(),
+            name: name.into(),
+            overlay_addr: addr.to_string(),
+            public_key: None,
+            secret_hash: hash,
+            generation: 1,
+            join_expires_ms: expiry(now, limits.ttl_seconds),
+            join_once: limits.once,
+            join_used: false,
+            created_ms: now,
+            last_seen_ms: 0,
+            version: String::new(),
+        };
+        self.store.insert_node(&row).await?;
+        let rec = node_rec_from_row(&row).map_err(OpError::Internal)?;
+        let info = {
+            let mut m = self.model();
+            m.reg.insert_node(rec);
+            node_info(&m, &id)
+        };
+        Ok(pb::JoinTokenReply { node: info, join_token: self.token(&id, secret).encode() })
+    }
+
+    /// Removes a node. Its live session ends at once; its peers lose it.
+    pub async fn remove_node(&self, kind: NodeKind, name: &str) -> OpResult<pb::RemoveNodeReply> {
+        let _w = self.write_lock().await;
+        let (id, info) = {
+            let m = self.model();
+            let n = m.reg.node_by_name(kind, name).ok_or_else(|| unknown_node(&m.reg, kind, name))?;
+            (n.id.clone(), node_info(&m, &n.id))
+        };
+        let now = now_ms();
+        let removed = self.store.delete_node(id.as_str(), now).await?;
+        {
+            let mut guard = self.model();
+            let m = &mut *guard;
+            m.hub.kill(&id, &format!("{} '{name}' was removed", kind.as_str()));
+            let touched = m.reg.remove_node(&id, now);
+            m.hub.distribute(&m.reg, touched);
+        }
+        Ok(pb::RemoveNodeReply { node: info, removed_resources: removed.resources, removed_grants: removed.grants })
+    }
+
+    /// Gives a node a new join secret; the old secret and every ticket stop working and its live
+    /// session ends at once.
+    pub async fn rotate_node(&self, kind: NodeKind, name: &str, limits: JoinLimits) -> OpResult<pb::JoinTokenReply> {
+        let _w = self.write_lock().await;
+        let (id, generation) = {
+            let m = self.model();
+            let n = m.reg.node_by_name(kind, name).ok_or_else(|| unknown_node(&m.reg, kind, name))?;
+            (n.id.clone(), n.generation + 1)
+        };
+        let secret = Self::new_secret();
+        let hash = self.hasher.hash(secret.expose().to_owned()).await.map_err(|e| OpError::Internal(e.to_string()))?;
+        let expires = expiry(now_ms(), limits.ttl_seconds);
+        self.store.update_secret(id.as_str(), &hash, generation, expires, limits.once).await?;
+        let info = {
+            let mut m = self.model();
+            if let Some(n) = m.reg.nodes.get_mut(&id) {
+                n.secret_hash = hash;
+                n.generation = generation;
+                n.join_expires_ms = expires;
+                n.join_once = limits.once;
+                n.join_used = false;
+            }
+            m.hub.kill(&id, "the node's secret was rotated; join again with the new token");
+            node_info(&m, &id)
+        };
+        Ok(pb::JoinTokenReply { node: info, join_token: self.token(&id, secret).encode() })
+    }
+
+    /// Adds a resource on a site.
+    pub async fn add_resource(&self, site: &str, name: &str, target: &str, alias: &str) -> OpResult<pb::ResourceInfo> {
+        names::check_label("resource name", name).map_err(|e| OpError::Invalid(e.to_string()))?;
+        let target = Target::parse(target).map_err(|e| OpError::Invalid(e.to_string()))?;
+        let alias = if alias.trim().is_empty() {
+            None
+        } else {
+            Some(names::check_alias(alias.trim()).map_err(|e| OpError::Invalid(e.to_string()))?)
+        };
+        let _w = self.write_lock().await;
+        let now = now_ms();
+        let (site_id, addr) = {
+            let mut m = self.model();
+            let s = m
+                .reg
+                .node_by_name(NodeKind::Site, site)
+                .ok_or_else(|| unknown_node(&m.reg, NodeKind::Site, site))?;
+            let site_id = s.id.clone();
+            if let Some(r) = m.reg.resources.get(name) {
+                let on = m.reg.nodes.get(&r.site).map(|n| n.name.clone()).unwrap_or_default();
+                return Err(OpError::AlreadyExists(format!("resource '{name}' already exists (on site '{on}')")));
+            }
+            let fqdn = m.reg.fqdn(name);
+            if let Some(owner) = m.reg.dns_owner(&fqdn) {
+                return Err(OpError::AlreadyExists(format!("the name {fqdn} is already the alias of resource '{owner}'")));
+            }
+            if let Some(a) = &alias {
+                if let Some(owner) = m.reg.dns_owner(a) {
+                    return Err(OpError::AlreadyExists(format!("alias {a} is already used by resource '{owner}'")));
+                }
+                if let Some(inner) = a.strip_suffix(&format!(".{}", m.reg.zone)) {
+                    if inner != name {
+                        return Err(OpError::Invalid(format!(
+                            "alias {a} is inside the zone {}; names there belong to resources of that name",
+                            m.reg.zone
+                        )));
+                    }
+                }
+            }
+            (site_id, m.reg.pool.next_free(now).map_err(|e| OpError::Exhausted(e.to_string()))?)
+        };
+        let row = ResourceRow {
+            name: name.into(),
+            site_id: site_id.to_string(),
+            target: target.to_string(),
+            alias: alias.clone(),
+            overlay_addr: addr.to_string(),
+            created_ms: now,
+        };
+        self.store.insert_resource(&row).await?;
+        let mut guard = self.model();
+        let m = &mut *guard;
+        let touched = m.reg.insert_resource(ResourceRec { name: name.into(), site: site_id, target, alias, addr, created_ms: now });
+        m.hub.distribute(&m.reg, touched);
+        Ok(resource_info(m, name))
+    }
+
+    /// Removes a resource with its grants.
+    pub async fn remove_resource(&self, name: &str) -> OpResult<pb::RemoveResourceReply> {
+        let _w = self.write_lock().await;
+        let info = {
+            let m = self.model();
+            if !m.reg.resources.contains_key(name) {
+                return Err(unknown_resource(&m.reg, name));
+            }
+            resource_info(&m, name)
+        };
+        let now = now_ms();
+        let grants = self.store.delete_resource(name, now).await?;
+        let mut guard = self.model();
+        let m = &mut *guard;
+        let touched = m.reg.remove_resource(name, now);
+        m.hub.distribute(&m.reg, touched);
+        Ok(pb::RemoveResourceReply { resource: Some(info), removed_grants: grants })
+    }
+
+    /// Grants `client` access to `resource`. Idempotent: `Ok(false)` when it was already granted.
+    pub async fn grant(&self, client: &str, resource: &str) -> OpResult<bool> {
+        let _w = self.write_lock().await;
+        let cid = self.resolve_grant(client, resource)?;
+        if self.model().reg.has_grant(&cid, resource) {
+            return Ok(false);
+        }
+        let now = now_ms();
+        self.store
+            .insert_grant(&GrantRow { client_id: cid.to_string(), resource_name: resource.into(), created_ms: now })
+            .await?;
+        let mut guard = self.model();
+        let m = &mut *guard;
+        let touched = m.reg.insert_grant(&cid, resource, now);
+        m.hub.distribute(&m.reg, touched);
+        Ok(true)
+    }
+
+    /// Revokes a grant. Idempotent: `Ok(false)` when there was none.
+    pub async fn revoke(&self, client: &str, resource: &str) -> OpResult<bool> {
+        let _w = self.write_lock().await;
+        let cid = self.resolve_grant(client, resource)?;
+        if !self.model().reg.has_grant(&cid, resource) {
+            return Ok(false);
+        }
+        self.store.delete_grant(cid.as_str(), resource).await?;
+        let mut guard = self.model();
+        let m = &mut *guard;
+        let touched = m.reg.remove_grant(&cid, resource);
+        m.hub.distribute(&m.reg, touched);
+        Ok(true)
+    }
+
+    fn resolve_grant(&self, client: &str, resource: &str) -> OpResult<NodeId> {
+        let m = self.model();
+        let c = m
+            .reg
+            .node_by_name(NodeKind::Client, client)
+            .ok_or_else(|| unknown_node(&m.reg, NodeKind::Client, client))?;
+        if !m.reg.resources.contains_key(resource) {
+            return Err(unknown_resource(&m.reg, resource));
+        }
+        Ok(c.id.clone())
+    }
+
+    /// Nodes of one kind, sorted by name.
+    pub fn list_nodes(&self, kind: NodeKind) -> Vec<pb::NodeInfo> {
+        let m = self.model();
+        let mut v: Vec<pb::NodeInfo> =
+            m.reg.nodes.values().filter(|n| n.kind == kind).filter_map(|n| node_info(&m, &n.id)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// All resources, sorted by name.
+    pub fn list_resources(&self) -> Vec<pb::ResourceInfo> {
+        let m = self.model();
+        m.reg.resources.keys().map(|n| resource_info(&m, n)).collect()
+    }
+
+    /// All grants, sorted by client then resource.
+    pub fn list_grants(&self) -> Vec<pb::GrantInfo> {
+        let m = self.model();
+        let mut v: Vec<pb::GrantInfo> = m
+            .reg
+            .grant_created
+            .iter()
+            .map(|((c, r), at)| pb::GrantInfo {
+                client: m.reg.nodes.get(c).map(|n| n.name.clone()).unwrap_or_default(),
+                resource: r.clone(),
+                created_ms: *at,
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.client, &a.resource).cmp(&(&b.client, &b.resource)));
+        v
+    }
+
+    /// Counts and settings for `ServerInfo`.
+    pub fn info(&self) -> pb::ServerInfoReply {
+        let m = self.model();
+        let count = |k| m.reg.nodes.values().filter(|n| n.kind == k).count() as u64;
+        pb::ServerInfoReply {
+            version: self.facts.version.clone(),
+            public_addr: self.facts.public_addr.clone(),
+            dns_zone: m.reg.zone.clone(),
+            overlay_cidr: m.reg.pool.net().to_string(),
+            mtu: u32::from(m.reg.mtu),
+            sites: count(NodeKind::Site),
+            clients: count(NodeKind::Client),
+            resources: m.reg.resources.len() as u64,
+            grants: m.reg.grant_count() as u64,
+            connected_nodes: m.hub.connected() as u64,
+            database: self.store.describe().to_owned(),
+        }
+    }
+}
+
+fn expiry(now: i64, ttl_seconds: u64) -> i64 {
+    if ttl_seconds == 0 {
+        0
+    } else {
+        now.saturating_add(i64::try_from(ttl_seconds).unwrap_or(i64::MAX / 2000).saturating_mul(1000))
+    }
+}
+
+fn unknown_node(reg: &Registry, kind: NodeKind, name: &str) -> OpError {
+    let known = reg.names_of(kind);
+    let list = if known.is_empty() { "none yet".to_owned() } else { known.join(", ") };
+    OpError::NotFound(format!("unknown {} '{name}' (known: {list})", kind.as_str()))
+}
+
+fn unknown_resource(reg: &Registry, name: &str) -> OpError {
+    let known: Vec<&str> = reg.resources.keys().map(String::as_str).collect();
+    let list = if known.is_empty() { "none yet".to_owned() } else { known.join(", ") };
+    OpError::NotFound(format!("unknown resource '{name}' (known: {list})"))
+}
+
+/// A stored node row as a model record.
+pub fn node_rec_from_row(r: &NodeRow) -> Result<NodeRec, String> {
+    let kind = match r.kind.as_str() {
+        "site" => NodeKind::Site,
+        "client" => NodeKind::Client,
+        other => return Err(format!("node {} has unknown kind '{other}'", r.id)),
+    };
+    let public_key = match &r.public_key {
+        Some(k) => Some(decode_key(k).ok_or_else(|| format!("node {} has a damaged public key", r.id))?),
+        None => None,
+    };
+    Ok(NodeRec {
+        id: r.id.parse().map_err(|_| format!("node id '{}' is damaged", r.id))?,
+        kind,
+        name: r.name.clone(),
+        addr: r.overlay_addr.parse::<Ipv4Addr>().map_err(|_| format!("node {} has a damaged address", r.id))?,
+        public_key,
+        secret_hash: r.secret_hash.clone(),
+        generation: r.generation,
+        join_expires_ms: r.join_expires_ms,
+        join_once: r.join_once,
+        join_used: r.join_used,
+        created_ms: r.created_ms,
+        last_seen_ms: r.last_seen_ms,
+        version: r.version.clone(),
+        candidates: vec![],
+        online: false,
+    })
+}
+
+/// Base64 public key text to bytes.
+pub fn decode_key(k: &str) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(k).ok()?.try_into().ok()
+}
+
+/// Bytes to base64 public key text.
+pub fn encode_key(k: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(k)
+}
+
+/// A node as the admin API shows it.
+pub fn node_info(m: &Model, id: &NodeId) -> Option<pb::NodeInfo> {
+    let n = m.reg.nodes.get(id)?;
+    let resources = match n.kind {
+        NodeKind::Site => m.reg.resources_of_site(id),
+        NodeKind::Client => m.reg.grants_of_client(id),
+    };
+    Some(pb::NodeInfo {
+        id: n.id.to_string(),
+        name: n.name.clone(),
+        kind: convert::kind_to_pb(n.kind) as i32,
+        overlay_addr: n.addr.to_string(),
+        public_key: n.public_key.as_ref().map(encode_key).unwrap_or_default(),
+        online: m.hub.is_connected(id),
+        last_seen_ms: n.last_seen_ms,
+        candidates: n.candidates.iter().map(convert::candidate_to_pb).collect(),
+        created_ms: n.created_ms,
+        join_expires_ms: n.join_expires_ms,
+        join_once: n.join_once,
+        join_used: n.join_used,
+        resources,
+        version: n.version.clone(),
+    })
+}
+
+/// A resource as the admin API shows it.
+pub fn resource_info(m: &Model, name: &str) -> pb::ResourceInfo {
+    let Some(r) = m.reg.resources.get(name) else { return pb::ResourceInfo::default() };
+    let mut dns_names = vec![m.reg.fqdn(name)];
+    dns_names.extend(r.alias.clone());
+    let mut clients: Vec<String> =
+        m.reg.clients_of(name).iter().filter_map(|c| m.reg.nodes.get(c).map(|n| n.name.clone())).collect();
+    clients.sort();
+    pb::ResourceInfo {
+        name: r.name.clone(),
+        site: m.reg.nodes.get(&r.site).map(|n| n.name.clone()).unwrap_or_default(),
+        target: r.target.to_string(),
+        alias: r.alias.clone().unwrap_or_default(),
+        overlay_addr: r.addr.to_string(),
+        dns_names,
+        clients,
+        created_ms: r.created_ms,
+    }
+}

@@ -1,0 +1,605 @@
+//! Durable state: sites, clients, resources, grants, released addresses and the audit log.
+//!
+//! One code path for both databases through sqlx's `Any` driver: SQLite (one WAL file in the data dir)
+//! by default, PostgreSQL when `--database postgres://...` is given. Queries use only types and SQL both
+//! understand (TEXT, BIGINT, `$N` parameters). Migrations are embedded in the binary and only expand.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Row};
+
+/// A storage failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open database {url}: {source}")]
+    Open {
+        /// Redacted URL.
+        url: String,
+        /// Cause.
+        source: sqlx::Error,
+    },
+    /// The migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database error while {doing}: {source}")]
+    Query {
+        /// What the server was doing.
+        doing: &'static str,
+        /// Cause.
+        source: sqlx::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn q(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { doing, source }
+}
+
+/// Which database is behind the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file.
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+/// A node as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRow {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    pub overlay_addr: String,
+    pub public_key: Option<String>,
+    pub secret_hash: String,
+    pub generation: i64,
+    pub join_expires_ms: i64,
+    pub join_once: bool,
+    pub join_used: bool,
+    pub created_ms: i64,
+    pub last_seen_ms: i64,
+    pub version: String,
+}
+
+/// A resource as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceRow {
+    pub name: String,
+    pub site_id: String,
+    pub target: String,
+    pub alias: Option<String>,
+    pub overlay_addr: String,
+    pub created_ms: i64,
+}
+
+/// A grant as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRow {
+    pub client_id: String,
+    pub resource_name: String,
+    pub created_ms: i64,
+}
+
+/// One audit log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub source: String,
+    pub outcome: String,
+}
+
+/// Everything the server loads at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeRow>,
+    pub resources: Vec<ResourceRow>,
+    pub grants: Vec<GrantRow>,
+    pub released: Vec<(String, i64)>,
+    pub overlay_cidr: Option<String>,
+}
+
+/// What removing a node took with it.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub resources: Vec<String>,
+    pub grants: u64,
+}
+
+/// The database handle. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    url_redacted: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url`, or the SQLite file `DATA_DIR/tunnel.db` when
+    /// `url` is `None`, and runs the migrations.
+    pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let url = match url {
+            Some(u) => u.to_owned(),
+            None => format!("sqlite://{}?mode=rwc", data_dir.join("tunnel.db").display()),
+        };
+        let url_redacted = redact_url(&url);
+        let open_err = |source| StoreError::Open { url: url_redacted.clone(), source };
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(open_err(sqlx::Error::Configuration(
+                "the database URL must start with sqlite:// or postgres://".into(),
+            )));
+        };
+        let opts = AnyConnectOptions::from_str(&url).map_err(open_err)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the writer; NORMAL sync is durable across process
+                        // crashes (fsync at checkpoints), which is what WAL mode is designed for.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 5000",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await
+            .map_err(open_err)?;
+        let store = Store { pool, backend, url_redacted };
+        store.migrator().run(&store.pool).await?;
+        Ok(store)
+    }
+
+    fn migrator(&self) -> Migrator {
+        let sql: &'static str = match self.backend {
+            Backend::Sqlite => include_str!("migrations/sqlite/0001_init.sql"),
+            Backend::Postgres => include_str!("migrations/postgres/0001_init.sql"),
+        };
+        let migrations = vec![Migration::new(1, Cow::Borrowed("init"), MigrationType::Simple, Cow::Borrowed(sql), false)];
+        Migrator { migrations: Cow::Owned(migrations), ignore_missing: true, locking: true, no_tx: false }
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL with any password removed, for logs and status.
+    pub fn describe(&self) -> &str {
+        &self.url_redacted
+    }
+
+    /// Loads everything, dropping released addresses older than `quarantine_cutoff_ms`.
+    pub async fn load(&self, quarantine_cutoff_ms: i64) -> Result<Snapshot> {
+        sqlx::query("DELETE FROM released_addresses WHERE released_ms < $1")
+            .bind(quarantine_cutoff_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning released addresses"))?;
+        let nodes = sqlx::query(
+            "SELECT id, kind, name, overlay_addr, public_key, secret_hash, generation, join_expires_ms, \
+             join_once, join_used, created_ms, last_seen_ms, version FROM nodes ORDER BY created_ms, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("loading nodes"))?
+        .into_iter()
+        .map(|r| {
+            Ok(NodeRow {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                name: r.try_get("name")?,
+                overlay_addr: r.try_get("overlay_addr")?,
+                public_key: r.try_get("public_key")?,
+                secret_hash: r.try_get("secret_hash")?,
+                generation: r.try_get("generation")?,
+                join_expires_ms: r.try_get("join_expires_ms")?,
+                join_once: r.try_get::<i64, _>("join_once")? != 0,
+                join_used: r.try_get::<i64, _>("join_used")? != 0,
+                created_ms: r.try_get("created_ms")?,
+                last_seen_ms: r.try_get("last_seen_ms")?,
+                version: r.try_get("version")?,
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+        .map_err(q("reading nodes"))?;
+        let resources = sqlx::query(
+            "SELECT name, site_id, target, alias, overlay_addr, created_ms FROM resources ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("loading resources"))?
+        .into_iter()
+        .map(|r| {
+            Ok(ResourceRow {
+                name: r.try_get("name")?,
+                site_id: r.try_get("site_id")?,
+                target: r.try_get("target")?,
+                alias: r.try_get("alias")?,
+                overlay_addr: r.try_get("overlay_addr")?,
+                created_ms: r.try_get("created_ms")?,
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+        .map_err(q("reading resources"))?;
+        let grants = sqlx::query("SELECT client_id, resource_name, created_ms FROM grants")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("loading grants"))?
+            .into_iter()
+            .map(|r| {
+                Ok(GrantRow {
+                    client_id: r.try_get("client_id")?,
+                    resource_name: r.try_get("resource_name")?,
+                    created_ms: r.try_get("created_ms")?,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+            .map_err(q("reading grants"))?;
+        let released = sqlx::query("SELECT addr, released_ms FROM released_addresses")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("loading released addresses"))?
+            .into_iter()
+            .map(|r| Ok((r.try_get("addr")?, r.try_get("released_ms")?)))
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+            .map_err(q("reading released addresses"))?;
+        let overlay_cidr = self.meta("overlay_cidr").await?;
+        Ok(Snapshot { nodes, resources, grants, released, overlay_cidr })
+    }
+
+    /// Reads one server_meta value.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM server_meta WHERE key = $1")
+            .bind(key.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading server metadata"))?;
+        row.map(|r| r.try_get::<String, _>("value")).transpose().map_err(q("reading server metadata"))
+    }
+
+    /// Writes one server_meta value.
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(q("writing server metadata"))?;
+        sqlx::query("DELETE FROM server_meta WHERE key = $1")
+            .bind(key.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing server metadata"))?;
+        sqlx::query("INSERT INTO server_meta (key, value) VALUES ($1, $2)")
+            .bind(key.to_owned())
+            .bind(value.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing server metadata"))?;
+        tx.commit().await.map_err(q("writing server metadata"))
+    }
+
+    /// Adds a node.
+    pub async fn insert_node(&self, n: &NodeRow) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(q("adding a node"))?;
+        sqlx::query("DELETE FROM released_addresses WHERE addr = $1")
+            .bind(n.overlay_addr.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("adding a node"))?;
+        sqlx::query(
+            "INSERT INTO nodes (id, kind, name, overlay_addr, public_key, secret_hash, generation, \
+             join_expires_ms, join_once, join_used, created_ms, last_seen_ms, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(n.id.clone())
+        .bind(n.kind.clone())
+        .bind(n.name.clone())
+        .bind(n.overlay_addr.clone())
+        .bind(n.public_key.clone())
+        .bind(n.secret_hash.clone())
+        .bind(n.generation)
+        .bind(n.join_expires_ms)
+        .bind(i64::from(n.join_once))
+        .bind(i64::from(n.join_used))
+        .bind(n.created_ms)
+        .bind(n.last_seen_ms)
+        .bind(n.version.clone())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("adding a node"))?;
+        tx.commit().await.map_err(q("adding a node"))
+    }
+
+    /// Replaces a node's join secret (rotation): a new hash, a new generation, new join limits.
+    pub async fn update_secret(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        generation: i64,
+        join_expires_ms: i64,
+        join_once: bool,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET secret_hash = $1, generation = $2, join_expires_ms = $3, join_once = $4, \
+             join_used = 0 WHERE id = $5",
+        )
+        .bind(secret_hash.to_owned())
+        .bind(generation)
+        .bind(join_expires_ms)
+        .bind(i64::from(join_once))
+        .bind(id.to_owned())
+        .execute(&self.pool)
+        .await
+        .map_err(q("rotating a node's secret"))?;
+        Ok(())
+    }
+
+    /// Records a successful join: the node's public key, whether the join secret is now used up, and
+    /// the software version it runs.
+    pub async fn record_join(
+        &self,
+        id: &str,
+        public_key: &str,
+        join_used: bool,
+        version: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET public_key = $1, join_used = $2, version = $3, last_seen_ms = $4 WHERE id = $5",
+        )
+        .bind(public_key.to_owned())
+        .bind(i64::from(join_used))
+        .bind(version.to_owned())
+        .bind(now_ms)
+        .bind(id.to_owned())
+        .execute(&self.pool)
+        .await
+        .map_err(q("recording a join"))?;
+        Ok(())
+    }
+
+    /// Writes last-seen times in one transaction (they are batched: a reconnect storm is one write).
+    pub async fn touch_last_seen(&self, seen: &[(String, i64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(q("recording last-seen times"))?;
+        for (id, ms) in seen {
+            sqlx::query("UPDATE nodes SET last_seen_ms = $1 WHERE id = $2")
+                .bind(*ms)
+                .bind(id.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording last-seen times"))?;
+        }
+        tx.commit().await.map_err(q("recording last-seen times"))
+    }
+
+    /// Removes a node with its grants and, for a site, its resources (and their grants); every
+    /// overlay address freed goes into quarantine. All in one transaction.
+    pub async fn delete_node(&self, id: &str, now_ms: i64) -> Result<Removed> {
+        let mut tx = self.pool.begin().await.map_err(q("removing a node"))?;
+        let resources: Vec<(String, String)> =
+            sqlx::query("SELECT name, overlay_addr FROM resources WHERE site_id = $1")
+                .bind(id.to_owned())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("removing a node"))?
+                .into_iter()
+                .map(|r| Ok((r.try_get("name")?, r.try_get("overlay_addr")?)))
+                .collect::<std::result::Result<_, sqlx::Error>>()
+                .map_err(q("removing a node"))?;
+        let mut grants = 0;
+        for (name, addr) in &resources {
+            grants += sqlx::query("DELETE FROM grants WHERE resource_name = $1")
+                .bind(name.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("removing a node"))?
+                .rows_affected();
+            sqlx::query("DELETE FROM resources WHERE name = $1")
+                .bind(name.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("removing a node"))?;
+            release(&mut tx, addr, now_ms).await?;
+        }
+        grants += sqlx::query("DELETE FROM grants WHERE client_id = $1")
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("removing a node"))?
+            .rows_affected();
+        let addr: Option<String> = sqlx::query("SELECT overlay_addr FROM nodes WHERE id = $1")
+            .bind(id.to_owned())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("removing a node"))?
+            .map(|r| r.try_get("overlay_addr"))
+            .transpose()
+            .map_err(q("removing a node"))?;
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("removing a node"))?;
+        if let Some(addr) = addr {
+            release(&mut tx, &addr, now_ms).await?;
+        }
+        tx.commit().await.map_err(q("removing a node"))?;
+        Ok(Removed { resources: resources.into_iter().map(|(n, _)| n).collect(), grants })
+    }
+
+    /// Adds a resource.
+    pub async fn insert_resource(&self, r: &ResourceRow) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(q("adding a resource"))?;
+        sqlx::query("DELETE FROM released_addresses WHERE addr = $1")
+            .bind(r.overlay_addr.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("adding a resource"))?;
+        sqlx::query(
+            "INSERT INTO resources (name, site_id, target, alias, overlay_addr, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(r.name.clone())
+        .bind(r.site_id.clone())
+        .bind(r.target.clone())
+        .bind(r.alias.clone())
+        .bind(r.overlay_addr.clone())
+        .bind(r.created_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("adding a resource"))?;
+        tx.commit().await.map_err(q("adding a resource"))
+    }
+
+    /// Removes a resource and its grants; its address goes into quarantine.
+    pub async fn delete_resource(&self, name: &str, now_ms: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await.map_err(q("removing a resource"))?;
+        let grants = sqlx::query("DELETE FROM grants WHERE resource_name = $1")
+            .bind(name.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("removing a resource"))?
+            .rows_affected();
+        let addr: Option<String> = sqlx::query("SELECT overlay_addr FROM resources WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q("removing a resource"))?
+            .map(|r| r.try_get("overlay_addr"))
+            .transpose()
+            .map_err(q("removing a resource"))?;
+        sqlx::query("DELETE FROM resources WHERE name = $1")
+            .bind(name.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("removing a resource"))?;
+        if let Some(addr) = addr {
+            release(&mut tx, &addr, now_ms).await?;
+        }
+        tx.commit().await.map_err(q("removing a resource"))?;
+        Ok(grants)
+    }
+
+    /// Adds a grant.
+    pub async fn insert_grant(&self, g: &GrantRow) -> Result<()> {
+        sqlx::query("INSERT INTO grants (client_id, resource_name, created_ms) VALUES ($1, $2, $3)")
+            .bind(g.client_id.clone())
+            .bind(g.resource_name.clone())
+            .bind(g.created_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(q("adding a grant"))?;
+        Ok(())
+    }
+
+    /// Removes a grant.
+    pub async fn delete_grant(&self, client_id: &str, resource_name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM grants WHERE client_id = $1 AND resource_name = $2")
+            .bind(client_id.to_owned())
+            .bind(resource_name.to_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(q("removing a grant"))?;
+        Ok(())
+    }
+
+    /// Appends to the audit log.
+    pub async fn audit(&self, e: &AuditRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at_ms, actor, action, target, source, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(e.at_ms)
+        .bind(e.actor.clone())
+        .bind(e.action.clone())
+        .bind(e.target.clone())
+        .bind(e.source.clone())
+        .bind(e.outcome.clone())
+        .execute(&self.pool)
+        .await
+        .map_err(q("writing the audit log"))?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub async fn list_audit(&self, limit: u32) -> Result<Vec<AuditRow>> {
+        sqlx::query(
+            "SELECT at_ms, actor, action, target, source, outcome FROM audit_log ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading the audit log"))?
+        .into_iter()
+        .map(|r| {
+            Ok(AuditRow {
+                at_ms: r.try_get("at_ms")?,
+                actor: r.try_get("actor")?,
+                action: r.try_get("action")?,
+                target: r.try_get("target")?,
+                source: r.try_get("source")?,
+                outcome: r.try_get("outcome")?,
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+        .map_err(q("reading the audit log"))
+    }
+
+    /// Closes the pool (tests use this to restart a server on the same file).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn release(tx: &mut sqlx::Transaction<'_, sqlx::Any>, addr: &str, now_ms: i64) -> Result<()> {
+    sqlx::query("DELETE FROM released_addresses WHERE addr = $1")
+        .bind(addr.to_owned())
+        .execute(&mut **tx)
+        .await
+        .map_err(q("releasing an address"))?;
+    sqlx::query("INSERT INTO released_addresses (addr, released_ms) VALUES ($1, $2)")
+        .bind(addr.to_owned())
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await
+        .map_err(q("releasing an address"))?;
+    Ok(())
+}
+
+/// Drops the password from a database URL.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..s], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
