@@ -1,0 +1,8 @@
+//! `tunnelctl`: the machine client (`tunnelctl up`) and every administration command.
+//!
+//! [`cli::run`] is the whole program; `main` only prints its error. Tests call `run` in-process with
+//! the same arguments a user would type.
+
+pub mod admin;
+pub mod cli;
+pub mod table;

@@ -226,8 +226,7 @@ pub fn diff<'a>(old: &NetworkMap, new: &'a NetworkMap) -> MapDiff<'a> {
             d.upserted_resources.push(r);
         }
     }
-    d.removed_resources =
-        old.resources.keys().filter(|n| !new.resources.contains_key(*n)).cloned().collect();
+    d.removed_resources = old.resources.keys().filter(|n| !new.resources.contains_key(*n)).cloned().collect();
     d
 }
 
@@ -272,7 +271,12 @@ mod tests {
     #[test]
     fn apply_in_order_and_refuse_gaps() {
         let mut m = map();
-        let d = MapDelta { base_version: 1, version: 2, upsert_peers: vec![peer(1, "100.96.0.3")], ..Default::default() };
+        let d = MapDelta {
+            base_version: 1,
+            version: 2,
+            upsert_peers: vec![peer(1, "100.96.0.3")],
+            ..Default::default()
+        };
         m.apply(d).unwrap();
         assert_eq!(m.version, 2);
         assert_eq!(m.peers.len(), 1);
@@ -280,7 +284,8 @@ mod tests {
         let gap = MapDelta { base_version: 3, version: 4, remove_peers: vec![id(1)], ..Default::default() };
         assert_eq!(m.apply(gap), Err(MapError::Gap { have: 2, base: 3 }));
         assert_eq!(m, before, "a refused delta leaves the map untouched");
-        m.apply(MapDelta { base_version: 2, version: 3, remove_peers: vec![id(1)], ..Default::default() }).unwrap();
+        m.apply(MapDelta { base_version: 2, version: 3, remove_peers: vec![id(1)], ..Default::default() })
+            .unwrap();
         assert!(m.peers.is_empty());
     }
 
@@ -292,7 +297,11 @@ mod tests {
         let mut b = a.clone();
         b.peers.remove(&id(2));
         b.peers.insert(id(3), peer(3, "100.96.0.5"));
-        b.peers.get_mut(&id(1)).unwrap().candidates.push(Candidate { addr: "192.0.2.1:5".into(), kind: "reflexive".into() });
+        b.peers
+            .get_mut(&id(1))
+            .unwrap()
+            .candidates
+            .push(Candidate { addr: "192.0.2.1:5".into(), kind: "reflexive".into() });
         let d = diff(&a, &b);
         assert_eq!(d.added_peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>(), vec![id(3)]);
         assert_eq!(d.changed_peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>(), vec![id(1)]);

@@ -27,7 +27,9 @@ pub enum TokenError {
     JoinWhereAdminExpected,
     #[error("not a tunnel token (it should start with tjn1. or tadm1.)")]
     UnknownPrefix,
-    #[error("the token is truncated or has extra parts (expected {expected} dot-separated parts, found {found})")]
+    #[error(
+        "the token is truncated or has extra parts (expected {expected} dot-separated parts, found {found})"
+    )]
     WrongShape { expected: usize, found: usize },
     #[error("the token's {0} part is damaged")]
     BadPart(&'static str),

@@ -1,0 +1,11 @@
+//! `tunnel-node`: the runtime pieces shared by the site agent and the machine client: pinned TLS to
+//! the server, the control session and its reconnect loop, and the state kept on disk.
+
+pub mod control;
+pub mod convert;
+pub mod state;
+pub mod tls;
+
+pub use control::{ControlConfig, ControlSession, LinkState, SessionError};
+pub use state::StateDir;
+pub use tls::{connect, ConnectError, ServerTarget};

@@ -52,7 +52,13 @@ impl AdminService {
         Ok(Caller { source: source.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into()) })
     }
 
-    async fn audited<T>(&self, c: &Caller, action: &str, target: &str, r: Result<T, OpError>) -> Result<T, Status> {
+    async fn audited<T>(
+        &self,
+        c: &Caller,
+        action: &str,
+        target: &str,
+        r: Result<T, OpError>,
+    ) -> Result<T, Status> {
         let outcome = match &r {
             Ok(_) => "ok".to_owned(),
             Err(e) => format!("refused: {e}"),
@@ -68,12 +74,18 @@ fn kind(k: i32) -> Result<NodeKind, Status> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn server_info(&self, req: Request<pb::ServerInfoRequest>) -> Result<Response<pb::ServerInfoReply>, Status> {
+    async fn server_info(
+        &self,
+        req: Request<pb::ServerInfoRequest>,
+    ) -> Result<Response<pb::ServerInfoReply>, Status> {
         self.check(&req)?;
         Ok(Response::new(self.shared.info()))
     }
 
-    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::JoinTokenReply>, Status> {
+    async fn add_node(
+        &self,
+        req: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::JoinTokenReply>, Status> {
         let c = self.check(&req)?;
         let r = req.into_inner();
         let k = kind(r.kind)?;
@@ -92,7 +104,10 @@ impl Admin for AdminService {
         self.audited(&c, &action, &r.name, out).await.map(Response::new)
     }
 
-    async fn rotate_node(&self, req: Request<pb::RotateNodeRequest>) -> Result<Response<pb::JoinTokenReply>, Status> {
+    async fn rotate_node(
+        &self,
+        req: Request<pb::RotateNodeRequest>,
+    ) -> Result<Response<pb::JoinTokenReply>, Status> {
         let c = self.check(&req)?;
         let r = req.into_inner();
         let k = kind(r.kind)?;
@@ -102,20 +117,29 @@ impl Admin for AdminService {
         self.audited(&c, &action, &r.name, out).await.map(Response::new)
     }
 
-    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesReply>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesReply>, Status> {
         self.check(&req)?;
         let k = kind(req.get_ref().kind)?;
         Ok(Response::new(pb::ListNodesReply { nodes: self.shared.list_nodes(k) }))
     }
 
-    async fn add_resource(&self, req: Request<pb::AddResourceRequest>) -> Result<Response<pb::ResourceInfo>, Status> {
+    async fn add_resource(
+        &self,
+        req: Request<pb::AddResourceRequest>,
+    ) -> Result<Response<pb::ResourceInfo>, Status> {
         let c = self.check(&req)?;
         let r = req.into_inner();
         let out = self.shared.add_resource(&r.site, &r.name, &r.target, &r.alias).await;
         self.audited(&c, "add-resource", &r.name, out).await.map(Response::new)
     }
 
-    async fn remove_resource(&self, req: Request<pb::ResourceRef>) -> Result<Response<pb::RemoveResourceReply>, Status> {
+    async fn remove_resource(
+        &self,
+        req: Request<pb::ResourceRef>,
+    ) -> Result<Response<pb::RemoveResourceReply>, Status> {
         let c = self.check(&req)?;
         let r = req.into_inner();
         let out = self.shared.remove_resource(&r.name).await;
@@ -143,15 +167,23 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let out = self.shared.revoke(&r.client, &r.resource).await;
         let target = format!("{} -> {}", r.client, r.resource);
-        self.audited(&c, "revoke", &target, out).await.map(|changed| Response::new(pb::GrantReply { changed }))
+        self.audited(&c, "revoke", &target, out)
+            .await
+            .map(|changed| Response::new(pb::GrantReply { changed }))
     }
 
-    async fn list_grants(&self, req: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsReply>, Status> {
+    async fn list_grants(
+        &self,
+        req: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsReply>, Status> {
         self.check(&req)?;
         Ok(Response::new(pb::ListGrantsReply { grants: self.shared.list_grants() }))
     }
 
-    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditReply>, Status> {
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditReply>, Status> {
         self.check(&req)?;
         let limit = match req.get_ref().limit {
             0 => 100,

@@ -150,7 +150,11 @@ pub struct LoginLimiter {
 impl LoginLimiter {
     /// `burst` failures at once, then `per_minute` more per minute.
     pub fn new(burst: u32, per_minute: u32) -> Self {
-        LoginLimiter { burst: f64::from(burst), per_sec: f64::from(per_minute) / 60.0, buckets: Mutex::default() }
+        LoginLimiter {
+            burst: f64::from(burst),
+            per_sec: f64::from(per_minute) / 60.0,
+            buckets: Mutex::default(),
+        }
     }
 
     fn level(&self, map: &mut HashMap<IpAddr, (f64, Instant)>, ip: IpAddr, now: Instant) -> f64 {

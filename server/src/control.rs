@@ -138,7 +138,13 @@ impl Control for ControlService {
             Ok(a) => a,
             Err(status) => {
                 shared
-                    .audit(&format!("node:{}", hello.node_id), "login", &hello.node_id, &source_text, &format!("denied: {}", status.message()))
+                    .audit(
+                        &format!("node:{}", hello.node_id),
+                        "login",
+                        &hello.node_id,
+                        &source_text,
+                        &format!("denied: {}", status.message()),
+                    )
                     .await;
                 return Err(status);
             }
@@ -149,7 +155,13 @@ impl Control for ControlService {
             let _w = shared.write_lock().await;
             shared
                 .store
-                .record_join(auth.id.as_str(), &encode_key(&auth.public_key), auth.consume_once, &hello.version, now)
+                .record_join(
+                    auth.id.as_str(),
+                    &encode_key(&auth.public_key),
+                    auth.consume_once,
+                    &hello.version,
+                    now,
+                )
                 .await
                 .map_err(|e| Status::unavailable(format!("{e}; try again")))?;
         }

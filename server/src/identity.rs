@@ -95,7 +95,8 @@ impl Identity {
 
     /// Writes `DIR/admin.token` for `server` (`HOST:PORT`) and returns the token.
     pub fn write_admin_token(&self, dir: &Path, server: &str) -> Result<AdminToken> {
-        let token = AdminToken { server: server.to_owned(), secret: self.admin_secret.clone(), pin: self.pin };
+        let token =
+            AdminToken { server: server.to_owned(), secret: self.admin_secret.clone(), pin: self.pin };
         write_secret_file(&admin_token_path(dir), format!("{}\n", token.encode()).as_bytes())?;
         Ok(token)
     }

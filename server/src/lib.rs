@@ -141,7 +141,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         .with_context(|| format!("cannot listen on {} (gRPC)", cfg.listen))?;
     let addr = listener.local_addr()?;
     let public_addr = public_addr(&cfg, addr)?;
-    let cert_name = public_addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("tunnel-server");
+    let cert_name =
+        public_addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("tunnel-server");
     let identity = Identity::load_or_create(&cfg.data_dir, cert_name)?;
     let store = Store::open(cfg.database.as_deref(), &cfg.data_dir).await?;
     let reg = load_registry(&store, &cfg).await?;
@@ -203,7 +204,15 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         None => None,
     };
     tracing::info!(%addr, public = %public_addr, pin = %identity.pin, database = %shared.store.describe(), "tunnel-server started");
-    Ok(RunningServer { addr, metrics_addr, admin_token, shared, stop: Some(stop_tx), tasks, serve: Some(serve) })
+    Ok(RunningServer {
+        addr,
+        metrics_addr,
+        admin_token,
+        shared,
+        stop: Some(stop_tx),
+        tasks,
+        serve: Some(serve),
+    })
 }
 
 async fn flush_last_seen(shared: &Shared) {
@@ -231,7 +240,8 @@ fn public_addr(cfg: &ServerConfig, bound: SocketAddr) -> Result<String> {
         }
         Some(p) => host_port(p),
         None => {
-            let h = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+            let h =
+                hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
             host_port(&h)
         }
     })
@@ -261,11 +271,17 @@ async fn load_registry(store: &Store, cfg: &ServerConfig) -> Result<Registry> {
     for r in &snap.resources {
         let rec = ResourceRec {
             name: r.name.clone(),
-            site: r.site_id.parse().map_err(|_| anyhow::anyhow!("resource {} has a damaged site id", r.name))?,
+            site: r
+                .site_id
+                .parse()
+                .map_err(|_| anyhow::anyhow!("resource {} has a damaged site id", r.name))?,
             target: tunnel_core::Target::parse(&r.target)
                 .map_err(|e| anyhow::anyhow!("resource {}: stored target: {e}", r.name))?,
             alias: r.alias.clone(),
-            addr: r.overlay_addr.parse().with_context(|| format!("resource {} has a damaged address", r.name))?,
+            addr: r
+                .overlay_addr
+                .parse()
+                .with_context(|| format!("resource {} has a damaged address", r.name))?,
             created_ms: r.created_ms,
         };
         reg.insert_resource(rec);

@@ -15,10 +15,14 @@ use crate::state::Shared;
 
 /// Binds `addr` and serves the metrics routes.
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
     let bound = listener.local_addr()?;
-    let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(shared);
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(shared);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener failed");
@@ -44,7 +48,11 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     let counters = [
         ("tunnel_server_map_deltas_total", "Map deltas sent to nodes.", m.hub.stats.deltas_sent),
         ("tunnel_server_full_maps_total", "Full maps sent to nodes.", m.hub.stats.full_maps_sent),
-        ("tunnel_server_deltas_dropped_total", "Deltas dropped on a full session queue (a full map follows).", m.hub.stats.deltas_dropped),
+        (
+            "tunnel_server_deltas_dropped_total",
+            "Deltas dropped on a full session queue (a full map follows).",
+            m.hub.stats.deltas_dropped,
+        ),
     ];
     for (name, help, v) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");

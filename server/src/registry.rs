@@ -175,7 +175,8 @@ impl Registry {
 
     /// Names of all nodes of `kind`, sorted (for error messages).
     pub fn names_of(&self, kind: NodeKind) -> Vec<String> {
-        let mut v: Vec<String> = self.names.keys().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
+        let mut v: Vec<String> =
+            self.names.keys().filter(|(k, _)| *k == kind).map(|(_, n)| n.clone()).collect();
         v.sort();
         v
     }
@@ -444,7 +445,11 @@ mod tests {
     }
 
     fn reg() -> Registry {
-        Registry::new("tunnel.internal".into(), 1280, AddressPool::new("100.96.0.0/24".parse().unwrap(), 3_600_000))
+        Registry::new(
+            "tunnel.internal".into(),
+            1280,
+            AddressPool::new("100.96.0.0/24".parse().unwrap(), 3_600_000),
+        )
     }
 
     #[test]

@@ -158,7 +158,12 @@ impl Shared {
     }
 
     /// Adds a site or client and returns its join token.
-    pub async fn add_node(&self, kind: NodeKind, name: &str, limits: JoinLimits) -> OpResult<pb::JoinTokenReply> {
+    pub async fn add_node(
+        &self,
+        kind: NodeKind,
+        name: &str,
+        limits: JoinLimits,
+    ) -> OpResult<pb::JoinTokenReply> {
         names::check_label(kind.as_str(), name).map_err(|e| OpError::Invalid(e.to_string()))?;
         let _w = self.write_lock().await;
         let now = now_ms();
@@ -173,7 +178,11 @@ impl Shared {
         rand::rngs::OsRng.fill_bytes(&mut idb);
         let id = NodeId::from_random(idb);
         let secret = Self::new_secret();
-        let hash = self.hasher.hash(secret.expose().to_owned()).await.map_err(|e| OpError::Internal(e.to_string()))?;
+        let hash = self
+            .hasher
+            .hash(secret.expose().to_owned())
+            .await
+            .map_err(|e| OpError::Internal(e.to_string()))?;
         let row = NodeRow {
             id: id.to_string(),
             kind: kind.as_str().into(),
@@ -216,12 +225,21 @@ impl Shared {
             let touched = m.reg.remove_node(&id, now);
             m.hub.distribute(&m.reg, touched);
         }
-        Ok(pb::RemoveNodeReply { node: info, removed_resources: removed.resources, removed_grants: removed.grants })
+        Ok(pb::RemoveNodeReply {
+            node: info,
+            removed_resources: removed.resources,
+            removed_grants: removed.grants,
+        })
     }
 
     /// Gives a node a new join secret; the old secret and every ticket stop working and its live
     /// session ends at once.
-    pub async fn rotate_node(&self, kind: NodeKind, name: &str, limits: JoinLimits) -> OpResult<pb::JoinTokenReply> {
+    pub async fn rotate_node(
+        &self,
+        kind: NodeKind,
+        name: &str,
+        limits: JoinLimits,
+    ) -> OpResult<pb::JoinTokenReply> {
         let _w = self.write_lock().await;
         let (id, generation) = {
             let m = self.model();
@@ -229,7 +247,11 @@ impl Shared {
             (n.id.clone(), n.generation + 1)
         };
         let secret = Self::new_secret();
-        let hash = self.hasher.hash(secret.expose().to_owned()).await.map_err(|e| OpError::Internal(e.to_string()))?;
+        let hash = self
+            .hasher
+            .hash(secret.expose().to_owned())
+            .await
+            .map_err(|e| OpError::Internal(e.to_string()))?;
         let expires = expiry(now_ms(), limits.ttl_seconds);
         self.store.update_secret(id.as_str(), &hash, generation, expires, limits.once).await?;
         let info = {
@@ -248,7 +270,13 @@ impl Shared {
     }
 
     /// Adds a resource on a site.
-    pub async fn add_resource(&self, site: &str, name: &str, target: &str, alias: &str) -> OpResult<pb::ResourceInfo> {
+    pub async fn add_resource(
+        &self,
+        site: &str,
+        name: &str,
+        target: &str,
+        alias: &str,
+    ) -> OpResult<pb::ResourceInfo> {
         names::check_label("resource name", name).map_err(|e| OpError::Invalid(e.to_string()))?;
         let target = Target::parse(target).map_err(|e| OpError::Invalid(e.to_string()))?;
         let alias = if alias.trim().is_empty() {
@@ -267,15 +295,21 @@ impl Shared {
             let site_id = s.id.clone();
             if let Some(r) = m.reg.resources.get(name) {
                 let on = m.reg.nodes.get(&r.site).map(|n| n.name.clone()).unwrap_or_default();
-                return Err(OpError::AlreadyExists(format!("resource '{name}' already exists (on site '{on}')")));
+                return Err(OpError::AlreadyExists(format!(
+                    "resource '{name}' already exists (on site '{on}')"
+                )));
             }
             let fqdn = m.reg.fqdn(name);
             if let Some(owner) = m.reg.dns_owner(&fqdn) {
-                return Err(OpError::AlreadyExists(format!("the name {fqdn} is already the alias of resource '{owner}'")));
+                return Err(OpError::AlreadyExists(format!(
+                    "the name {fqdn} is already the alias of resource '{owner}'"
+                )));
             }
             if let Some(a) = &alias {
                 if let Some(owner) = m.reg.dns_owner(a) {
-                    return Err(OpError::AlreadyExists(format!("alias {a} is already used by resource '{owner}'")));
+                    return Err(OpError::AlreadyExists(format!(
+                        "alias {a} is already used by resource '{owner}'"
+                    )));
                 }
                 if let Some(inner) = a.strip_suffix(&format!(".{}", m.reg.zone)) {
                     if inner != name {
@@ -299,7 +333,14 @@ impl Shared {
         self.store.insert_resource(&row).await?;
         let mut guard = self.model();
         let m = &mut *guard;
-        let touched = m.reg.insert_resource(ResourceRec { name: name.into(), site: site_id, target, alias, addr, created_ms: now });
+        let touched = m.reg.insert_resource(ResourceRec {
+            name: name.into(),
+            site: site_id,
+            target,
+            alias,
+            addr,
+            created_ms: now,
+        });
         m.hub.distribute(&m.reg, touched);
         Ok(resource_info(m, name))
     }
@@ -332,7 +373,11 @@ impl Shared {
         }
         let now = now_ms();
         self.store
-            .insert_grant(&GrantRow { client_id: cid.to_string(), resource_name: resource.into(), created_ms: now })
+            .insert_grant(&GrantRow {
+                client_id: cid.to_string(),
+                resource_name: resource.into(),
+                created_ms: now,
+            })
             .await?;
         let mut guard = self.model();
         let m = &mut *guard;
@@ -455,7 +500,10 @@ pub fn node_rec_from_row(r: &NodeRow) -> Result<NodeRec, String> {
         id: r.id.parse().map_err(|_| format!("node id '{}' is damaged", r.id))?,
         kind,
         name: r.name.clone(),
-        addr: r.overlay_addr.parse::<Ipv4Addr>().map_err(|_| format!("node {} has a damaged address", r.id))?,
+        addr: r
+            .overlay_addr
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("node {} has a damaged address", r.id))?,
         public_key,
         secret_hash: r.secret_hash.clone(),
         generation: r.generation,

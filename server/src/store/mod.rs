@@ -179,7 +179,8 @@ impl Store {
             Backend::Sqlite => include_str!("migrations/sqlite/0001_init.sql"),
             Backend::Postgres => include_str!("migrations/postgres/0001_init.sql"),
         };
-        let migrations = vec![Migration::new(1, Cow::Borrowed("init"), MigrationType::Simple, Cow::Borrowed(sql), false)];
+        let migrations =
+            vec![Migration::new(1, Cow::Borrowed("init"), MigrationType::Simple, Cow::Borrowed(sql), false)];
         Migrator { migrations: Cow::Owned(migrations), ignore_missing: true, locking: true, no_tx: false }
     }
 

@@ -1,0 +1,325 @@
+//! Command-line interface of `tunnelctl`.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Parser, Subcommand};
+use tunnel_proto::v1 as pb;
+
+use crate::admin;
+
+/// tunnelctl: administer a tunnel server, and run the machine client.
+#[derive(Debug, Parser)]
+#[command(name = "tunnelctl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Admin token (one line from the server's DATA_DIR/admin.token). Prefer --admin-token-file: a
+    /// flag is visible in the process list.
+    #[arg(long, global = true, env = "TUNNEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, global = true, env = "TUNNEL_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Manage sites (where resources live; each runs tunnel-agent).
+    Site {
+        #[command(subcommand)]
+        op: NodeOp,
+    },
+    /// Manage clients (machines that reach resources).
+    Client {
+        #[command(subcommand)]
+        op: NodeOp,
+    },
+    /// List sites.
+    Sites(ListArgs),
+    /// List clients.
+    Clients(ListArgs),
+    /// List resources.
+    Resources(ListArgs),
+    /// List grants.
+    Grants(ListArgs),
+    /// Show the audit log, newest first.
+    Audit {
+        #[command(flatten)]
+        list: ListArgs,
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show the server's settings and counts.
+    Info(ListArgs),
+    /// Publish a service on a site as a resource with a private DNS name.
+    AddResource {
+        /// The site that reaches the target.
+        #[arg(long)]
+        site: String,
+        /// Resource name; it answers as NAME.<zone>.
+        #[arg(long)]
+        name: String,
+        /// HOST:PORT the site dials (resolved by the site's own resolver).
+        #[arg(long)]
+        target: String,
+        /// An extra DNS name the resource answers as.
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// Remove a resource (and every grant on it).
+    RmResource {
+        /// Resource name.
+        name: String,
+    },
+    /// Let a client reach a resource (access is deny by default).
+    Grant {
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        resource: String,
+    },
+    /// Take a client's access to a resource away.
+    Revoke {
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        resource: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeOp {
+    /// Add one; prints its join token and nothing else.
+    Add {
+        name: String,
+        #[command(flatten)]
+        limits: Limits,
+    },
+    /// Remove one; its live session ends at once.
+    Rm { name: String },
+    /// Give one a new join token; the old token and the live session stop working at once.
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        limits: Limits,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct Limits {
+    /// The token can join only within this time (e.g. 30m, 24h, 7d). Joined nodes stay joined.
+    #[arg(long, value_parser = parse_ttl)]
+    pub ttl: Option<Duration>,
+    /// The token can be used for one join only.
+    #[arg(long)]
+    pub once: bool,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = if let Ok(secs) = s.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("'{s}' is not a duration like 30m, 24h or 7d ({e})"))?
+    };
+    if d < Duration::from_secs(1) {
+        return Err("the TTL must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+/// An error as one line: the context chain joined with ": ".
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// Parses `args` and runs the command on a new runtime.
+pub fn main_with<I, T>(args: I, out: &mut dyn Write) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            write!(out, "{e}")?;
+            return Ok(());
+        }
+        Err(e) => {
+            e.print()?;
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(cli, out))
+}
+
+/// Parses `args` (without the program name) and runs the command in the current runtime.
+pub async fn run_args(args: &[&str], out: &mut dyn Write) -> Result<()> {
+    let cli = Cli::try_parse_from(std::iter::once("tunnelctl").chain(args.iter().copied()))
+        .map_err(|e| anyhow!("{}", e.to_string().lines().next().unwrap_or("invalid arguments")))?;
+    run(cli, out).await
+}
+
+fn kind_of(is_site: bool) -> i32 {
+    if is_site {
+        pb::NodeKind::Site as i32
+    } else {
+        pb::NodeKind::Client as i32
+    }
+}
+
+/// Runs a parsed command.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
+    let token = admin::resolve_token(cli.admin_token.as_deref(), cli.admin_token_file.as_deref())?;
+    let mut c = admin::connect(&token).await?;
+    match cli.cmd {
+        Cmd::Site { op } => node_op(&mut c, true, op, out).await,
+        Cmd::Client { op } => node_op(&mut c, false, op, out).await,
+        Cmd::Sites(l) => {
+            let r =
+                c.list_nodes(pb::ListNodesRequest { kind: kind_of(true) }).await.map_err(admin::status)?;
+            admin::print_nodes(out, &r.into_inner().nodes, l.json)
+        }
+        Cmd::Clients(l) => {
+            let r =
+                c.list_nodes(pb::ListNodesRequest { kind: kind_of(false) }).await.map_err(admin::status)?;
+            admin::print_nodes(out, &r.into_inner().nodes, l.json)
+        }
+        Cmd::Resources(l) => {
+            let r = c.list_resources(pb::ListResourcesRequest {}).await.map_err(admin::status)?;
+            admin::print_resources(out, &r.into_inner().resources, l.json)
+        }
+        Cmd::Grants(l) => {
+            let r = c.list_grants(pb::ListGrantsRequest {}).await.map_err(admin::status)?;
+            admin::print_grants(out, &r.into_inner().grants, l.json)
+        }
+        Cmd::Audit { list, limit } => {
+            let r = c.list_audit(pb::ListAuditRequest { limit }).await.map_err(admin::status)?;
+            admin::print_audit(out, &r.into_inner().events, list.json)
+        }
+        Cmd::Info(l) => {
+            let r = c.server_info(pb::ServerInfoRequest {}).await.map_err(admin::status)?;
+            admin::print_info(out, &r.into_inner(), l.json)
+        }
+        Cmd::AddResource { site, name, target, alias } => {
+            let r = c
+                .add_resource(pb::AddResourceRequest { site, name, target, alias: alias.unwrap_or_default() })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            writeln!(
+                out,
+                "added resource {} on site {}: {} -> {} ({})",
+                r.name,
+                r.site,
+                r.dns_names.join(", "),
+                r.target,
+                r.overlay_addr
+            )?;
+            Ok(())
+        }
+        Cmd::RmResource { name } => {
+            let r = c
+                .remove_resource(pb::ResourceRef { name: name.clone() })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            writeln!(out, "removed resource {name} ({} grants removed)", r.removed_grants)?;
+            Ok(())
+        }
+        Cmd::Grant { client, resource } => {
+            let r = c
+                .grant(pb::GrantRequest { client: client.clone(), resource: resource.clone() })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            if r.changed {
+                writeln!(out, "granted {client} access to {resource}")?;
+            } else {
+                writeln!(out, "{client} already had access to {resource}")?;
+            }
+            Ok(())
+        }
+        Cmd::Revoke { client, resource } => {
+            let r = c
+                .revoke(pb::GrantRequest { client: client.clone(), resource: resource.clone() })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            if r.changed {
+                writeln!(out, "revoked {client}'s access to {resource}")?;
+            } else {
+                writeln!(out, "{client} had no access to {resource}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn node_op<S>(
+    c: &mut tunnel_proto::v1::admin_client::AdminClient<S>,
+    is_site: bool,
+    op: NodeOp,
+    out: &mut dyn Write,
+) -> Result<()>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let kind = kind_of(is_site);
+    let what = if is_site { "site" } else { "client" };
+    match op {
+        NodeOp::Add { name, limits } => {
+            let r = c
+                .add_node(pb::AddNodeRequest {
+                    kind,
+                    name,
+                    ttl_seconds: limits.ttl.map(|d| d.as_secs()).unwrap_or(0),
+                    once: limits.once,
+                })
+                .await
+                .map_err(admin::status)?;
+            admin::print_token(out, r.into_inner())
+        }
+        NodeOp::Rm { name } => {
+            let r = c
+                .remove_node(pb::NodeRef { kind, name: name.clone() })
+                .await
+                .map_err(admin::status)?
+                .into_inner();
+            if r.removed_resources.is_empty() {
+                writeln!(out, "removed {what} {name}")?;
+            } else {
+                writeln!(out, "removed {what} {name} and its resources: {}", r.removed_resources.join(", "))?;
+            }
+            Ok(())
+        }
+        NodeOp::Rotate { name, limits } => {
+            let r = c
+                .rotate_node(pb::RotateNodeRequest {
+                    kind,
+                    name,
+                    ttl_seconds: limits.ttl.map(|d| d.as_secs()).unwrap_or(0),
+                    once: limits.once,
+                })
+                .await
+                .map_err(admin::status)?;
+            admin::print_token(out, r.into_inner())
+        }
+    }
+}

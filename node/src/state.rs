@@ -1,0 +1,80 @@
+//! What a node keeps on disk (`--state-dir`): its session ticket and its last network map, so it can
+//! start and keep serving while the server is down. Secret files are written 0600 and replaced
+//! atomically, so a crash mid-write never leaves a half file.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tunnel_core::map::NetworkMap;
+
+/// A node's state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating, mode 0700) the state directory.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<StateDir> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create state dir {}", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        }
+        Ok(StateDir { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cached map, if one is there and readable.
+    pub fn load_map(&self) -> Option<NetworkMap> {
+        let text = fs::read_to_string(self.dir.join("map.json")).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable cached map");
+                None
+            }
+        }
+    }
+
+    /// Caches the map.
+    pub fn save_map(&self, map: &NetworkMap) -> Result<()> {
+        write_private(&self.dir.join("map.json"), serde_json::to_string_pretty(map)?.as_bytes())
+    }
+
+    /// The saved session ticket.
+    pub fn load_ticket(&self) -> Option<Vec<u8>> {
+        fs::read(self.dir.join("session.ticket")).ok().filter(|t| !t.is_empty())
+    }
+
+    /// Saves the session ticket.
+    pub fn save_ticket(&self, ticket: &[u8]) -> Result<()> {
+        write_private(&self.dir.join("session.ticket"), ticket)
+    }
+}
+
+/// Writes a file readable by its owner only, replacing it atomically.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(contents).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

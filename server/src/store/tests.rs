@@ -1,0 +1,166 @@
+//! The storage suite, run against SQLite always and against PostgreSQL when
+//! `TUNNEL_TEST_POSTGRES_URL` is set (CI sets it; under `CI=true` a missing URL is a failure, so the
+//! PostgreSQL half can never be skipped silently there).
+
+use super::*;
+
+fn node(id: &str, kind: &str, name: &str, addr: &str) -> NodeRow {
+    NodeRow {
+        id: id.into(),
+        kind: kind.into(),
+        name: name.into(),
+        overlay_addr: addr.into(),
+        public_key: None,
+        secret_hash: "$argon2id$x".into(),
+        generation: 1,
+        join_expires_ms: 0,
+        join_once: true,
+        join_used: false,
+        created_ms: 10,
+        last_seen_ms: 0,
+        version: String::new(),
+    }
+}
+
+/// A fresh, empty database for one test on each backend available.
+async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = vec![(Store::open(None, dir.path()).await.unwrap(), Some(dir))];
+    match std::env::var("TUNNEL_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => {
+            // One database per test, so tests run in parallel without seeing each other.
+            let admin = Store::open(Some(&url), std::path::Path::new("/nonexistent")).await.unwrap();
+            let db = format!("tunnel_t_{}", rand::random::<u64>());
+            sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin.pool).await.unwrap();
+            admin.close().await;
+            let base = url.rsplit_once('/').map(|(b, _)| b).unwrap();
+            v.push((
+                Store::open(Some(&format!("{base}/{db}")), std::path::Path::new("/nonexistent"))
+                    .await
+                    .unwrap(),
+                None,
+            ));
+        }
+        _ => assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but TUNNEL_TEST_POSTGRES_URL is unset: the PostgreSQL storage tests would be skipped"
+        ),
+    }
+    v
+}
+
+#[tokio::test]
+async fn nodes_resources_grants_round_trip() {
+    for (s, _dir) in stores().await {
+        s.insert_node(&node("n1", "site", "home", "100.96.0.1")).await.unwrap();
+        s.insert_node(&node("n2", "client", "laptop", "100.96.0.2")).await.unwrap();
+        let r = ResourceRow {
+            name: "prom".into(),
+            site_id: "n1".into(),
+            target: "prometheus:9090".into(),
+            alias: Some("prom.example.com".into()),
+            overlay_addr: "100.96.0.3".into(),
+            created_ms: 11,
+        };
+        s.insert_resource(&r).await.unwrap();
+        s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: "prom".into(), created_ms: 12 })
+            .await
+            .unwrap();
+        s.record_join("n2", "a2V5", true, "0.1.0", 99).await.unwrap();
+        let snap = s.load(0).await.unwrap();
+        assert_eq!(snap.nodes.len(), 2, "{:?}", s.backend());
+        let laptop = snap.nodes.iter().find(|n| n.id == "n2").unwrap();
+        assert_eq!(laptop.public_key.as_deref(), Some("a2V5"));
+        assert!(laptop.join_used && laptop.join_once);
+        assert_eq!(laptop.version, "0.1.0");
+        assert_eq!(snap.resources, vec![r]);
+        assert_eq!(snap.grants.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn uniqueness_is_enforced_by_the_database_too() {
+    for (s, _dir) in stores().await {
+        s.insert_node(&node("n1", "site", "home", "100.96.0.1")).await.unwrap();
+        assert!(
+            s.insert_node(&node("n9", "site", "home", "100.96.0.9")).await.is_err(),
+            "same kind and name"
+        );
+        assert!(s.insert_node(&node("n8", "client", "x", "100.96.0.1")).await.is_err(), "same address");
+        s.insert_node(&node("n7", "client", "home", "100.96.0.7")).await.unwrap();
+        assert_eq!(s.load(0).await.unwrap().nodes.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn removing_a_site_takes_its_resources_and_grants_and_quarantines_addresses() {
+    for (s, _dir) in stores().await {
+        s.insert_node(&node("n1", "site", "home", "100.96.0.1")).await.unwrap();
+        s.insert_node(&node("n2", "client", "laptop", "100.96.0.2")).await.unwrap();
+        for (name, addr) in [("a", "100.96.0.3"), ("b", "100.96.0.4")] {
+            s.insert_resource(&ResourceRow {
+                name: name.into(),
+                site_id: "n1".into(),
+                target: "h:1".into(),
+                alias: None,
+                overlay_addr: addr.into(),
+                created_ms: 1,
+            })
+            .await
+            .unwrap();
+            s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: name.into(), created_ms: 1 })
+                .await
+                .unwrap();
+        }
+        let removed = s.delete_node("n1", 1000).await.unwrap();
+        assert_eq!(removed.resources, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(removed.grants, 2);
+        let snap = s.load(0).await.unwrap();
+        assert_eq!(snap.nodes.len(), 1);
+        assert!(snap.resources.is_empty() && snap.grants.is_empty());
+        let mut released: Vec<String> = snap.released.iter().map(|(a, _)| a.clone()).collect();
+        released.sort();
+        assert_eq!(released, vec!["100.96.0.1", "100.96.0.3", "100.96.0.4"]);
+        // Past the quarantine the records are pruned on load.
+        assert!(s.load(2000).await.unwrap().released.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn rotation_resets_join_limits_and_audit_keeps_order() {
+    for (s, _dir) in stores().await {
+        let mut n = node("n1", "site", "home", "100.96.0.1");
+        n.join_used = true;
+        s.insert_node(&n).await.unwrap();
+        s.update_secret("n1", "$argon2id$new", 2, 5000, false).await.unwrap();
+        let row = s.load(0).await.unwrap().nodes.remove(0);
+        assert_eq!(
+            (row.secret_hash.as_str(), row.generation, row.join_expires_ms),
+            ("$argon2id$new", 2, 5000)
+        );
+        assert!(!row.join_used && !row.join_once);
+        for i in 0..3 {
+            s.audit(&AuditRow {
+                at_ms: i,
+                actor: "admin".into(),
+                action: format!("a{i}"),
+                target: "t".into(),
+                source: "127.0.0.1:1".into(),
+                outcome: "ok".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let log = s.list_audit(2).await.unwrap();
+        assert_eq!(log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), vec!["a2", "a1"]);
+        s.set_meta("overlay_cidr", "100.96.0.0/16").await.unwrap();
+        s.set_meta("overlay_cidr", "100.97.0.0/16").await.unwrap();
+        assert_eq!(s.meta("overlay_cidr").await.unwrap().as_deref(), Some("100.97.0.0/16"));
+    }
+}
+
+#[test]
+fn urls_are_redacted() {
+    assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    assert_eq!(redact_url("sqlite:///x.db"), "sqlite:///x.db");
+}
