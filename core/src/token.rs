@@ -307,7 +307,8 @@ mod tests {
             ("".into(), TokenError::Empty),
             ("garbage".into(), TokenError::UnknownPrefix),
             (admin.clone(), TokenError::AdminWhereJoinExpected),
-            (join[..join.len() - 50].to_string(), TokenError::BadPart("secret")),
+            (join[..join.len() - 50].to_string(), TokenError::WrongShape { expected: 5, found: 4 }),
+            (join.replacen(sample().secret.expose(), "c2hvcnQ", 1), TokenError::BadPart("secret")),
             (format!("{join}.x"), TokenError::WrongShape { expected: 5, found: 6 }),
             (join.replacen("tjn1.", "tjn1.!!!", 1), TokenError::BadPart("server address")),
         ];

@@ -85,7 +85,12 @@ pub fn accept_loop(listener: TcpListener, cfg: rustls::ServerConfig) -> mpsc::Re
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            // Stop (and free the port) as soon as the server is gone, not at the next connection.
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => break,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -96,9 +101,6 @@ pub fn accept_loop(listener: TcpListener, cfg: rustls::ServerConfig) -> mpsc::Re
             };
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().ok();
-            if tx.is_closed() {
-                break;
-            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
