@@ -146,7 +146,7 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// Parses `args` and runs the command on a new runtime.
-pub fn main_with<I, T>(args: I, out: &mut dyn Write) -> Result<()>
+pub fn main_with<I, T>(args: I, out: &mut (dyn Write + Send)) -> Result<()>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -167,7 +167,7 @@ where
 }
 
 /// Parses `args` (without the program name) and runs the command in the current runtime.
-pub async fn run_args(args: &[&str], out: &mut dyn Write) -> Result<()> {
+pub async fn run_args(args: &[&str], out: &mut (dyn Write + Send)) -> Result<()> {
     let cli = Cli::try_parse_from(std::iter::once("tunnelctl").chain(args.iter().copied()))
         .map_err(|e| anyhow!("{}", e.to_string().lines().next().unwrap_or("invalid arguments")))?;
     run(cli, out).await
@@ -182,7 +182,7 @@ fn kind_of(is_site: bool) -> i32 {
 }
 
 /// Runs a parsed command.
-pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
     let token = admin::resolve_token(cli.admin_token.as_deref(), cli.admin_token_file.as_deref())?;
     let mut c = admin::connect(&token).await?;
     match cli.cmd {
@@ -273,7 +273,7 @@ async fn node_op<S>(
     c: &mut tunnel_proto::v1::admin_client::AdminClient<S>,
     is_site: bool,
     op: NodeOp,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
 ) -> Result<()>
 where
     S: tonic::client::GrpcService<tonic::body::Body>,
@@ -321,5 +321,27 @@ where
                 .map_err(admin::status)?;
             admin::print_token(out, r.into_inner())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_never_shows_a_secret_from_the_environment() {
+        std::env::set_var("TUNNEL_ADMIN_TOKEN", "tadm1.c2VjcmV0.very-secret-value.pin");
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--admin-token"));
+        assert!(!help.contains("very-secret-value"), "{help}");
+    }
+
+    #[test]
+    fn ttl_parsing() {
+        assert_eq!(parse_ttl("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_ttl("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("soon").unwrap_err().contains("not a duration"));
     }
 }

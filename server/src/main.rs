@@ -32,6 +32,9 @@ struct Args {
     /// /metrics and /healthz listener (plain HTTP; keep it on loopback or a private network).
     #[arg(long, env = "TUNNEL_METRICS_LISTEN", default_value = "127.0.0.1:9180")]
     metrics_listen: SocketAddr,
+    /// argon2id memory cost (KiB) for new join secrets. Lower it only for benchmarks and tests.
+    #[arg(long, env = "TUNNEL_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024, hide = true)]
+    argon2_memory_kib: u32,
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -71,6 +74,13 @@ async fn run(args: Args) -> Result<()> {
     cfg.dns_zone = args.dns_zone;
     cfg.overlay_cidr = args.overlay_cidr.trunc();
     cfg.metrics_listen = Some(args.metrics_listen);
+    cfg.kdf.m_cost = args.argon2_memory_kib.max(8);
+    if args.argon2_memory_kib < 19 * 1024 {
+        tracing::warn!(
+            kib = args.argon2_memory_kib,
+            "argon2 memory cost below the default: for benchmarks and tests only"
+        );
+    }
     let server = tunnel_server::start(cfg.clone()).await?;
     eprintln!(
         "tunnel-server listening on {} (tokens name {}); admin token in {}",
