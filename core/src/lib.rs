@@ -5,7 +5,9 @@
 
 pub mod map;
 pub mod names;
+pub mod packet;
 pub mod token;
+pub mod wg;
 
 pub use map::{MapDelta, MapError, NetworkMap, NodeKind, PeerInfo, ResourceInfo};
 pub use names::{NameError, Target};

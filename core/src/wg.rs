@@ -1,0 +1,391 @@
+//! WireGuard for many peers on one UDP socket, on top of boringtun, without I/O.
+//!
+//! [`Device`] holds one boringtun `Tunn` per peer. Inbound datagrams reach their session by receiver
+//! index (handshake initiations by the initiator's static key, recovered with the device's own key),
+//! never by source address, so a stray or spoofed datagram cannot land in another peer's session.
+//!
+//! Use:
+//! - feed datagrams with [`Device::handle_datagram`], inner packets to send with [`Device::handle_outbound`],
+//!   and call [`Device::handle_timeout`] whenever [`Device::poll_timeout`] says;
+//! - after each of those, drain [`Device::poll_transmit`] (datagrams for the socket) and
+//!   [`Device::poll_inbound`] (decrypted inner packets, with the peer they came from).
+//!
+//! boringtun reads the clock itself (its timers use `Instant::now()`); this wrapper keeps the rest of
+//! the core pure and takes `now` only for its own scheduling.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::Ipv4Net;
+
+/// How often boringtun's timers must be driven.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Largest datagram a WireGuard packet can be (inner MTU + 32 bytes overhead, with room to spare).
+const BUF: usize = 65_536;
+
+/// A peer as the path logic wants it installed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's static public key: its identity.
+    pub key: [u8; 32],
+    /// Inner addresses the peer may send from and be sent to.
+    pub allowed: Vec<Ipv4Net>,
+    /// Where to send, if known; learned from authenticated packets otherwise.
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive in seconds.
+    pub keepalive: Option<u16>,
+}
+
+/// A datagram to send.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// The WireGuard packet.
+    pub payload: Vec<u8>,
+}
+
+/// A decrypted inner packet.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Inbound {
+    /// The peer (static key) it came from.
+    pub peer: [u8; 32],
+    /// The IPv4 packet.
+    pub packet: Vec<u8>,
+}
+
+/// Why packets were dropped; each is counted.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct DropCounts {
+    /// Not a WireGuard packet at all, or malformed.
+    pub malformed: u64,
+    /// Handshake from a key that is not a peer, or an index no session owns.
+    pub unknown_peer: u64,
+    /// Failed decryption, replays, expired sessions.
+    pub crypto: u64,
+    /// Decrypted, but the inner source is not one of the peer's allowed addresses.
+    pub bad_source: u64,
+    /// Outbound packet for an address no peer owns.
+    pub no_route: u64,
+    /// Outbound packet for a peer whose endpoint is not known yet.
+    pub no_endpoint: u64,
+}
+
+/// Per-peer figures for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStats {
+    /// Seconds since the last completed handshake.
+    pub last_handshake_secs: Option<u64>,
+    /// Bytes sent (WireGuard payload).
+    pub tx_bytes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Current endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Round-trip time of the last handshake, in ms.
+    pub rtt_ms: Option<u32>,
+}
+
+struct PeerState {
+    tunn: Tunn,
+    index: u32,
+    cfg: PeerConfig,
+    endpoint: Option<SocketAddr>,
+}
+
+/// Every WireGuard session of one node.
+pub struct Device {
+    secret: StaticSecret,
+    public: PublicKey,
+    peers: BTreeMap<[u8; 32], PeerState>,
+    by_index: HashMap<u32, [u8; 32]>,
+    next_index: u32,
+    limiter: Arc<RateLimiter>,
+    transmits: VecDeque<Transmit>,
+    inbound: VecDeque<Inbound>,
+    next_tick: Option<Instant>,
+    buf: Vec<u8>,
+    /// Dropped packets, by reason.
+    pub drops: DropCounts,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("peers", &self.peers.len()).field("drops", &self.drops).finish()
+    }
+}
+
+impl Device {
+    /// A device with this private key. `index_seed` makes session indices unpredictable.
+    pub fn new(private_key: [u8; 32], index_seed: u32) -> Self {
+        let secret = StaticSecret::from(private_key);
+        let public = PublicKey::from(&secret);
+        Device {
+            limiter: Arc::new(RateLimiter::new(&public, 100)),
+            secret,
+            public,
+            peers: BTreeMap::new(),
+            by_index: HashMap::new(),
+            next_index: index_seed & 0x00FF_FFFF,
+            transmits: VecDeque::new(),
+            inbound: VecDeque::new(),
+            next_tick: None,
+            buf: vec![0; BUF],
+            drops: DropCounts::default(),
+        }
+    }
+
+    /// This device's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    fn alloc_index(&mut self) -> u32 {
+        // boringtun shifts the index left by 8 bits: it must fit in 24.
+        loop {
+            self.next_index = (self.next_index + 1) & 0x00FF_FFFF;
+            if !self.by_index.contains_key(&self.next_index) {
+                return self.next_index;
+            }
+        }
+    }
+
+    /// Installs exactly these peers: new ones are added, missing ones removed, changed ones updated in
+    /// place (their sessions keep running); untouched peers are not disturbed.
+    pub fn set_peers(&mut self, desired: Vec<PeerConfig>, now: Instant) {
+        let wanted: BTreeMap<[u8; 32], PeerConfig> = desired.into_iter().map(|p| (p.key, p)).collect();
+        let gone: Vec<[u8; 32]> = self.peers.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
+        for k in gone {
+            if let Some(p) = self.peers.remove(&k) {
+                self.by_index.remove(&p.index);
+            }
+        }
+        for (key, cfg) in wanted {
+            if let Some(p) = self.peers.get_mut(&key) {
+                if p.cfg != cfg {
+                    if cfg.endpoint.is_some() && cfg.endpoint != p.cfg.endpoint {
+                        p.endpoint = cfg.endpoint;
+                    }
+                    p.cfg = cfg;
+                }
+                continue;
+            }
+            let index = self.alloc_index();
+            let tunn = Tunn::new(
+                self.secret.clone(),
+                PublicKey::from(key),
+                None,
+                cfg.keepalive,
+                index,
+                Some(self.limiter.clone()),
+            );
+            self.by_index.insert(index, key);
+            let endpoint = cfg.endpoint;
+            self.peers.insert(key, PeerState { tunn, index, cfg, endpoint });
+        }
+        if self.next_tick.is_none() {
+            self.next_tick = Some(now);
+        }
+    }
+
+    /// Keys of the installed peers.
+    pub fn peer_keys(&self) -> Vec<[u8; 32]> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// Figures for one peer.
+    pub fn peer_stats(&self, key: &[u8; 32]) -> Option<PeerStats> {
+        let p = self.peers.get(key)?;
+        let (hs, tx, rx, _loss, rtt) = p.tunn.stats();
+        Some(PeerStats {
+            last_handshake_secs: hs.map(|d| d.as_secs()),
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+            endpoint: p.endpoint,
+            rtt_ms: rtt,
+        })
+    }
+
+    /// A datagram arrived on the node's socket.
+    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8]) {
+        let key = match Tunn::parse_incoming_packet(data) {
+            Err(_) => {
+                self.drops.malformed += 1;
+                return;
+            }
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&self.secret, &self.public, &init) {
+                    Ok(half) => half.peer_static_public,
+                    Err(_) => {
+                        self.drops.crypto += 1;
+                        return;
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => {
+                    self.drops.unknown_peer += 1;
+                    return;
+                }
+            },
+            Ok(Packet::PacketCookieReply(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => {
+                    self.drops.unknown_peer += 1;
+                    return;
+                }
+            },
+            Ok(Packet::PacketData(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => {
+                    self.drops.unknown_peer += 1;
+                    return;
+                }
+            },
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        let mut first = true;
+        loop {
+            let input: &[u8] = if first { data } else { &[] };
+            let src = if first { Some(from.ip()) } else { None };
+            first = false;
+            match peer.tunn.decapsulate(src, input, &mut self.buf) {
+                TunnResult::Done => break,
+                TunnResult::Err(e) => {
+                    match e {
+                        WireGuardError::DuplicateCounter
+                        | WireGuardError::InvalidCounter
+                        | WireGuardError::InvalidAeadTag
+                        | WireGuardError::InvalidMac
+                        | WireGuardError::NoCurrentSession
+                        | WireGuardError::WrongIndex
+                        | WireGuardError::WrongTai64nTimestamp
+                        | WireGuardError::UnderLoad
+                        | WireGuardError::ConnectionExpired => self.drops.crypto += 1,
+                        _ => self.drops.malformed += 1,
+                    }
+                    break;
+                }
+                TunnResult::WriteToNetwork(b) => {
+                    // The packet authenticated (a cookie reply under load is the one exception, and it
+                    // goes back to the sender only): the peer is at `from` now.
+                    peer.endpoint = Some(from);
+                    self.transmits.push_back(Transmit { dst: from, payload: b.to_vec() });
+                }
+                TunnResult::WriteToTunnelV4(b, src_ip) => {
+                    peer.endpoint = Some(from);
+                    if peer.cfg.allowed.iter().any(|n| n.contains(&src_ip)) {
+                        self.inbound.push_back(Inbound { peer: key, packet: b.to_vec() });
+                    } else {
+                        self.drops.bad_source += 1;
+                    }
+                }
+                TunnResult::WriteToTunnelV6(..) => {
+                    // The overlay is IPv4 only.
+                    self.drops.bad_source += 1;
+                }
+            }
+        }
+    }
+
+    /// An inner IPv4 packet to send to whichever peer owns its destination.
+    pub fn handle_outbound(&mut self, packet: &[u8]) {
+        let Some(IpAddr::V4(dst)) = Tunn::dst_address(packet) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(key) = self.route(dst) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        self.send_to_peer(&key, packet);
+    }
+
+    /// Sends an inner packet to a specific peer.
+    pub fn send_to_peer(&mut self, key: &[u8; 32], packet: &[u8]) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        match peer.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(b) => match peer.endpoint {
+                Some(dst) => self.transmits.push_back(Transmit { dst, payload: b.to_vec() }),
+                None => self.drops.no_endpoint += 1,
+            },
+            TunnResult::Err(_) => self.drops.crypto += 1,
+            // Queued inside boringtun until the handshake completes.
+            _ => {}
+        }
+    }
+
+    /// The peer whose allowed addresses hold `dst` (longest prefix wins).
+    pub fn route(&self, dst: Ipv4Addr) -> Option<[u8; 32]> {
+        self.peers
+            .iter()
+            .flat_map(|(k, p)| {
+                p.cfg.allowed.iter().filter(|n| n.contains(&dst)).map(move |n| (n.prefix_len(), *k))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, k)| k)
+    }
+
+    /// When [`Device::handle_timeout`] should run next, and why.
+    pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
+        self.next_tick.map(|t| (t, "wireguard timers"))
+    }
+
+    /// Drives boringtun's timers (handshake retries, keepalives, rekeys).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.next_tick {
+            Some(t) if t <= now => {}
+            _ => return,
+        }
+        self.next_tick = if self.peers.is_empty() { None } else { Some(now + TIMER_TICK) };
+        for peer in self.peers.values_mut() {
+            match peer.tunn.update_timers(&mut self.buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    if let Some(dst) = peer.endpoint {
+                        self.transmits.push_back(Transmit { dst, payload: b.to_vec() });
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                _ => {}
+            }
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next decrypted inner packet.
+    pub fn poll_inbound(&mut self) -> Option<Inbound> {
+        self.inbound.pop_front()
+    }
+}
+
+/// Whether a datagram is WireGuard: type 1-4, three zero bytes, and the exact length for its type.
+pub fn is_wireguard(data: &[u8]) -> bool {
+    Tunn::parse_incoming_packet(data).is_ok()
+}
+
+/// The public key for a private key.
+pub fn public_key(private_key: [u8; 32]) -> [u8; 32] {
+    *PublicKey::from(&StaticSecret::from(private_key)).as_bytes()
+}
+
+#[cfg(test)]
+mod tests;
