@@ -3,8 +3,10 @@
 //! Nothing here touches a socket, a clock or a runtime: time and randomness come in as arguments, so
 //! every state machine is unit-tested with plain values.
 
+pub mod dns;
 pub mod map;
 pub mod names;
+pub mod netstack;
 pub mod packet;
 pub mod token;
 pub mod wg;

@@ -59,6 +59,9 @@ pub struct PeerInfo {
     pub candidates: Vec<Candidate>,
     /// Whether the peer holds a control session now (a hint only).
     pub online: bool,
+    /// For a client seen by a site: the resources on that site it may use.
+    #[serde(default)]
+    pub resources: Vec<String>,
 }
 
 /// A resource this node hosts (site) or may use (client).
@@ -249,6 +252,7 @@ mod tests {
             allowed_ips: vec![format!("{addr}/32")],
             candidates: vec![],
             online: true,
+            resources: vec![],
         }
     }
 

@@ -61,6 +61,7 @@ pub fn peer(p: &pb::Peer) -> Result<PeerInfo, Malformed> {
         allowed_ips: p.allowed_ips.clone(),
         candidates: p.candidates.iter().map(candidate).collect(),
         online: p.online,
+        resources: p.resources.clone(),
     })
 }
 

@@ -55,6 +55,7 @@ pub fn peer_to_pb(p: &PeerInfo) -> pb::Peer {
         allowed_ips: p.allowed_ips.clone(),
         candidates: p.candidates.iter().map(candidate_to_pb).collect(),
         online: p.online,
+        resources: p.resources.clone(),
     }
 }
 

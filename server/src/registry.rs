@@ -357,6 +357,7 @@ impl Registry {
         let v = self.nodes.get(viewer)?;
         let p = self.nodes.get(peer)?;
         let mut allowed = vec![format!("{}/32", p.addr)];
+        let mut resources = Vec::new();
         match (v.kind, p.kind) {
             (NodeKind::Client, NodeKind::Site) => {
                 if !self.pair_grants.contains_key(&(viewer.clone(), peer.clone())) {
@@ -372,6 +373,11 @@ impl Registry {
                 if !self.pair_grants.contains_key(&(peer.clone(), viewer.clone())) {
                     return None;
                 }
+                for r in self.client_grants.get(peer).into_iter().flatten() {
+                    if self.resources.get(r).is_some_and(|res| &res.site == viewer) {
+                        resources.push(r.clone());
+                    }
+                }
             }
             _ => return None,
         }
@@ -384,6 +390,7 @@ impl Registry {
             allowed_ips: allowed,
             candidates: p.candidates.clone(),
             online: p.online,
+            resources,
         })
     }
 
@@ -479,6 +486,7 @@ mod tests {
         let p = r.peer_entry(&cid, &sid).unwrap();
         assert_eq!(p.allowed_ips, vec!["100.96.0.1/32", "100.96.0.11/32", "100.96.0.10/32"]);
         assert_eq!(r.peer_entry(&sid, &cid).unwrap().allowed_ips, vec!["100.96.0.2/32"]);
+        assert_eq!(r.peer_entry(&sid, &cid).unwrap().resources, vec!["loki", "prom"], "the site learns what to enforce");
         assert!(r.peer_entry(&sid, &c2id).is_none(), "ungranted client is no peer of the site");
         assert_eq!(r.resource_entry(&cid, "prom").unwrap().target, None, "clients never see targets");
         assert_eq!(r.resource_entry(&sid, "prom").unwrap().target.as_deref(), Some("x:1"));
