@@ -1,12 +1,15 @@
-//! `tunnel-agent`: the site agent. The data plane (WireGuard, forwarding to targets) is the next piece
-//! of work; this build checks its token and says plainly that it cannot forward yet.
+//! `tunnel-agent`: the site agent. One per site, no root, no NET_ADMIN, no TUN: it holds one UDP socket
+//! for WireGuard, terminates clients' flows in a userspace TCP/IP stack, and re-dials each resource's
+//! target on the site's own network.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use tunnel_core::map::NodeKind;
 
-/// The tunnel site agent: one per site, no root, no NET_ADMIN.
+/// The tunnel site agent.
 #[derive(Debug, Parser)]
 #[command(name = "tunnel-agent", version, about)]
 struct Args {
@@ -16,19 +19,46 @@ struct Args {
     /// File holding the join token.
     #[arg(long, env = "TUNNEL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Where the agent keeps its key and its last network map.
+    /// Where the agent keeps its key, session ticket and last network map.
     #[arg(long, env = "TUNNEL_STATE_DIR", default_value = "/var/lib/tunnel-agent")]
     state_dir: PathBuf,
+    /// /status, /metrics and /healthz listener.
+    #[arg(long, env = "TUNNEL_METRICS_LISTEN", default_value = "127.0.0.1:9181")]
+    metrics_listen: SocketAddr,
+    /// UDP port for WireGuard (0: any free port). Fix it when a router forwards a port to the agent.
+    #[arg(long, env = "TUNNEL_LISTEN_PORT", default_value_t = 0)]
+    listen_port: u16,
+    /// An IP:PORT where peers can reach this agent (a forwarded port, a Kubernetes hostPort).
+    #[arg(long, env = "TUNNEL_ADVERTISE_ENDPOINT", value_delimiter = ',')]
+    advertise_endpoint: Vec<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
-fn main() {
-    if let Err(e) = run(Args::parse()) {
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    if let Err(e) = run(args).await {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
 }
 
-fn run(args: Args) -> Result<()> {
+async fn run(args: Args) -> Result<()> {
     let text = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(f)) => {
@@ -39,10 +69,38 @@ fn run(args: Args) -> Result<()> {
         }
     };
     let token = tunnel_core::JoinToken::parse(&text).map_err(|e| anyhow!("invalid join token: {e}"))?;
-    Err(anyhow!(
-        "token for node {} at {} is valid, but this build of tunnel-agent has no data plane yet (state dir {})",
-        token.node_id,
-        token.server,
-        args.state_dir.display()
-    ))
+    let node = tunnel_node::node::start(tunnel_node::node::NodeConfig {
+        kind: NodeKind::Site,
+        token,
+        state_dir: args.state_dir,
+        listen_port: args.listen_port,
+        advertise: args.advertise_endpoint,
+        metrics_listen: Some(args.metrics_listen),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+    .await?;
+    eprintln!(
+        "tunnel-agent running: WireGuard on udp {}, status on http://{}/status",
+        node.dataplane.local_addr,
+        node.status_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    drop(node);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tunnel_proto::v1 as pb;
 
@@ -90,6 +90,48 @@ pub enum Cmd {
         #[arg(long)]
         resource: String,
     },
+    /// Run the machine client: bring up the tunnel to the resources this client was granted.
+    Up(UpArgs),
+    /// Show the local client's tunnels (from the `up` daemon found through its state dir).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The state dir `tunnelctl up` uses.
+        #[arg(long, env = "TUNNEL_STATE_DIR", default_value = DEFAULT_CLIENT_STATE)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Default state dir of the machine client.
+pub const DEFAULT_CLIENT_STATE: &str = "/var/lib/tunnel-client";
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The client's join token (prefer --token-file or TUNNEL_TOKEN: flags show in the process list).
+    #[arg(long, env = "TUNNEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, env = "TUNNEL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Where the client keeps its key, session ticket and last network map.
+    #[arg(long, env = "TUNNEL_STATE_DIR", default_value = DEFAULT_CLIENT_STATE)]
+    pub state_dir: PathBuf,
+    /// /status, /metrics and /healthz listener.
+    #[arg(long, env = "TUNNEL_METRICS_LISTEN", default_value = "127.0.0.1:9182")]
+    pub metrics_listen: std::net::SocketAddr,
+    /// No root: a userspace stack behind local SOCKS5 and DNS listeners instead of a TUN device.
+    #[arg(long, env = "TUNNEL_USERSPACE")]
+    pub userspace: bool,
+    /// SOCKS5 listener (userspace mode).
+    #[arg(long, env = "TUNNEL_SOCKS5", default_value = "127.0.0.1:1080")]
+    pub socks5: std::net::SocketAddr,
+    /// DNS listener (userspace mode).
+    #[arg(long, env = "TUNNEL_DNS_LISTEN", default_value = "127.0.0.1:5353")]
+    pub dns_listen: std::net::SocketAddr,
+    /// WireGuard UDP port (0: any).
+    #[arg(long, env = "TUNNEL_LISTEN_PORT", default_value_t = 0)]
+    pub listen_port: u16,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +225,11 @@ fn kind_of(is_site: bool) -> i32 {
 
 /// Runs a parsed command.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
+    match cli.cmd {
+        Cmd::Up(a) => return up(a, out).await,
+        Cmd::Status { json, state_dir } => return status(&state_dir, json, out).await,
+        _ => {}
+    }
     let token = admin::resolve_token(cli.admin_token.as_deref(), cli.admin_token_file.as_deref())?;
     let mut c = admin::connect(&token).await?;
     match cli.cmd {
@@ -266,7 +313,90 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Up(_) | Cmd::Status { .. } => Ok(()),
     }
+}
+
+/// Reads a join token from the flag or the file.
+pub fn join_token(token: Option<&str>, file: Option<&std::path::Path>) -> Result<tunnel_core::JoinToken> {
+    let text = match (token, file) {
+        (Some(t), _) => t.to_owned(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read token file {}", f.display()))?
+        }
+        (None, None) => anyhow::bail!("no token: pass --token-file FILE (or --token, or set TUNNEL_TOKEN)"),
+    };
+    tunnel_core::JoinToken::parse(&text).map_err(|e| anyhow!("invalid join token: {e}"))
+}
+
+async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+    let token = join_token(a.token.as_deref(), a.token_file.as_deref())?;
+    let client = crate::up::start(crate::up::UpConfig {
+        token,
+        state_dir: a.state_dir,
+        metrics_listen: a.metrics_listen,
+        userspace: a.userspace,
+        socks5: a.socks5,
+        dns_listen: a.dns_listen,
+        listen_port: a.listen_port,
+    })
+    .await?;
+    writeln!(
+        out,
+        "tunnel up (userspace): SOCKS5 on {}, DNS on {}, status on http://{}/status",
+        client.socks5,
+        client.dns,
+        client.node.status_addr.map(|a| a.to_string()).unwrap_or_default()
+    )?;
+    out.flush()?;
+    shutdown_signal().await;
+    drop(client);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Write + Send)) -> Result<()> {
+    let v = crate::up::status(state_dir).await?;
+    if json_out {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "node {} ({}) {}  control: {}  map version {}",
+        v["node"].as_str().unwrap_or("?"),
+        v["kind"].as_str().unwrap_or("?"),
+        v["overlay_addr"].as_str().unwrap_or("-"),
+        v["control"]["state"].as_str().unwrap_or("?"),
+        v["map_version"]
+    )?;
+    let mut t = crate::table::Table::new(&["PEER", "PATH", "ENDPOINT", "HANDSHAKE", "RTT", "TX", "RX"]);
+    for p in v["peers"].as_array().into_iter().flatten() {
+        t.row(vec![
+            p["name"].as_str().unwrap_or("?").to_owned(),
+            p["path"].as_str().unwrap_or("?").to_owned(),
+            p["endpoint"].as_str().unwrap_or("").to_owned(),
+            p["last_handshake_secs_ago"].as_u64().map(|s| format!("{s}s ago")).unwrap_or_default(),
+            p["rtt_ms"].as_u64().map(|s| format!("{s}ms")).unwrap_or_default(),
+            p["tx_bytes"].to_string(),
+            p["rx_bytes"].to_string(),
+        ]);
+    }
+    t.write(out)
 }
 
 async fn node_op<S>(

@@ -6,3 +6,4 @@
 pub mod admin;
 pub mod cli;
 pub mod table;
+pub mod up;

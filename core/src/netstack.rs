@@ -154,6 +154,8 @@ impl NetStack {
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
         );
         s.set_nagle_enabled(false);
+        // Without congestion control a full window is sent at once and overruns the receiving socket.
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         s

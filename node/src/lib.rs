@@ -3,6 +3,9 @@
 
 pub mod control;
 pub mod convert;
+pub mod dataplane;
+pub mod http;
+pub mod node;
 pub mod state;
 pub mod tls;
 

@@ -78,3 +78,33 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     }
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
+
+impl StateDir {
+    /// The node's WireGuard private key, made on first use and kept 0600. It never leaves this disk.
+    pub fn private_key(&self) -> Result<[u8; 32]> {
+        use base64::Engine as _;
+        let path = self.dir.join("private.key");
+        if let Ok(text) = fs::read_to_string(&path) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .with_context(|| format!("{} is damaged", path.display()))?;
+            return bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{} is damaged (expected 32 bytes)", path.display()));
+        }
+        let mut key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+        write_private(&path, base64::engine::general_purpose::STANDARD.encode(key).as_bytes())?;
+        Ok(key)
+    }
+
+    /// Records where this node's status listener is, for `tunnelctl status`.
+    pub fn save_status_addr(&self, addr: std::net::SocketAddr) -> Result<()> {
+        write_private(&self.dir.join("status.addr"), addr.to_string().as_bytes())
+    }
+
+    /// Where this node's status listener is.
+    pub fn status_addr(&self) -> Option<std::net::SocketAddr> {
+        fs::read_to_string(self.dir.join("status.addr")).ok()?.trim().parse().ok()
+    }
+}

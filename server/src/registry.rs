@@ -486,7 +486,11 @@ mod tests {
         let p = r.peer_entry(&cid, &sid).unwrap();
         assert_eq!(p.allowed_ips, vec!["100.96.0.1/32", "100.96.0.11/32", "100.96.0.10/32"]);
         assert_eq!(r.peer_entry(&sid, &cid).unwrap().allowed_ips, vec!["100.96.0.2/32"]);
-        assert_eq!(r.peer_entry(&sid, &cid).unwrap().resources, vec!["loki", "prom"], "the site learns what to enforce");
+        assert_eq!(
+            r.peer_entry(&sid, &cid).unwrap().resources,
+            vec!["loki", "prom"],
+            "the site learns what to enforce"
+        );
         assert!(r.peer_entry(&sid, &c2id).is_none(), "ungranted client is no peer of the site");
         assert_eq!(r.resource_entry(&cid, "prom").unwrap().target, None, "clients never see targets");
         assert_eq!(r.resource_entry(&sid, "prom").unwrap().target.as_deref(), Some("x:1"));

@@ -1,0 +1,827 @@
+//! The data-plane event loop shared by the site agent and the userspace client.
+//!
+//! One task owns the UDP socket, the WireGuard [`Device`] and the userspace [`NetStack`]. It waits on
+//! the socket, on commands (new outbound flows, status requests), on the network map, on flow data from
+//! application tasks and on timers; after each wake-up it pumps everything until nothing moves, with a
+//! budget on datagrams per wake-up so one busy source cannot starve the rest.
+//!
+//! Application sides (a target connection on a site, a SOCKS client on a client) run in their own
+//! tasks and talk to the loop through bounded channels: when a channel is full the loop stops reading
+//! that socket's receive buffer, the TCP window closes, and the sender slows down. Nothing grows
+//! without bound.
+//!
+//! On a site the loop enforces grants itself: a packet must come from a peer whose inner source is
+//! its own overlay address (checked by the device) and go to a resource that peer was granted;
+//! anything else is dropped and counted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::State as TcpState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tunnel_core::map::{NetworkMap, NodeKind};
+use tunnel_core::netstack::NetStack;
+use tunnel_core::packet::{self, Proto};
+use tunnel_core::wg::{Device, PeerConfig};
+
+/// Datagrams handled per wake-up before the loop services its other inputs.
+const DATAGRAM_BUDGET: usize = 256;
+/// Chunks queued per flow direction between the loop and the application side.
+const FLOW_CHANNEL: usize = 16;
+/// Chunk size when draining a socket's receive buffer.
+const CHUNK: usize = 16 * 1024;
+/// UDP flows on a site end after this long without traffic.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+/// How long a site waits for a target to accept.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalive a client asks for, to hold NAT mappings and notice dead paths.
+const KEEPALIVE_SECS: u16 = 25;
+
+/// The application ends of one TCP flow through the tunnel.
+#[derive(Debug)]
+pub struct FlowEnds {
+    /// Bytes to send into the tunnel. Drop it to close the sending side (FIN).
+    pub tx: mpsc::Sender<Bytes>,
+    /// Bytes from the tunnel; `None` when the remote side closed.
+    pub rx: mpsc::Receiver<Bytes>,
+    /// Ping this after consuming from `rx` or sending on `tx`, so the loop moves more data.
+    pub wake: Arc<Notify>,
+}
+
+/// A request to the loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Open a TCP flow to an overlay address (client).
+    Connect { remote: SocketAddrV4, reply: oneshot::Sender<Result<FlowEnds, String>> },
+    /// Send one UDP datagram from `local_port` to `remote` (client); replies arrive on `replies`.
+    UdpSend {
+        local_port: u16,
+        remote: SocketAddrV4,
+        payload: Vec<u8>,
+        replies: mpsc::Sender<(SocketAddrV4, Vec<u8>)>,
+    },
+    /// A snapshot for `/status`.
+    Status { reply: oneshot::Sender<serde_json::Value> },
+}
+
+/// Handle to a running data plane.
+#[derive(Debug, Clone)]
+pub struct Dataplane {
+    /// Commands to the loop.
+    pub commands: mpsc::Sender<Command>,
+    /// The UDP socket's local address.
+    pub local_addr: SocketAddr,
+}
+
+impl Dataplane {
+    /// Opens a TCP flow to `remote` through the tunnel.
+    pub async fn connect(&self, remote: SocketAddrV4) -> Result<FlowEnds, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Connect { remote, reply })
+            .await
+            .map_err(|_| "data plane stopped".to_string())?;
+        match tokio::time::timeout(Duration::from_secs(15), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("data plane stopped".into()),
+            Err(_) => Err(format!("connection to {remote} timed out (no answer through the tunnel)")),
+        }
+    }
+
+    /// The status document.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Status { reply }).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+struct Flow {
+    to_app: Option<mpsc::Sender<Bytes>>,
+    from_app: mpsc::Receiver<Bytes>,
+    pending: Option<Bytes>,
+    app_done: bool,
+    connect_reply: Option<(oneshot::Sender<Result<FlowEnds, String>>, FlowEnds)>,
+    peer: Option<[u8; 32]>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Tuple {
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+}
+
+struct UdpFlow {
+    /// `None` while the target is being resolved; datagrams wait in `queued` meanwhile.
+    sock: Option<Arc<UdpSocket>>,
+    queued: Vec<Vec<u8>>,
+    last: Instant,
+}
+
+enum UdpEvent {
+    Ready(Tuple, Arc<UdpSocket>),
+    Data(Tuple, Vec<u8>),
+}
+
+/// A resource as the site serves it.
+#[derive(Clone, Debug)]
+struct ServedResource {
+    target: String,
+    port: u16,
+}
+
+#[derive(Default, Debug, Clone, Copy, serde::Serialize)]
+struct Counters {
+    not_granted: u64,
+    wrong_port: u64,
+    unparsable: u64,
+    dial_failures: u64,
+    flows_opened: u64,
+}
+
+struct Loop {
+    kind: NodeKind,
+    udp: Arc<UdpSocket>,
+    device: Device,
+    stack: Option<NetStack>,
+    own_addr: Option<Ipv4Addr>,
+    map: Option<Arc<NetworkMap>>,
+    /// Site: peer key -> resource addresses it may reach.
+    grants: HashMap<[u8; 32], Vec<Ipv4Addr>>,
+    /// Site: resource address -> what to dial.
+    served: HashMap<Ipv4Addr, ServedResource>,
+    peer_names: BTreeMap<[u8; 32], (String, String)>,
+    flows: HashMap<SocketHandle, Flow>,
+    pending_syn: HashMap<Tuple, ([u8; 32], Vec<u8>)>,
+    dial_tx: mpsc::Sender<(Tuple, Result<TcpStream, String>)>,
+    udp_flows: HashMap<Tuple, UdpFlow>,
+    udp_reply_tx: mpsc::Sender<UdpEvent>,
+    client_udp: HashMap<u16, mpsc::Sender<(SocketAddrV4, Vec<u8>)>>,
+    wake: Arc<Notify>,
+    counters: Counters,
+    seed: u64,
+    started: Instant,
+}
+
+/// Starts the data plane on `listen` with this node's private key; it follows the maps published on
+/// `maps` until the returned task is aborted.
+pub async fn start(
+    kind: NodeKind,
+    private_key: [u8; 32],
+    listen: SocketAddr,
+    mut maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
+    let udp = Arc::new(
+        bind_udp(listen)
+            .map_err(|e| anyhow::anyhow!("cannot bind the WireGuard UDP socket on {listen}: {e}"))?,
+    );
+    let local_addr = udp.local_addr()?;
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+    let (dial_tx, mut dial_rx) = mpsc::channel(64);
+    let (udp_reply_tx, mut udp_reply_rx) = mpsc::channel(1024);
+    let seed: u64 = rand::random();
+    let mut lp = Loop {
+        kind,
+        udp: udp.clone(),
+        device: Device::new(private_key, seed as u32),
+        stack: None,
+        own_addr: None,
+        map: None,
+        grants: HashMap::new(),
+        served: HashMap::new(),
+        peer_names: BTreeMap::new(),
+        flows: HashMap::new(),
+        pending_syn: HashMap::new(),
+        dial_tx,
+        udp_flows: HashMap::new(),
+        udp_reply_tx,
+        client_udp: HashMap::new(),
+        wake: Arc::new(Notify::new()),
+        counters: Counters::default(),
+        seed,
+        started: Instant::now(),
+    };
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        if let Some(m) = maps.borrow_and_update().clone() {
+            lp.apply_map(m);
+        }
+        loop {
+            let now = Instant::now();
+            let deadline = lp.next_deadline(now);
+            let wake = lp.wake.clone();
+            tokio::select! {
+                r = udp.recv_from(&mut buf) => {
+                    if let Ok((n, from)) = r {
+                        lp.device.handle_datagram(normalize(from), &buf[..n]);
+                        for _ in 1..DATAGRAM_BUDGET {
+                            match udp.try_recv_from(&mut buf) {
+                                Ok((n, from)) => lp.device.handle_datagram(normalize(from), &buf[..n]),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                c = cmd_rx.recv() => match c {
+                    Some(c) => lp.command(c),
+                    None => break,
+                },
+                r = maps.changed() => {
+                    if r.is_err() { break; }
+                    if let Some(m) = maps.borrow_and_update().clone() { lp.apply_map(m); }
+                }
+                Some((tuple, result)) = dial_rx.recv() => lp.dialed(tuple, result),
+                Some(ev) = udp_reply_rx.recv() => lp.udp_event(ev),
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            lp.pump().await;
+        }
+    });
+    Ok((Dataplane { commands: cmd_tx, local_addr }, task))
+}
+
+/// Socket buffers for the WireGuard socket: bursts of a full TCP window must not overflow the
+/// kernel's default (about 200 KiB). As root the limit can be raised past `net.core.rmem_max`.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+fn bind_udp(listen: SocketAddr) -> std::io::Result<UdpSocket> {
+    let domain = if listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&listen.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+fn normalize(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+fn parse_net(s: &str) -> Option<ipnet::Ipv4Net> {
+    s.parse().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(|a| ipnet::Ipv4Net::from(a)))
+}
+
+impl Loop {
+    fn next_deadline(&mut self, now: Instant) -> Instant {
+        let mut d = now + Duration::from_secs(1);
+        if let Some((t, _why)) = self.device.poll_timeout() {
+            d = d.min(t);
+        }
+        if let Some(s) = self.stack.as_mut() {
+            if let Some(delay) = s.poll_delay(now) {
+                d = d.min(now + delay);
+            }
+        }
+        d
+    }
+
+    fn apply_map(&mut self, map: Arc<NetworkMap>) {
+        let now = Instant::now();
+        let own: Option<Ipv4Addr> = map.overlay_addr.parse().ok();
+        if self.stack.is_none() || own != self.own_addr {
+            if let Some(addr) = own {
+                let prefix = map.overlay_cidr.parse::<ipnet::Ipv4Net>().map(|n| n.prefix_len()).unwrap_or(16);
+                self.stack =
+                    Some(NetStack::new(addr, prefix, map.mtu, self.kind == NodeKind::Site, self.seed, now));
+                self.flows.clear();
+                self.own_addr = own;
+            }
+        }
+        let mut peers = Vec::new();
+        self.grants.clear();
+        self.peer_names.clear();
+        let addr_of: HashMap<&str, Ipv4Addr> = map
+            .resources
+            .values()
+            .filter_map(|r| Some((r.name.as_str(), r.overlay_addr.parse().ok()?)))
+            .collect();
+        for p in map.peers.values() {
+            let Some(key) = p.public_key else { continue };
+            let allowed: Vec<_> = p.allowed_ips.iter().filter_map(|s| parse_net(s)).collect();
+            // Prefer what the operator advertised, then LAN addresses, then reflexive ones.
+            let endpoint = ["advertised", "lan", "reflexive"]
+                .iter()
+                .find_map(|k| p.candidates.iter().find(|c| c.kind == *k).and_then(|c| c.addr.parse().ok()));
+            let keepalive = (self.kind == NodeKind::Client).then_some(KEEPALIVE_SECS);
+            peers.push(PeerConfig { key, allowed, endpoint, keepalive });
+            if self.kind == NodeKind::Site {
+                self.grants.insert(
+                    key,
+                    p.resources.iter().filter_map(|r| addr_of.get(r.as_str()).copied()).collect(),
+                );
+            }
+            self.peer_names.insert(key, (p.name.clone(), p.node_id.to_string()));
+        }
+        self.served.clear();
+        if self.kind == NodeKind::Site {
+            for r in map.resources.values() {
+                if let (Ok(addr), Some(target)) = (r.overlay_addr.parse(), r.target.clone()) {
+                    self.served.insert(addr, ServedResource { target, port: r.port });
+                }
+            }
+        }
+        self.device.set_peers(peers, now);
+        // Flows of peers that lost their grant end now (revocation takes effect at once).
+        if self.kind == NodeKind::Site {
+            let grants = &self.grants;
+            let stack = self.stack.as_mut();
+            if let Some(stack) = stack {
+                self.flows.retain(|h, f| {
+                    let keep = match f.peer {
+                        Some(k) => {
+                            let local = stack.socket(*h).local_endpoint();
+                            match local.map(|e| e.addr) {
+                                Some(smoltcp::wire::IpAddress::Ipv4(a)) => {
+                                    grants.get(&k).is_some_and(|g| g.contains(&a))
+                                }
+                                _ => true,
+                            }
+                        }
+                        None => true,
+                    };
+                    if !keep {
+                        stack.socket(*h).abort();
+                    }
+                    keep
+                });
+            }
+            self.udp_flows.retain(|t, _| self.grants.values().any(|g| g.contains(t.dst.ip())));
+        }
+        tracing::info!(
+            version = map.version,
+            peers = map.peers.len(),
+            resources = map.resources.len(),
+            "network map applied"
+        );
+        self.map = Some(map);
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Connect { remote, reply } => {
+                let (Some(stack), Some(own)) = (self.stack.as_mut(), self.own_addr) else {
+                    let _ = reply.send(Err("no network map yet".into()));
+                    return;
+                };
+                let Some(h) = stack.connect(own, remote) else {
+                    let _ = reply.send(Err(format!("cannot open a connection to {remote}")));
+                    return;
+                };
+                let (to_app_tx, to_app_rx) = mpsc::channel(FLOW_CHANNEL);
+                let (from_app_tx, from_app_rx) = mpsc::channel(FLOW_CHANNEL);
+                let ends = FlowEnds { tx: from_app_tx, rx: to_app_rx, wake: self.wake.clone() };
+                self.flows.insert(
+                    h,
+                    Flow {
+                        to_app: Some(to_app_tx),
+                        from_app: from_app_rx,
+                        pending: None,
+                        app_done: false,
+                        connect_reply: Some((reply, ends)),
+                        peer: None,
+                    },
+                );
+            }
+            Command::UdpSend { local_port, remote, payload, replies } => {
+                let Some(own) = self.own_addr else { return };
+                self.client_udp.insert(local_port, replies);
+                let p = packet::udp_packet(SocketAddrV4::new(own, local_port), remote, &payload);
+                self.device.handle_outbound(&p);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mut peers = Vec::new();
+        for (key, (name, id)) in &self.peer_names {
+            let st = self.device.peer_stats(key);
+            let hs = st.as_ref().and_then(|s| s.last_handshake_secs);
+            // A session is up while its last handshake is younger than WireGuard's reject-after time.
+            let path = match hs {
+                Some(secs) if secs < 180 => "direct",
+                _ => "down",
+            };
+            peers.push(serde_json::json!({
+                "name": name,
+                "node_id": id,
+                "path": path,
+                "endpoint": st.as_ref().and_then(|s| s.endpoint).map(|e| e.to_string()),
+                "last_handshake_secs_ago": hs,
+                "tx_bytes": st.as_ref().map(|s| s.tx_bytes).unwrap_or(0),
+                "rx_bytes": st.as_ref().map(|s| s.rx_bytes).unwrap_or(0),
+                "rtt_ms": st.as_ref().and_then(|s| s.rtt_ms),
+            }));
+        }
+        serde_json::json!({
+            "node": self.map.as_ref().map(|m| m.node_name.clone()),
+            "kind": self.kind.as_str(),
+            "overlay_addr": self.own_addr.map(|a| a.to_string()),
+            "map_version": self.map.as_ref().map(|m| m.version),
+            "listen": self.udp.local_addr().ok().map(|a| a.to_string()),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "peers": peers,
+            "flows": self.flows.len(),
+            "udp_flows": self.udp_flows.len(),
+            "drops": self.device.drops,
+            "counters": self.counters,
+        })
+    }
+
+    fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>) {
+        if self.kind == NodeKind::Client {
+            if let Some(Proto::Udp { dst_port, src_port }) = packet::summarize(&pkt).map(|s| s.proto) {
+                if let Some(tx) = self.client_udp.get(&dst_port) {
+                    if let (Some(s), Some(payload)) = (packet::summarize(&pkt), packet::udp_payload(&pkt)) {
+                        let _ = tx.try_send((SocketAddrV4::new(s.src, src_port), payload.to_vec()));
+                    }
+                    return;
+                }
+            }
+            if let Some(stack) = self.stack.as_mut() {
+                stack.push_inbound(pkt);
+            }
+            return;
+        }
+        let Some(s) = packet::summarize(&pkt) else {
+            self.counters.unparsable += 1;
+            return;
+        };
+        if !self.grants.get(&peer).is_some_and(|g| g.contains(&s.dst)) {
+            self.counters.not_granted += 1;
+            tracing::debug!(dst = %s.dst, "dropping a packet for a resource the peer was not granted");
+            return;
+        }
+        let Some(res) = self.served.get(&s.dst).cloned() else {
+            self.counters.not_granted += 1;
+            return;
+        };
+        match s.proto {
+            Proto::Tcp { src_port, dst_port, syn_only } => {
+                if dst_port != res.port {
+                    self.counters.wrong_port += 1;
+                    if let Some(rst) = packet::rst_for_syn(&pkt) {
+                        self.device.send_to_peer(&peer, &rst);
+                    }
+                    return;
+                }
+                let tuple = Tuple {
+                    src: SocketAddrV4::new(s.src, src_port),
+                    dst: SocketAddrV4::new(s.dst, dst_port),
+                };
+                if syn_only && !self.has_socket(tuple) {
+                    if self.pending_syn.contains_key(&tuple) {
+                        return;
+                    }
+                    self.pending_syn.insert(tuple, (peer, pkt));
+                    let tx = self.dial_tx.clone();
+                    let target = res.target.clone();
+                    tokio::spawn(async move {
+                        let r = dial(&target).await;
+                        let _ = tx.send((tuple, r)).await;
+                    });
+                    return;
+                }
+                if let Some(stack) = self.stack.as_mut() {
+                    stack.push_inbound(pkt);
+                }
+            }
+            Proto::Udp { src_port, dst_port } => {
+                if dst_port != res.port {
+                    self.counters.wrong_port += 1;
+                    return;
+                }
+                let tuple = Tuple {
+                    src: SocketAddrV4::new(s.src, src_port),
+                    dst: SocketAddrV4::new(s.dst, dst_port),
+                };
+                let Some(payload) = packet::udp_payload(&pkt).map(<[u8]>::to_vec) else { return };
+                if let Some(f) = self.udp_flows.get_mut(&tuple) {
+                    f.last = Instant::now();
+                    match &f.sock {
+                        Some(sock) => {
+                            let _ = sock.try_send(&payload);
+                        }
+                        None if f.queued.len() < 16 => f.queued.push(payload),
+                        None => {}
+                    }
+                    return;
+                }
+                let events = self.udp_reply_tx.clone();
+                let target = res.target.clone();
+                tokio::spawn(async move {
+                    match udp_dial(&target).await {
+                        Ok(sock) => {
+                            let sock = Arc::new(sock);
+                            if events.send(UdpEvent::Ready(tuple, sock.clone())).await.is_ok() {
+                                udp_flow_reader(sock, tuple, events).await;
+                            }
+                        }
+                        Err(e) => tracing::debug!(%target, error = %e, "UDP target unreachable"),
+                    }
+                });
+                self.udp_flows
+                    .insert(tuple, UdpFlow { sock: None, queued: vec![payload], last: Instant::now() });
+            }
+            Proto::EchoRequest => {
+                if let Some(reply) = packet::echo_reply(&pkt) {
+                    self.device.send_to_peer(&peer, &reply);
+                }
+            }
+            Proto::Other(_) => self.counters.unparsable += 1,
+        }
+    }
+
+    fn has_socket(&mut self, t: Tuple) -> bool {
+        let Some(stack) = self.stack.as_mut() else { return false };
+        self.flows.keys().any(|h| {
+            let s = stack.socket(*h);
+            let remote = s.remote_endpoint();
+            let local = s.local_endpoint();
+            matches!((remote, local), (Some(r), Some(l))
+                if r.port == t.src.port() && l.port == t.dst.port()
+                    && r.addr == smoltcp::wire::IpAddress::Ipv4(*t.src.ip())
+                    && l.addr == smoltcp::wire::IpAddress::Ipv4(*t.dst.ip()))
+        })
+    }
+
+    fn dialed(&mut self, tuple: Tuple, result: Result<TcpStream, String>) {
+        let Some((peer, syn)) = self.pending_syn.remove(&tuple) else { return };
+        match result {
+            Ok(stream) => {
+                let Some(stack) = self.stack.as_mut() else { return };
+                let Some(h) = stack.listen(tuple.dst) else { return };
+                let (to_app_tx, to_app_rx) = mpsc::channel(FLOW_CHANNEL);
+                let (from_app_tx, from_app_rx) = mpsc::channel(FLOW_CHANNEL);
+                self.flows.insert(
+                    h,
+                    Flow {
+                        to_app: Some(to_app_tx),
+                        from_app: from_app_rx,
+                        pending: None,
+                        app_done: false,
+                        connect_reply: None,
+                        peer: Some(peer),
+                    },
+                );
+                stack.push_inbound(syn);
+                self.counters.flows_opened += 1;
+                let ends = FlowEnds { tx: from_app_tx, rx: to_app_rx, wake: self.wake.clone() };
+                tokio::spawn(bridge_stream(stream, ends));
+            }
+            Err(e) => {
+                self.counters.dial_failures += 1;
+                tracing::info!(target_flow = ?tuple, error = %e, "target refused; answering the client with a reset");
+                if let Some(rst) = packet::rst_for_syn(&syn) {
+                    self.device.send_to_peer(&peer, &rst);
+                }
+            }
+        }
+    }
+
+    fn udp_event(&mut self, ev: UdpEvent) {
+        match ev {
+            UdpEvent::Ready(tuple, sock) => {
+                if let Some(f) = self.udp_flows.get_mut(&tuple) {
+                    for d in f.queued.drain(..) {
+                        let _ = sock.try_send(&d);
+                    }
+                    f.sock = Some(sock);
+                }
+            }
+            UdpEvent::Data(tuple, payload) => {
+                let Some(f) = self.udp_flows.get_mut(&tuple) else { return };
+                f.last = Instant::now();
+                let Some(peer) = self.device.route(*tuple.src.ip()) else { return };
+                let p = packet::udp_packet(tuple.dst, tuple.src, &payload);
+                self.device.send_to_peer(&peer, &p);
+            }
+        }
+    }
+
+    /// Moves everything that can move: decrypted packets into the stack, socket data to and from the
+    /// application channels, stack output into the tunnel, datagrams onto the socket.
+    async fn pump(&mut self) {
+        let now = Instant::now();
+        self.device.handle_timeout(now);
+        for _ in 0..64 {
+            let mut moved = false;
+            while let Some(inb) = self.device.poll_inbound() {
+                moved = true;
+                self.inbound(inb.peer, inb.packet);
+            }
+            if let Some(stack) = self.stack.as_mut() {
+                stack.poll(now);
+                moved |= service_flows(stack, &mut self.flows);
+                stack.poll(now);
+                while let Some(p) = stack.pop_outbound() {
+                    moved = true;
+                    self.device.handle_outbound(&p);
+                }
+            }
+            while let Some(t) = self.device.poll_transmit() {
+                moved = true;
+                match self.udp.try_send_to(&t.payload, t.dst) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let _ = self.udp.send_to(&t.payload, t.dst).await;
+                    }
+                    Err(e) => tracing::debug!(dst = %t.dst, error = %e, "send failed"),
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        let idle_cutoff = now.checked_sub(UDP_IDLE).unwrap_or(now);
+        self.udp_flows.retain(|_, f| f.last >= idle_cutoff);
+    }
+}
+
+/// Moves data between sockets and application channels; drops finished flows. Returns whether
+/// anything moved.
+fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) -> bool {
+    let mut moved = false;
+    let mut done = Vec::new();
+    for (h, f) in flows.iter_mut() {
+        let s = stack.socket(*h);
+        if let Some((_, _)) = &f.connect_reply {
+            match s.state() {
+                TcpState::Established => {
+                    if let Some((reply, ends)) = f.connect_reply.take() {
+                        let _ = reply.send(Ok(ends));
+                    }
+                }
+                TcpState::Closed | TcpState::TimeWait => {
+                    if let Some((reply, _)) = f.connect_reply.take() {
+                        let _ = reply.send(Err("connection refused by the resource".into()));
+                    }
+                    done.push(*h);
+                    continue;
+                }
+                _ => continue,
+            }
+        }
+        // Tunnel -> application.
+        if let Some(tx) = &f.to_app {
+            while s.can_recv() {
+                let Ok(permit) = tx.try_reserve() else { break };
+                let mut chunk = Vec::new();
+                let _ = s.recv(|b| {
+                    let n = b.len().min(CHUNK);
+                    chunk.extend_from_slice(&b[..n]);
+                    (n, ())
+                });
+                if chunk.is_empty() {
+                    break;
+                }
+                permit.send(Bytes::from(chunk));
+                moved = true;
+            }
+            let opening = matches!(s.state(), TcpState::Listen | TcpState::SynSent | TcpState::SynReceived);
+            if !opening && !s.may_recv() && !s.can_recv() {
+                // The remote side sent FIN (or the socket died): end of stream for the application.
+                f.to_app = None;
+                moved = true;
+            }
+        }
+        // Application -> tunnel.
+        loop {
+            if f.pending.is_none() && !f.app_done {
+                match f.from_app.try_recv() {
+                    Ok(b) => f.pending = Some(b),
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        f.app_done = true;
+                        s.close();
+                        moved = true;
+                    }
+                }
+            }
+            let Some(p) = f.pending.as_mut() else { break };
+            if !s.can_send() {
+                break;
+            }
+            match s.send_slice(p) {
+                Ok(n) if n > 0 => {
+                    moved = true;
+                    if n == p.len() {
+                        f.pending = None;
+                    } else {
+                        let rest = p.slice(n..);
+                        *p = rest;
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if matches!(s.state(), TcpState::Closed | TcpState::TimeWait) && (f.to_app.is_none() || !s.is_open())
+        {
+            done.push(*h);
+        }
+    }
+    for h in done {
+        flows.remove(&h);
+        stack.remove(h);
+        moved = true;
+    }
+    moved
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    let mut addrs =
+        tokio::net::lookup_host(target).await.map_err(|e| format!("cannot resolve {target}: {e}"))?;
+    // Prefer IPv4; the site's own network decides the rest.
+    let all: Vec<SocketAddr> = addrs.by_ref().collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{target} has no address"))
+}
+
+async fn dial(target: &str) -> Result<TcpStream, String> {
+    let addr = resolve(target).await?;
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("{target} ({addr}): {e}")),
+        Err(_) => Err(format!("{target} ({addr}): timed out")),
+    }
+}
+
+async fn udp_dial(target: &str) -> Result<UdpSocket, String> {
+    let addr = resolve(target).await?;
+    let bind: SocketAddr =
+        if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap_or(addr) } else { "[::]:0".parse().unwrap_or(addr) };
+    let s = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+    s.connect(addr).await.map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+async fn udp_flow_reader(sock: Arc<UdpSocket>, tuple: Tuple, events: mpsc::Sender<UdpEvent>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match tokio::time::timeout(UDP_IDLE, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                if events.send(UdpEvent::Data(tuple, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Copies between a TCP stream and a flow's channels until both directions are done.
+pub async fn bridge_stream(stream: TcpStream, ends: FlowEnds) {
+    let FlowEnds { tx, mut rx, wake } = ends;
+    let (mut r, mut w) = stream.into_split();
+    let w1 = wake.clone();
+    let up = async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        break;
+                    }
+                    w1.notify_one();
+                }
+            }
+        }
+        drop(tx);
+        w1.notify_one();
+    };
+    let down = async move {
+        while let Some(b) = rx.recv().await {
+            wake.notify_one();
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+        wake.notify_one();
+    };
+    tokio::join!(up, down);
+}

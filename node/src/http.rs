@@ -1,0 +1,106 @@
+//! `/status` (JSON), `/metrics` (Prometheus text) and `/healthz` for agents and clients.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use crate::control::LinkState;
+use crate::dataplane::Dataplane;
+
+#[derive(Clone)]
+struct Ctx {
+    dp: Dataplane,
+    link: watch::Receiver<LinkState>,
+}
+
+/// Serves the status routes on `addr`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    dp: Dataplane,
+    link: watch::Receiver<LinkState>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(Ctx { dp, link });
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "status listener failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn document(ctx: &Ctx) -> serde_json::Value {
+    let mut v = ctx.dp.status().await.unwrap_or_else(|| serde_json::json!({}));
+    if let Some(o) = v.as_object_mut() {
+        o.insert("control".into(), serde_json::to_value(&*ctx.link.borrow()).unwrap_or_default());
+    }
+    v
+}
+
+async fn status(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+    Json(document(&ctx).await)
+}
+
+async fn healthz(State(ctx): State<Ctx>) -> (axum::http::StatusCode, &'static str) {
+    match ctx.dp.status().await {
+        Some(_) => (axum::http::StatusCode::OK, "ok\n"),
+        None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "data plane stopped\n"),
+    }
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> String {
+    let v = document(&ctx).await;
+    let mut out = String::new();
+    let n = |p: &serde_json::Value| p.as_u64().unwrap_or(0);
+    let _ = writeln!(out, "# HELP tunnel_node_control_connected Whether the control link is up.\n# TYPE tunnel_node_control_connected gauge");
+    let up = v["control"]["state"] == "connected";
+    let _ = writeln!(out, "tunnel_node_control_connected {}", u8::from(up));
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_map_version Network map version applied.\n# TYPE tunnel_node_map_version gauge"
+    );
+    let _ = writeln!(out, "tunnel_node_map_version {}", n(&v["map_version"]));
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_flows Open TCP flows.\n# TYPE tunnel_node_flows gauge\ntunnel_node_flows {}",
+        n(&v["flows"])
+    );
+    let _ = writeln!(out, "# HELP tunnel_node_dropped_packets_total Packets dropped, by reason.\n# TYPE tunnel_node_dropped_packets_total counter");
+    if let Some(d) = v["drops"].as_object() {
+        for (reason, count) in d {
+            let _ = writeln!(out, "tunnel_node_dropped_packets_total{{reason=\"{reason}\"}} {}", n(count));
+        }
+    }
+    for reason in ["not_granted", "wrong_port", "unparsable"] {
+        let _ = writeln!(
+            out,
+            "tunnel_node_dropped_packets_total{{reason=\"{reason}\"}} {}",
+            n(&v["counters"][reason])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_peer_up Whether the tunnel to a peer is up.\n# TYPE tunnel_node_peer_up gauge"
+    );
+    let _ = writeln!(out, "# HELP tunnel_node_peer_tx_bytes_total Bytes sent to a peer.\n# TYPE tunnel_node_peer_tx_bytes_total counter");
+    let _ = writeln!(out, "# HELP tunnel_node_peer_rx_bytes_total Bytes received from a peer.\n# TYPE tunnel_node_peer_rx_bytes_total counter");
+    for p in v["peers"].as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("?").replace(['"', '\\'], "_");
+        let _ = writeln!(out, "tunnel_node_peer_up{{peer=\"{name}\"}} {}", u8::from(p["path"] != "down"));
+        let _ = writeln!(out, "tunnel_node_peer_tx_bytes_total{{peer=\"{name}\"}} {}", n(&p["tx_bytes"]));
+        let _ = writeln!(out, "tunnel_node_peer_rx_bytes_total{{peer=\"{name}\"}} {}", n(&p["rx_bytes"]));
+    }
+    out
+}

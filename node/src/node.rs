@@ -1,0 +1,105 @@
+//! Starting a node: key and state from the state dir, the data plane, the control loop, the status
+//! listener. The site agent and `tunnelctl up` both start here.
+
+use std::net::{SocketAddr, UdpSocket as StdUdp};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+use tunnel_core::map::{Candidate, NetworkMap, NodeKind};
+use tunnel_core::JoinToken;
+
+use crate::control::{self, ControlConfig, LinkState};
+use crate::dataplane::{self, Dataplane};
+use crate::state::StateDir;
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub kind: NodeKind,
+    pub token: JoinToken,
+    pub state_dir: PathBuf,
+    /// WireGuard UDP port (0: any).
+    pub listen_port: u16,
+    /// Endpoints the operator says the node can be reached at.
+    pub advertise: Vec<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub version: String,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct RunningNode {
+    pub dataplane: Dataplane,
+    pub maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    pub link: watch::Receiver<LinkState>,
+    pub status_addr: Option<SocketAddr>,
+    pub state: StateDir,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The local address this host would use to reach `server` (no packet is sent: a UDP connect only
+/// picks a route).
+fn local_ip_towards(server: &str) -> Option<std::net::IpAddr> {
+    let s = StdUdp::bind("0.0.0.0:0").ok()?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(server).ok()?.find(SocketAddr::is_ipv4)?;
+    s.connect(addr).ok()?;
+    Some(s.local_addr().ok()?.ip())
+}
+
+/// Starts the node; it runs until the returned value is dropped.
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
+    let state = StateDir::open(&cfg.state_dir)?;
+    let key = state.private_key().context("cannot load the node's key")?;
+    let listen: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
+    let (map_tx, map_rx) = watch::channel(state.load_map().map(Arc::new));
+    let (dp, dp_task) = dataplane::start(cfg.kind, key, listen, map_rx).await?;
+    let port = dp.local_addr.port();
+    let mut candidates: Vec<Candidate> =
+        cfg.advertise.iter().map(|a| Candidate { addr: a.to_string(), kind: "advertised".into() }).collect();
+    if let Some(ip) = local_ip_towards(&cfg.token.server) {
+        candidates.push(Candidate { addr: SocketAddr::new(ip, port).to_string(), kind: "lan".into() });
+    }
+    let control_cfg = ControlConfig {
+        token: cfg.token.clone(),
+        public_key: tunnel_core::wg::public_key(key),
+        version: cfg.version.clone(),
+        candidates,
+    };
+    let (_cand_tx, cand_rx) = mpsc::channel(4);
+    let (mut maps, link, control_task) = control::run(control_cfg, Some(state.clone()), cand_rx);
+    // Forward maps from the control loop to the data plane (the data plane started from the cache).
+    let forward = tokio::spawn({
+        let mut maps = maps.clone();
+        async move {
+            while maps.changed().await.is_ok() {
+                let m = maps.borrow_and_update().clone();
+                if m.is_some() {
+                    let _ = map_tx.send(m);
+                }
+            }
+        }
+    });
+    maps.mark_unchanged();
+    let mut tasks = vec![dp_task, control_task, forward];
+    let status_addr = match cfg.metrics_listen {
+        Some(a) => {
+            let (bound, t) = crate::http::serve(a, dp.clone(), link.clone()).await?;
+            state.save_status_addr(bound)?;
+            tasks.push(t);
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(kind = cfg.kind.as_str(), udp = %dp.local_addr, status = ?status_addr, "node started");
+    Ok(RunningNode { dataplane: dp, maps, link, status_addr, state, tasks })
+}
