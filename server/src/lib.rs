@@ -111,8 +111,9 @@ impl RunningServer {
         self.shared.store.close().await;
     }
 
-    /// Stops abruptly, like a crash: connections drop without a word.
+    /// Stops abruptly, like a crash: every control stream breaks, the port closes, nothing is flushed.
     pub fn kill(mut self) {
+        self.shared.model().hub.close_all();
         if let Some(serve) = self.serve.take() {
             serve.abort();
         }

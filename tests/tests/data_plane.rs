@@ -1,0 +1,419 @@
+//! The data plane on loopback, no root: a real server, a site agent and a userspace client (each with
+//! its own UDP socket, boringtun sessions and smoltcp stack), real TCP/UDP services as resources, and
+//! real SOCKS5 and DNS clients in front.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tunnel_core::map::NodeKind;
+use tunnel_core::wg::{Device, PeerConfig};
+use tunnel_core::JoinToken;
+use tunnel_node::node::{NodeConfig, RunningNode};
+use tunnel_tests::{TestServer, PATIENCE};
+use tunnelctl::up::{Client, UpConfig};
+
+/// A TCP service that sends `blob` to every connection and closes.
+async fn blob_service(blob: Vec<u8>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let b = blob.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&b).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn udp_echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        loop {
+            let (n, from) = s.recv_from(&mut buf).await.unwrap();
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+struct Net {
+    server: TestServer,
+    agent: RunningNode,
+    client: Client,
+    _dirs: Vec<tempfile::TempDir>,
+    blob: Vec<u8>,
+}
+
+async fn agent(token: &str) -> (RunningNode, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tunnel_node::node::start(NodeConfig {
+        kind: NodeKind::Site,
+        token: JoinToken::parse(token).unwrap(),
+        state_dir: dir.path().to_owned(),
+        listen_port: 0,
+        advertise: vec![],
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        version: "test".into(),
+    })
+    .await
+    .unwrap();
+    (node, dir)
+}
+
+async fn client(token: &str, dir: &std::path::Path) -> Client {
+    tunnelctl::up::start(UpConfig {
+        token: JoinToken::parse(token).unwrap(),
+        state_dir: dir.to_owned(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        userspace: true,
+        socks5: "127.0.0.1:0".parse().unwrap(),
+        dns_listen: "127.0.0.1:0".parse().unwrap(),
+        listen_port: 0,
+    })
+    .await
+    .unwrap()
+}
+
+/// Server, site `home` with `web` (TCP blob, alias), `echo` (UDP) and `secret` (not granted), and
+/// client `laptop` granted `web` and `echo`.
+async fn net() -> Net {
+    let server = TestServer::start().await.unwrap();
+    let blob: Vec<u8> = (0..4_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let web = blob_service(blob.clone()).await;
+    let echo = udp_echo().await;
+    let secret = blob_service(b"top secret".to_vec()).await;
+    let site_token = server.ctl(&["site", "add", "home"]).await.unwrap().trim().to_owned();
+    let client_token = server.ctl(&["client", "add", "laptop"]).await.unwrap().trim().to_owned();
+    for (name, target, alias) in [
+        ("web", web.to_string(), Some("web.private.example.com")),
+        ("echo", echo.to_string(), None),
+        ("secret", secret.to_string(), None),
+    ] {
+        let mut args = vec!["add-resource", "--site", "home", "--name", name, "--target", &target];
+        if let Some(a) = alias {
+            args.extend(["--alias", a]);
+        }
+        server.ctl(&args).await.unwrap();
+    }
+    for r in ["web", "echo"] {
+        server.ctl(&["grant", "--client", "laptop", "--resource", r]).await.unwrap();
+    }
+    let (agent, adir) = agent(&site_token).await;
+    let cdir = tempfile::tempdir().unwrap();
+    let client = client(&client_token, cdir.path()).await;
+    let n = Net { server, agent, client, _dirs: vec![adir, cdir], blob };
+    wait_until("the client knows web", || async {
+        n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("web"))
+    })
+    .await;
+    n
+}
+
+async fn wait_until<F, Fut>(what: &str, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SOCKS5 CONNECT by name; `Err(reply code)` when the proxy refuses.
+async fn socks_connect(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r, [5, 0]);
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    if rep[1] == 0 {
+        Ok(s)
+    } else {
+        Err(rep[1])
+    }
+}
+
+async fn fetch(proxy: SocketAddr, host: &str, port: u16) -> Result<Vec<u8>, u8> {
+    let mut s = socks_connect(proxy, host, port).await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut got)).await.expect("transfer finished").unwrap();
+    Ok(got)
+}
+
+fn port_of(n: &Net, resource: &str) -> u16 {
+    n.client.node.maps.borrow().as_ref().unwrap().resources[resource].port
+}
+
+#[tokio::test]
+async fn megabytes_by_private_name_and_alias_byte_exact() {
+    let n = net().await;
+    let port = port_of(&n, "web");
+    for host in ["web.tunnel.internal", "web.private.example.com"] {
+        let got = fetch(n.client.socks5, host, port).await.unwrap();
+        assert_eq!(got.len(), n.blob.len(), "{host}");
+        assert!(got == n.blob, "{host}: bytes differ");
+    }
+    // The tunnel really carried it: both ends count the bytes.
+    let st = n.client.node.dataplane.status().await.unwrap();
+    assert_eq!(st["peers"][0]["path"], "direct");
+    assert!(st["peers"][0]["rx_bytes"].as_u64().unwrap() > 8_000_000, "{st}");
+}
+
+#[tokio::test]
+async fn udp_echo_through_socks5_udp_associate() {
+    let n = net().await;
+    let port = port_of(&n, "echo");
+    let mut ctl = TcpStream::connect(n.client.socks5).await.unwrap();
+    ctl.write_all(&[5, 1, 0]).await.unwrap();
+    let mut r = [0u8; 2];
+    ctl.read_exact(&mut r).await.unwrap();
+    ctl.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut rep = [0u8; 10];
+    ctl.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[1], 0);
+    let relay = SocketAddr::from(([rep[4], rep[5], rep[6], rep[7]], u16::from_be_bytes([rep[8], rep[9]])));
+    let u = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let name = "echo.tunnel.internal";
+    let mut d = vec![0, 0, 0, 3, name.len() as u8];
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&port.to_be_bytes());
+    d.extend_from_slice(b"marco");
+    let mut buf = [0u8; 2048];
+    // UDP may lose the first datagram while the site dials: retry a few times.
+    let mut answer = None;
+    for _ in 0..20 {
+        u.send_to(&d, relay).await.unwrap();
+        if let Ok(Ok((len, _))) =
+            tokio::time::timeout(Duration::from_millis(500), u.recv_from(&mut buf)).await
+        {
+            answer = Some(buf[..len].to_vec());
+            break;
+        }
+    }
+    let a = answer.expect("an echo came back");
+    assert_eq!(&a[..4], &[0, 0, 0, 1]);
+    assert_eq!(&a[10..], b"marco");
+}
+
+async fn dns(server: SocketAddr, name: &str, t: RecordType) -> Message {
+    let mut q = Message::new(77, MessageType::Query, OpCode::Query);
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_str(name).unwrap(), t));
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let (len, _) = tokio::time::timeout(PATIENCE, s.recv_from(&mut buf)).await.unwrap().unwrap();
+    Message::from_vec(&buf[..len]).unwrap()
+}
+
+#[tokio::test]
+async fn private_dns_answers_names_and_refuses_unknown_ones() {
+    let n = net().await;
+    let web_addr = n.client.node.maps.borrow().as_ref().unwrap().resources["web"].overlay_addr.clone();
+    for name in ["web.tunnel.internal.", "web.private.example.com."] {
+        let m = dns(n.client.dns, name, RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        match &m.answers[0].data {
+            RData::A(a) => assert_eq!(a.0.to_string(), web_addr),
+            other => panic!("{other:?}"),
+        }
+    }
+    let nx = dns(n.client.dns, "nothing.tunnel.internal.", RecordType::A).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    // Not granted: not even its name resolves for this client.
+    let secret = dns(n.client.dns, "secret.tunnel.internal.", RecordType::A).await;
+    assert_eq!(secret.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[tokio::test]
+async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
+    let n = net().await;
+    // Through the client: the name is not there.
+    assert!(fetch(n.client.socks5, "secret.tunnel.internal", 80).await.is_err());
+    // A raw peer holding the client's own key, sending straight at the agent.
+    let (secret_addr, web_addr, client_addr, site_key) = {
+        let m = n.agent.maps.borrow().clone().unwrap();
+        let cm = n.client.node.maps.borrow().clone().unwrap();
+        let site = cm.peers.values().next().unwrap();
+        (
+            m.resources["secret"].overlay_addr.clone(),
+            m.resources["web"].overlay_addr.clone(),
+            cm.overlay_addr.clone(),
+            site.public_key.unwrap(),
+        )
+    };
+    let key_text = std::fs::read_to_string(n.client.node.state.path().join("private.key")).unwrap();
+    let key: [u8; 32] = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(key_text.trim()).unwrap().try_into().unwrap()
+    };
+    let agent_udp = SocketAddr::from(([127, 0, 0, 1], n.agent.dataplane.local_addr.port()));
+    let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut dev = Device::new(key, 99);
+    dev.set_peers(
+        vec![PeerConfig {
+            key: site_key,
+            allowed: vec!["100.96.0.0/16".parse().unwrap()],
+            endpoint: Some(agent_udp),
+            keepalive: None,
+        }],
+        std::time::Instant::now(),
+    );
+    let before = n.agent.dataplane.status().await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let exchange = |dev: &mut Device, pkt: Option<Vec<u8>>| {
+        if let Some(p) = pkt {
+            dev.handle_outbound(&p);
+        }
+        let mut out = Vec::new();
+        while let Some(t) = dev.poll_transmit() {
+            out.push(t);
+        }
+        out
+    };
+    // Complete a handshake with a packet for the ungranted resource, then send a few more.
+    let probe = |src: &str, dst: &str| {
+        tunnel_core::packet::udp_packet(
+            format!("{src}:4000").parse().unwrap(),
+            format!("{dst}:9").parse().unwrap(),
+            b"x",
+        )
+    };
+    for pkt in [
+        probe(&client_addr, &secret_addr),
+        probe(&client_addr, &secret_addr),
+        probe("100.96.0.77", &web_addr),
+    ] {
+        for t in exchange(&mut dev, Some(pkt)) {
+            raw.send_to(&t.payload, t.dst).await.unwrap();
+        }
+        // Let the handshake answer come back and flush what boringtun queued.
+        if let Ok(Ok((len, from))) =
+            tokio::time::timeout(Duration::from_millis(500), raw.recv_from(&mut buf)).await
+        {
+            dev.handle_datagram(from, &buf[..len]);
+            for t in exchange(&mut dev, None) {
+                raw.send_to(&t.payload, t.dst).await.unwrap();
+            }
+        }
+    }
+    let after_ok = {
+        let n = &n;
+        let before = before.clone();
+        move || {
+            let before = before.clone();
+            async move {
+                let a = n.agent.dataplane.status().await.unwrap();
+                a["counters"]["not_granted"].as_u64() > before["counters"]["not_granted"].as_u64()
+                    && a["drops"]["bad_source"].as_u64() > before["drops"]["bad_source"].as_u64()
+            }
+        }
+    };
+    wait_until("the agent to drop and count both packets", after_ok).await;
+    // Nothing came back for them (no echo, no data).
+    assert!(tokio::time::timeout(Duration::from_millis(300), raw.recv_from(&mut buf)).await.is_err());
+}
+
+#[tokio::test]
+async fn revoke_stops_access_within_seconds() {
+    let n = net().await;
+    let port = port_of(&n, "web");
+    assert!(fetch(n.client.socks5, "web.tunnel.internal", port).await.is_ok());
+    n.server.ctl(&["revoke", "--client", "laptop", "--resource", "web"]).await.unwrap();
+    wait_until("access to stop", || async {
+        fetch(n.client.socks5, "web.tunnel.internal", port).await.is_err()
+    })
+    .await;
+    // And the site refuses it too, whatever the client does: its map says so.
+    wait_until("the site to drop the client", || async {
+        n.agent
+            .maps
+            .borrow()
+            .as_ref()
+            .is_some_and(|m| m.peers.values().all(|p| !p.resources.contains(&"web".to_string())))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
+    let mut n = net().await;
+    let port = port_of(&n, "web");
+    // Start a transfer, kill the server in the middle of it.
+    let mut s = socks_connect(n.client.socks5, "web.tunnel.internal", port).await.unwrap();
+    let mut first = vec![0u8; 1000];
+    s.read_exact(&mut first).await.unwrap();
+    n.server.server.take().unwrap().kill();
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    first.extend(rest);
+    assert!(first == n.blob, "the running transfer completed byte-exact");
+    wait_until("the client to notice the outage", || async {
+        !matches!(*n.client.node.link.borrow(), tunnel_node::LinkState::Connected)
+    })
+    .await;
+    // A new connection to a known resource still works, from the cached map.
+    assert_eq!(fetch(n.client.socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
+    // The server returns; a change made afterwards reaches the nodes.
+    n.server.restart().await.unwrap();
+    let echo = udp_echo().await;
+    n.server
+        .ctl(&["add-resource", "--site", "home", "--name", "later", "--target", &echo.to_string()])
+        .await
+        .unwrap();
+    n.server.ctl(&["grant", "--client", "laptop", "--resource", "later"]).await.unwrap();
+    wait_until("the new resource to reach the client", || async {
+        n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
+    })
+    .await;
+    wait_until("the new resource to reach the site", || async {
+        n.agent.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_target_gives_the_client_a_reset() {
+    let n = net().await;
+    // A resource whose target accepts nothing.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    n.server
+        .ctl(&["add-resource", "--site", "home", "--name", "dead", "--target", &closed.to_string()])
+        .await
+        .unwrap();
+    n.server.ctl(&["grant", "--client", "laptop", "--resource", "dead"]).await.unwrap();
+    wait_until("dead to be known", || async {
+        n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("dead"))
+    })
+    .await;
+    wait_until("dead to reach the site", || async {
+        n.agent
+            .maps
+            .borrow()
+            .as_ref()
+            .is_some_and(|m| m.peers.values().any(|p| p.resources.contains(&"dead".to_string())))
+    })
+    .await;
+    let r = socks_connect(n.client.socks5, "dead.tunnel.internal", closed.port()).await;
+    assert_eq!(r.err(), Some(5), "SOCKS5 'connection refused', not a connection that dies after accept");
+}
