@@ -1,23 +1,84 @@
-//! The quickstart demo: a real control server on loopback (TLS, gRPC, SQLite in a temp dir), a site
-//! and a client added with the real `tunnelctl` code, a resource published and granted, and both nodes
-//! joining and receiving their network maps. No root needed.
-//!
-//! The data plane (WireGuard tunnels, the agent's forwarding, private DNS answering) is not built yet;
-//! when it is, this demo fetches the resource through the tunnel by its private name.
+//! The quickstart demo, no root: a control server, a site agent and a userspace client on loopback,
+//! a small HTTP service on the "site", and a fetch of that service through the WireGuard tunnel by its
+//! private DNS name. Everything is the real thing (TLS, gRPC, SQLite, boringtun, smoltcp, SOCKS5, DNS);
+//! only the network is loopback.
 
 use std::time::Duration;
 
-use anyhow::Result;
-use tunnel_tests::{TestNode, TestServer};
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tunnel_core::map::NodeKind;
+use tunnel_core::JoinToken;
+use tunnel_tests::TestServer;
+
+/// A tiny HTTP service standing in for a management agent that publishes no port.
+async fn http_service() -> Result<std::net::SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let body = "hello from periphery, a service on the home site\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn dns_a(dns: std::net::SocketAddr, name: &str) -> Result<String> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use std::str::FromStr;
+    let mut q = Message::new(1, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(Name::from_str(name)?, RecordType::A));
+    let s = UdpSocket::bind("127.0.0.1:0").await?;
+    s.send_to(&q.to_vec()?, dns).await?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf)).await??;
+    let m = Message::from_vec(&buf[..n])?;
+    match m.answers.first().map(|r| &r.data) {
+        Some(RData::A(a)) => Ok(a.0.to_string()),
+        _ => bail!("no A record for {name}"),
+    }
+}
+
+async fn socks_get(proxy: std::net::SocketAddr, host: &str, port: u16) -> Result<String> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.write_all(&[5, 1, 0]).await?;
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).await?;
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await?;
+    if rep[1] != 0 {
+        bail!("the SOCKS5 proxy refused (code {})", rep[1]);
+    }
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    Ok(out)
+}
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let s = TestServer::start().await?;
-    println!("1. control server listening on {} (data in a temp dir)", s.addr());
+    println!("1. control server on {} (TLS, pinned key; SQLite in a temp dir)", s.addr());
+    let service = http_service().await?;
+    println!("2. an HTTP service on the site's network at {service}, publishing no port to the world");
     let site = s.ctl(&["site", "add", "home"]).await?.trim().to_owned();
-    println!("2. tunnelctl site add home        -> join token {}...", &site[..24]);
     let client = s.ctl(&["client", "add", "laptop"]).await?.trim().to_owned();
-    println!("3. tunnelctl client add laptop    -> join token {}...", &client[..24]);
+    println!("3. tunnelctl site add home / client add laptop -> two join tokens");
     let out = s
         .ctl(&[
             "add-resource",
@@ -26,42 +87,77 @@ async fn main() -> Result<()> {
             "--name",
             "periphery",
             "--target",
-            "127.0.0.1:8120",
+            &service.to_string(),
             "--alias",
             "periphery.private.example.com",
         ])
         .await?;
-    println!("4. tunnelctl add-resource ...     -> {}", out.trim());
-    let out = s.ctl(&["grant", "--client", "laptop", "--resource", "periphery"]).await?;
-    println!("5. tunnelctl grant ...            -> {}", out.trim());
+    println!("4. tunnelctl add-resource -> {}", out.trim());
+    s.ctl(&["grant", "--client", "laptop", "--resource", "periphery"]).await?;
+    println!("5. tunnelctl grant --client laptop --resource periphery");
 
-    let site_node = TestNode::join(&site, 1).await?;
-    let mut client_node = TestNode::join(&client, 2).await?;
-    let m = client_node.wait_for("its resource", |m| !m.resources.is_empty()).await?;
-    println!("6. the client joined over pinned TLS and received map version {}:", m.version);
-    println!("     its overlay address  {}", m.overlay_addr);
-    for r in m.resources.values() {
-        println!("     resource {:<12} {} answers as {}", r.name, r.overlay_addr, r.dns_names.join(", "));
-    }
-    for p in m.peers.values() {
-        println!(
-            "     peer {:<16} {} ({}), allowed {}",
-            p.name,
-            p.overlay_addr,
-            p.kind.as_str(),
-            p.allowed_ips.join(", ")
-        );
-    }
-    let sm = site_node.map();
+    let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let agent = tunnel_node::node::start(tunnel_node::node::NodeConfig {
+        kind: NodeKind::Site,
+        token: JoinToken::parse(&site)?,
+        state_dir: dirs.0.path().to_owned(),
+        listen_port: 0,
+        advertise: vec![],
+        metrics_listen: Some("127.0.0.1:0".parse()?),
+        version: "demo".into(),
+    })
+    .await?;
+    println!("6. site agent up: WireGuard on udp {}, no root, no TUN", agent.dataplane.local_addr);
+    let c = tunnelctl::up::start(tunnelctl::up::UpConfig {
+        token: JoinToken::parse(&client)?,
+        state_dir: dirs.1.path().to_owned(),
+        metrics_listen: "127.0.0.1:0".parse()?,
+        userspace: true,
+        socks5: "127.0.0.1:0".parse()?,
+        dns_listen: "127.0.0.1:0".parse()?,
+        listen_port: 0,
+    })
+    .await?;
+    println!("7. client up (userspace): SOCKS5 on {}, DNS on {}", c.socks5, c.dns);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let port = loop {
+        if let Some(p) =
+            c.node.maps.borrow().as_ref().and_then(|m| m.resources.get("periphery").map(|r| r.port))
+        {
+            break p;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the client never received its network map");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let addr = dns_a(c.dns, "periphery.tunnel.internal.").await?;
+    println!("8. DNS: periphery.tunnel.internal -> {addr} (private overlay address)");
+    let reply =
+        socks_get(c.socks5, "periphery.tunnel.internal", port).await.context("fetch through the tunnel")?;
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").trim();
     println!(
-        "7. the site sees {} peer(s) and re-dials {} for periphery",
-        sm.peers.len(),
-        sm.resources["periphery"].target.as_deref().unwrap_or("?")
+        "9. GET http://periphery.tunnel.internal:{port}/ through the tunnel -> {}",
+        reply.lines().next().unwrap_or("")
     );
-    s.ctl(&["revoke", "--client", "laptop", "--resource", "periphery"]).await?;
-    client_node.wait_for("revocation", |m| m.resources.is_empty()).await?;
-    println!("8. tunnelctl revoke ...           -> pushed; the client's map no longer holds periphery");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    println!("\nData plane (WireGuard tunnel, agent forwarding, private DNS) is not part of this build yet.");
+    println!("   body: {body}");
+    let st = c.node.dataplane.status().await.unwrap_or_default();
+    let p = &st["peers"][0];
+    println!(
+        "10. tunnel to site '{}': path {}, endpoint {}, {} bytes in, {} bytes out",
+        p["name"].as_str().unwrap_or("?"),
+        p["path"].as_str().unwrap_or("?"),
+        p["endpoint"].as_str().unwrap_or("?"),
+        p["rx_bytes"],
+        p["tx_bytes"]
+    );
+    if !body.starts_with("hello from periphery") {
+        bail!("unexpected answer: {reply}");
+    }
+    println!(
+        "\nOK: the client reached a service that publishes no port, by its private name, through WireGuard."
+    );
+    drop(c);
+    drop(agent);
     Ok(())
 }
