@@ -132,6 +132,12 @@ pub struct UpArgs {
     /// WireGuard UDP port (0: any).
     #[arg(long, env = "TUNNEL_LISTEN_PORT", default_value_t = 0)]
     pub listen_port: u16,
+    /// TUN mode: how to point the system resolver at the client's DNS server.
+    #[arg(long, env = "TUNNEL_DNS_MODE", value_enum, default_value_t = crate::up::resolv::DnsMode::Auto)]
+    pub dns_mode: crate::up::resolv::DnsMode,
+    /// TUN mode: the device name.
+    #[arg(long, env = "TUNNEL_TUN_NAME", default_value = "tunnel0")]
+    pub tun_name: String,
 }
 
 #[derive(Debug, Args)]
@@ -339,15 +345,25 @@ async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
         socks5: a.socks5,
         dns_listen: a.dns_listen,
         listen_port: a.listen_port,
+        dns_mode: a.dns_mode,
+        tun_name: a.tun_name.clone(),
+        resolv_conf: PathBuf::from("/etc/resolv.conf"),
     })
     .await?;
-    writeln!(
-        out,
-        "tunnel up (userspace): SOCKS5 on {}, DNS on {}, status on http://{}/status",
-        client.socks5,
-        client.dns,
-        client.node.status_addr.map(|a| a.to_string()).unwrap_or_default()
-    )?;
+    let status = client.node.status_addr.map(|a| a.to_string()).unwrap_or_default();
+    if a.userspace {
+        writeln!(
+            out,
+            "tunnel up (userspace): SOCKS5 on {}, DNS on {}, status on http://{status}/status",
+            client.socks5, client.dns
+        )?;
+    } else {
+        writeln!(
+            out,
+            "tunnel up on {}: DNS on {}, status on http://{status}/status",
+            a.tun_name, client.dns
+        )?;
+    }
     out.flush()?;
     shutdown_signal().await;
     drop(client);

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA};
+use hickory_proto::rr::rdata::{A, PTR, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::map::NetworkMap;
@@ -34,6 +34,10 @@ pub enum DnsAction {
 pub struct PrivateZone {
     zone: String,
     records: BTreeMap<String, Ipv4Addr>,
+    /// Overlay address -> its first name, for PTR answers.
+    reverse: BTreeMap<Ipv4Addr, String>,
+    /// The overlay, whose reverse zone is answered here (never leaked upstream).
+    overlay: Option<ipnet::Ipv4Net>,
 }
 
 fn canon(name: &str) -> String {
@@ -44,14 +48,18 @@ impl PrivateZone {
     /// The zone and records of a network map.
     pub fn from_map(map: &NetworkMap) -> Self {
         let mut records = BTreeMap::new();
+        let mut reverse = BTreeMap::new();
         for r in map.resources.values() {
             if let Ok(addr) = r.overlay_addr.parse() {
                 for n in &r.dns_names {
                     records.insert(canon(n), addr);
                 }
+                if let Some(first) = r.dns_names.first() {
+                    reverse.insert(addr, canon(first));
+                }
             }
         }
-        PrivateZone { zone: canon(&map.dns_zone), records }
+        PrivateZone { zone: canon(&map.dns_zone), records, reverse, overlay: map.overlay_cidr.parse().ok() }
     }
 
     /// The zone name.
@@ -103,6 +111,12 @@ impl PrivateZone {
         }
         let q = &msg.queries[0];
         let name = canon(&q.name().to_ascii());
+        if let Some(ip) = reverse_v4(&name) {
+            if self.overlay.is_some_and(|o| o.contains(&ip)) {
+                return self.answer_ptr(&msg, ip);
+            }
+            return DnsAction::Forward;
+        }
         let addr = self.records.get(&name).copied();
         if addr.is_none() && !self.in_zone(&name) {
             return DnsAction::Forward;
@@ -129,12 +143,47 @@ impl PrivateZone {
         reply(m)
     }
 
+    /// Reverse lookups inside the overlay: the resource's name, or NXDOMAIN. Never forwarded, so
+    /// overlay addresses do not leak to outside resolvers (and `ping` does not wait on them).
+    fn answer_ptr(&self, msg: &Message, ip: Ipv4Addr) -> DnsAction {
+        let q = &msg.queries[0];
+        let mut m = Message::response(msg.metadata.id, OpCode::Query);
+        m.metadata.authoritative = true;
+        m.metadata.recursion_desired = msg.metadata.recursion_desired;
+        m.metadata.recursion_available = true;
+        m.queries = msg.queries.clone();
+        match (self.reverse.get(&ip), q.query_type()) {
+            (Some(name), RecordType::PTR) => {
+                if let Ok(target) = Name::from_str(&format!("{name}.")) {
+                    m.answers.push(Record::from_rdata(q.name().clone(), TTL, RData::PTR(PTR(target))));
+                }
+            }
+            (Some(_), _) => m.authorities.push(self.soa()),
+            (None, _) => {
+                m.metadata.response_code = ResponseCode::NXDomain;
+                m.authorities.push(self.soa());
+            }
+        }
+        reply(m)
+    }
+
     fn soa(&self) -> Record {
         let zone = Name::from_str(&format!("{}.", self.zone)).unwrap_or_else(|_| Name::root());
         let mname = Name::from_str(&format!("ns.{}.", self.zone)).unwrap_or_else(|_| Name::root());
         let rname = Name::from_str(&format!("hostmaster.{}.", self.zone)).unwrap_or_else(|_| Name::root());
         Record::from_rdata(zone, TTL, RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86400, TTL)))
     }
+}
+
+/// The IPv4 address of a name like `3.0.96.100.in-addr.arpa`.
+fn reverse_v4(name: &str) -> Option<Ipv4Addr> {
+    let rest = name.strip_suffix(".in-addr.arpa")?;
+    let mut octets: Vec<u8> = rest.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    if octets.len() != 4 {
+        return None;
+    }
+    octets.reverse();
+    Some(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
 }
 
 fn reply(m: Message) -> DnsAction {
@@ -211,6 +260,15 @@ mod tests {
         assert_eq!(zone().answer(&query("example.org.", RecordType::A)), DnsAction::Forward);
         assert_eq!(zone().answer(&query("www.private.example.com.", RecordType::A)), DnsAction::Forward);
         assert_eq!(zone().routing_domains(), vec!["private.example.com", "tunnel.internal"]);
+        let ptr = ask("10.0.96.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(ptr.answers[0].data, RData::PTR(PTR(Name::from_str("prom.tunnel.internal.").unwrap())));
+        let unknown = ask("99.0.96.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(
+            unknown.metadata.response_code,
+            ResponseCode::NXDomain,
+            "overlay reverse lookups never leak"
+        );
+        assert_eq!(zone().answer(&query("1.2.0.192.in-addr.arpa.", RecordType::PTR)), DnsAction::Forward);
     }
 
     #[test]

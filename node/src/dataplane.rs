@@ -146,6 +146,8 @@ struct Counters {
 }
 
 struct Loop {
+    /// TUN mode: decrypted packets go here instead of into the userspace stack.
+    to_os: Option<mpsc::Sender<Vec<u8>>>,
     kind: NodeKind,
     udp: Arc<UdpSocket>,
     device: Device,
@@ -171,11 +173,32 @@ struct Loop {
 
 /// Starts the data plane on `listen` with this node's private key; it follows the maps published on
 /// `maps` until the returned task is aborted.
+/// Packets exchanged with the operating system (a TUN device) instead of the userspace stack.
+#[derive(Debug)]
+pub struct OsPackets {
+    /// Packets the system wants sent through the tunnel.
+    pub from_os: mpsc::Receiver<Vec<u8>>,
+    /// Packets from the tunnel for the system.
+    pub to_os: mpsc::Sender<Vec<u8>>,
+}
+
 pub async fn start(
     kind: NodeKind,
     private_key: [u8; 32],
     listen: SocketAddr,
+    maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
+    start_with(kind, private_key, listen, maps, None).await
+}
+
+/// Like [`start`], with inner packets going to and from the system (`os`) rather than the userspace
+/// stack.
+pub async fn start_with(
+    kind: NodeKind,
+    private_key: [u8; 32],
+    listen: SocketAddr,
     mut maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    os: Option<OsPackets>,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
     let udp = Arc::new(
         bind_udp(listen)
@@ -186,7 +209,12 @@ pub async fn start(
     let (dial_tx, mut dial_rx) = mpsc::channel(64);
     let (udp_reply_tx, mut udp_reply_rx) = mpsc::channel(1024);
     let seed: u64 = rand::random();
+    let (mut from_os, to_os) = match os {
+        Some(o) => (Some(o.from_os), Some(o.to_os)),
+        None => (None, None),
+    };
     let mut lp = Loop {
+        to_os,
         kind,
         udp: udp.clone(),
         device: Device::new(private_key, seed as u32),
@@ -235,6 +263,17 @@ pub async fn start(
                 r = maps.changed() => {
                     if r.is_err() { break; }
                     if let Some(m) = maps.borrow_and_update().clone() { lp.apply_map(m); }
+                }
+                Some(p) = async { match from_os.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                    lp.device.handle_outbound(&p);
+                    if let Some(r) = from_os.as_mut() {
+                        for _ in 1..DATAGRAM_BUDGET {
+                            match r.try_recv() {
+                                Ok(p) => lp.device.handle_outbound(&p),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                 }
                 Some((tuple, result)) = dial_rx.recv() => lp.dialed(tuple, result),
                 Some(ev) = udp_reply_rx.recv() => lp.udp_event(ev),
@@ -445,6 +484,11 @@ impl Loop {
     }
 
     fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>) {
+        if let Some(os) = &self.to_os {
+            // Full queue: drop, as a congested link would; TCP backs off.
+            let _ = os.try_send(pkt);
+            return;
+        }
         if self.kind == NodeKind::Client {
             if let Some(Proto::Udp { dst_port, src_port }) = packet::summarize(&pkt).map(|s| s.proto) {
                 if let Some(tx) = self.client_udp.get(&dst_port) {

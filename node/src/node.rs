@@ -28,6 +28,9 @@ pub struct NodeConfig {
     pub version: String,
 }
 
+/// TUN mode: the packet channels to the system, set up by the caller.
+pub type OsPackets = crate::dataplane::OsPackets;
+
 /// A running node.
 #[derive(Debug)]
 pub struct RunningNode {
@@ -58,11 +61,16 @@ fn local_ip_towards(server: &str) -> Option<std::net::IpAddr> {
 
 /// Starts the node; it runs until the returned value is dropped.
 pub async fn start(cfg: NodeConfig) -> Result<RunningNode> {
+    start_with(cfg, None).await
+}
+
+/// Starts the node, with inner packets exchanged with the system through `os` (TUN mode).
+pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<RunningNode> {
     let state = StateDir::open(&cfg.state_dir)?;
     let key = state.private_key().context("cannot load the node's key")?;
     let listen: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
     let (map_tx, map_rx) = watch::channel(state.load_map().map(Arc::new));
-    let (dp, dp_task) = dataplane::start(cfg.kind, key, listen, map_rx).await?;
+    let (dp, dp_task) = dataplane::start_with(cfg.kind, key, listen, map_rx, os).await?;
     let port = dp.local_addr.port();
     let mut candidates: Vec<Candidate> =
         cfg.advertise.iter().map(|a| Candidate { addr: a.to_string(), kind: "advertised".into() }).collect();

@@ -116,6 +116,9 @@ async fn main() -> Result<()> {
         socks5: "127.0.0.1:0".parse()?,
         dns_listen: "127.0.0.1:0".parse()?,
         listen_port: 0,
+        dns_mode: tunnelctl::up::resolv::DnsMode::Off,
+        tun_name: String::new(),
+        resolv_conf: "/etc/resolv.conf".into(),
     })
     .await?;
     println!("7. client up (userspace): SOCKS5 on {}, DNS on {}", c.socks5, c.dns);

@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests: a real server on loopback with a temporary data dir, the
 //! real `tunnelctl` command code, and real nodes speaking `Control.Connect`.
 
+pub mod lab;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -80,6 +80,9 @@ async fn client(token: &str, dir: &std::path::Path) -> Client {
         socks5: "127.0.0.1:0".parse().unwrap(),
         dns_listen: "127.0.0.1:0".parse().unwrap(),
         listen_port: 0,
+        dns_mode: tunnelctl::up::resolv::DnsMode::Off,
+        tun_name: String::new(),
+        resolv_conf: "/etc/resolv.conf".into(),
     })
     .await
     .unwrap()

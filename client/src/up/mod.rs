@@ -4,7 +4,9 @@
 //! SOCKS5 listener, with a local DNS listener for the private names.
 
 pub mod dns;
+pub mod resolv;
 pub mod socks;
+pub mod tun;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,29 +28,48 @@ pub struct UpConfig {
     pub socks5: SocketAddr,
     pub dns_listen: SocketAddr,
     pub listen_port: u16,
+    /// TUN mode: how to point the system resolver at the client.
+    pub dns_mode: resolv::DnsMode,
+    /// TUN mode: the device name.
+    pub tun_name: String,
+    /// TUN mode: the resolv.conf to edit in `resolv-conf` mode.
+    pub resolv_conf: PathBuf,
 }
 
 /// A running client.
 #[derive(Debug)]
 pub struct Client {
     pub node: RunningNode,
+    /// Userspace mode: the SOCKS5 listener.
     pub socks5: SocketAddr,
     pub dns: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    dns_applied: Option<resolv::Applied>,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
+        if let Some(a) = self.dns_applied.take() {
+            match resolv::undo(&a) {
+                Ok(()) => tracing::info!("system DNS configuration restored"),
+                Err(e) => tracing::error!(error = %e, "could not restore the system DNS configuration"),
+            }
+        }
         for t in &self.tasks {
             t.abort();
         }
     }
 }
 
+/// Writes a 0600 file.
+pub fn write_private_file(path: &std::path::Path, contents: &[u8]) -> Result<()> {
+    tunnel_node::state::write_private(path, contents)
+}
+
 /// Starts the client.
 pub async fn start(cfg: UpConfig) -> Result<Client> {
     if !cfg.userspace {
-        bail!("TUN mode is not available in this build yet; run `tunnelctl up --userspace` (SOCKS5 and DNS on loopback, no root)");
+        return start_tun(cfg).await;
     }
     let node = node::start(NodeConfig {
         kind: NodeKind::Client,
@@ -74,7 +95,98 @@ pub async fn start(cfg: UpConfig) -> Result<Client> {
     let (dns_addr, dns_task) = dns::serve(cfg.dns_listen, zone_rx.clone(), upstreams).await?;
     let (socks_addr, socks_task) =
         socks::serve(cfg.socks5, node.dataplane.clone(), node.maps.clone(), zone_rx).await?;
-    Ok(Client { node, socks5: socks_addr, dns: dns_addr, tasks: vec![zone_task, dns_task, socks_task] })
+    Ok(Client {
+        node,
+        socks5: socks_addr,
+        dns: dns_addr,
+        tasks: vec![zone_task, dns_task, socks_task],
+        dns_applied: None,
+    })
+}
+
+async fn start_tun(cfg: UpConfig) -> Result<Client> {
+    tun::may_create()?;
+    let state = tunnel_node::StateDir::open(&cfg.state_dir)?;
+    let backup = state.path().join("resolv.conf.orig");
+    resolv::recover(&cfg.resolv_conf, &backup)?;
+    // Upstreams are read before anything is changed, and never include our own listener.
+    let upstreams = dns::nameservers(&std::fs::read_to_string(&cfg.resolv_conf).unwrap_or_default());
+    let (os, from_os_tx, to_os_rx) = tun::channels();
+    let node = node::start_with(
+        NodeConfig {
+            kind: NodeKind::Client,
+            token: cfg.token,
+            state_dir: cfg.state_dir,
+            listen_port: cfg.listen_port,
+            advertise: vec![],
+            metrics_listen: Some(cfg.metrics_listen),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        Some(os),
+    )
+    .await?;
+    let mut maps = node.maps.clone();
+    let map = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            if let Some(m) = maps.borrow_and_update().clone() {
+                return Some(m);
+            }
+            if maps.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or_else(|| anyhow!("no network map: the server did not answer within 20 s and there is no cached map in the state dir"))?;
+    let addr: std::net::Ipv4Addr =
+        map.overlay_addr.parse().context("the map's overlay address is invalid")?;
+    let overlay: ipnet::Ipv4Net = map.overlay_cidr.parse().context("the map's overlay CIDR is invalid")?;
+    tun::check_routes(overlay, &cfg.tun_name)?;
+    let tun_task = tun::create(&cfg.tun_name, addr, overlay, map.mtu, from_os_tx, to_os_rx)?;
+    let zone0 = Arc::new(PrivateZone::from_map(&map));
+    let (zone_tx, zone_rx) = watch::channel(zone0.clone());
+    let dns_listen = SocketAddr::from((addr, 53));
+    let upstreams: Vec<SocketAddr> =
+        upstreams.into_iter().filter(|u| u.ip() != std::net::IpAddr::V4(addr)).collect();
+    let (dns_addr, dns_task) = dns::serve(dns_listen, zone_rx, upstreams).await?;
+    let applied = resolv::apply(
+        cfg.dns_mode,
+        &cfg.tun_name,
+        addr,
+        &zone0.routing_domains(),
+        &cfg.resolv_conf,
+        &backup,
+    )?;
+    tracing::info!(device = %cfg.tun_name, %addr, dns = %dns_addr, mode = ?applied, "TUN up");
+    let domains_applied = matches!(applied, resolv::Applied::Resolved { .. });
+    let link = cfg.tun_name.clone();
+    let zone_task = tokio::spawn(async move {
+        let mut last = zone0.routing_domains();
+        while maps.changed().await.is_ok() {
+            if let Some(m) = maps.borrow_and_update().clone() {
+                let z = Arc::new(PrivateZone::from_map(&m));
+                let domains = z.routing_domains();
+                if domains_applied && domains != last {
+                    if let Err(e) =
+                        resolv::update_domains(&resolv::Applied::Resolved { link: link.clone() }, &domains)
+                    {
+                        tracing::warn!(error = %e, "could not update resolved's routing domains");
+                    }
+                    last = domains;
+                }
+                let _ = zone_tx.send(z);
+            }
+        }
+    });
+    Ok(Client {
+        node,
+        socks5: SocketAddr::from(([0, 0, 0, 0], 0)),
+        dns: dns_addr,
+        tasks: vec![tun_task, dns_task, zone_task],
+        dns_applied: Some(applied),
+    })
 }
 
 /// `tunnelctl status`: asks the local `up` daemon (found through its state dir) for its status.

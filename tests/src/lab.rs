@@ -1,0 +1,148 @@
+//! The network-namespace lab: real hosts, links, routers and processes on one machine.
+//!
+//! Every namespace is named with a per-run prefix, and [`Lab`]'s `Drop` kills every process in them
+//! and deletes them, also when the test fails. Links are made directly inside their namespaces
+//! (`ip -n A link add X type veth peer name Y netns B`), so the root namespace never sees an interface
+//! of the lab. Addresses are TEST-NET and 10.x only.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A lab; dropped, it leaves nothing behind.
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    /// Scratch directory for state dirs, logs, files.
+    pub dir: tempfile::TempDir,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+impl Lab {
+    /// A new lab, or `None` (with a note on stderr) when not running as root.
+    pub fn new() -> Option<Lab> {
+        let uid = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true but not root: the namespace lab cannot run");
+            }
+            eprintln!("skipping the namespace lab: it needs root");
+            return None;
+        }
+        let prefix = format!("t{}{:x}", std::process::id() % 10000, rand::random::<u16>());
+        Some(Lab { prefix, namespaces: vec![], children: vec![], dir: tempfile::tempdir().ok()? })
+    }
+
+    /// Makes namespace `short` (full name: prefix + short) with loopback up; returns its full name.
+    pub fn ns(&mut self, short: &str) -> String {
+        let name = format!("{}{short}", self.prefix);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        self.namespaces.push(name.clone());
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        name
+    }
+
+    /// A veth link between two namespaces, each end named and addressed (`ADDR/PREFIX`).
+    pub fn link(&mut self, a: &str, a_if: &str, a_addr: &str, b: &str, b_if: &str, b_addr: &str) {
+        run(Command::new("ip")
+            .args(["-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]));
+        for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+            run(Command::new("ip").args(["-n", ns, "addr", "add", addr, "dev", ifname]));
+            run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]));
+        }
+    }
+
+    /// Runs a command in a namespace and waits for it.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("ip netns exec")
+    }
+
+    /// Starts a long-running process in a namespace; its output goes to `DIR/<log>.log`.
+    pub fn spawn(&mut self, ns: &str, log: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let path = self.dir.path().join(format!("{log}.log"));
+        let f = std::fs::File::create(&path).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Sends SIGTERM to a spawned process and waits for it to exit.
+    pub fn stop(&mut self, idx: usize) -> std::process::ExitStatus {
+        let child = &mut self.children[idx];
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A log's text.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Polls `cond` until it holds or `secs` pass.
+    pub fn wait(&self, what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.namespaces {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+        }
+    }
+}
+
+/// The project's binaries, built if needed (the lab runs real processes).
+pub fn binaries() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(&root)
+        // The same feature set as `cargo test --workspace`, so this is a no-op after it.
+        .args(["build", "-q", "--workspace", "--bins"])
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building the binaries for the lab failed");
+    let exe = std::env::current_exe().expect("test exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+}
