@@ -53,6 +53,7 @@ struct Net {
     client: Client,
     _dirs: Vec<tempfile::TempDir>,
     blob: Vec<u8>,
+    client_token: String,
 }
 
 async fn agent(token: &str) -> (RunningNode, tempfile::TempDir) {
@@ -115,7 +116,7 @@ async fn net() -> Net {
     let (agent, adir) = agent(&site_token).await;
     let cdir = tempfile::tempdir().unwrap();
     let client = client(&client_token, cdir.path()).await;
-    let n = Net { server, agent, client, _dirs: vec![adir, cdir], blob };
+    let n = Net { server, agent, client, _dirs: vec![adir, cdir], blob, client_token };
     wait_until("the client knows web", || async {
         n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("web"))
     })
@@ -254,6 +255,11 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
     // Through the client: the name is not there.
     assert!(fetch(n.client.socks5, "secret.tunnel.internal", 80).await.is_err());
     // A raw peer holding the client's own key, sending straight at the agent.
+    let other = n.server.ctl(&["client", "add", "other"]).await.unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_client = client(other.trim(), other_dir.path()).await;
+    wait_until("the other client's map", || async { other_client.node.maps.borrow().is_some() }).await;
+    let other_addr = other_client.node.maps.borrow().as_ref().unwrap().overlay_addr.clone();
     let (secret_addr, web_addr, client_addr, site_key) = {
         let m = n.agent.maps.borrow().clone().unwrap();
         let cm = n.client.node.maps.borrow().clone().unwrap();
@@ -302,11 +308,9 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
             b"x",
         )
     };
-    for pkt in [
-        probe(&client_addr, &secret_addr),
-        probe(&client_addr, &secret_addr),
-        probe("100.96.0.77", &web_addr),
-    ] {
+    for pkt in
+        [probe(&client_addr, &secret_addr), probe(&client_addr, &secret_addr), probe(&other_addr, &web_addr)]
+    {
         for t in exchange(&mut dev, Some(pkt)) {
             raw.send_to(&t.payload, t.dst).await.unwrap();
         }
@@ -377,6 +381,20 @@ async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
     .await;
     // A new connection to a known resource still works, from the cached map.
     assert_eq!(fetch(n.client.socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
+    // A client started while the server is down comes up from its cached map and reaches the resource.
+    let state_dir = n.client.node.state.path().to_owned();
+    let token = n.client_token.clone();
+    drop(std::mem::replace(&mut n.client, client(&token, &state_dir).await));
+    wait_until("the restarted client to load its cached map", || async {
+        n.client.node.maps.borrow().is_some()
+    })
+    .await;
+    assert_eq!(fetch(n.client.socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
+    let status =
+        tunnel_tests::ctl(&["status", "--json", "--state-dir", state_dir.to_str().unwrap()]).await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["peers"][0]["path"], "direct", "{status}");
+    assert_ne!(status["control"]["state"], "connected", "{status}");
     // The server returns; a change made afterwards reaches the nodes.
     n.server.restart().await.unwrap();
     let echo = udp_echo().await;
