@@ -3,6 +3,8 @@
 //! [`cli::run`] is the whole program; `main` only prints its error. Tests call `run` in-process with
 //! the same arguments a user would type.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod admin;
 pub mod cli;
 pub mod table;

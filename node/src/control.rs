@@ -251,7 +251,7 @@ pub fn run(
                 }
                 Err(e) => set_link(&link_tx, LinkState::Disconnected(e.to_string())),
             }
-            tokio::time::sleep(backoff.next()).await;
+            tokio::time::sleep(backoff.next_wait()).await;
         }
     });
     (map_rx, link_rx, task)
@@ -297,7 +297,7 @@ impl Backoff {
         self.hard = true;
     }
     /// The next wait.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let cap = if self.hard { 300.0 } else { 30.0 };
         let base = (0.5 * 2f64.powi(self.attempt.min(16) as i32)).min(cap);
         self.attempt += 1;

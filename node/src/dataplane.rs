@@ -311,7 +311,7 @@ fn normalize(a: SocketAddr) -> SocketAddr {
 }
 
 fn parse_net(s: &str) -> Option<ipnet::Ipv4Net> {
-    s.parse().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(|a| ipnet::Ipv4Net::from(a)))
+    s.parse().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(ipnet::Ipv4Net::from))
 }
 
 impl Loop {

@@ -1,6 +1,8 @@
 //! `tunnel-node`: the runtime pieces shared by the site agent and the machine client: pinned TLS to
 //! the server, the control session and its reconnect loop, and the state kept on disk.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod control;
 pub mod convert;
 pub mod dataplane;

@@ -3,6 +3,8 @@
 //! [`start`] runs a server inside the caller's runtime and returns a handle; the binary and the
 //! in-process tests use the same entry point.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod admin;
 pub mod auth;
 pub mod control;

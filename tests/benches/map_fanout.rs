@@ -13,6 +13,8 @@
 //! The server runs with a cheap argon2 cost (hidden flag) because this measures map distribution,
 //! not the login KDF.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 //! private DNS name. Everything is the real thing (TLS, gRPC, SQLite, boringtun, smoltcp, SOCKS5, DNS);
 //! only the network is loopback.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};

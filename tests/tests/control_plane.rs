@@ -1,6 +1,8 @@
 //! The control plane end to end: a real server on loopback (TLS, gRPC, SQLite in a temp dir), the real
 //! `tunnelctl` command code, and real nodes on `Control.Connect`.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use tunnel_core::map::NodeKind;
 use tunnel_core::{JoinToken, KeyPin};
 use tunnel_node::{ConnectError, SessionError};

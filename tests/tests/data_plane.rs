@@ -2,6 +2,8 @@
 //! its own UDP socket, boringtun sessions and smoltcp stack), real TCP/UDP services as resources, and
 //! real SOCKS5 and DNS clients in front.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;

@@ -3,6 +3,8 @@
 //! service by name through its *system* resolver, with full-size packets, bulk TCP and UDP, and its
 //! `/etc/resolv.conf` is put back when the client exits.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use tunnel_tests::lab::{binaries, Lab};
 
 const UDP_ECHO: &str = r#"
