@@ -123,18 +123,35 @@ pub fn rst_for_syn(syn: &[u8]) -> Option<Vec<u8>> {
     if !t.syn() || t.ack() {
         return None;
     }
+    rst_for(syn)
+}
+
+/// The reset that answers any TCP segment (RFC 793's rule for a segment that reached no connection):
+/// the sender's connection ends at once instead of retransmitting into silence. `None` for a reset.
+pub fn rst_for(segment: &[u8]) -> Option<Vec<u8>> {
+    let ip = Ipv4Packet::new_checked(segment).ok()?;
+    let t = TcpPacket::new_checked(ip.payload()).ok()?;
+    if t.rst() {
+        return None;
+    }
     let total = 40;
     let mut buf = vec![0u8; total];
     ipv4_header(&mut buf, ip.dst_addr(), ip.src_addr(), IpProtocol::Tcp, total);
     let mut r = TcpPacket::new_unchecked(&mut buf[20..]);
     r.set_src_port(t.dst_port());
     r.set_dst_port(t.src_port());
-    r.set_seq_number(TcpSeqNumber(0));
-    r.set_ack_number(t.seq_number() + 1);
     r.set_header_len(20);
     r.clear_flags();
     r.set_rst(true);
-    r.set_ack(true);
+    if t.ack() {
+        r.set_seq_number(t.ack_number());
+        r.set_ack_number(TcpSeqNumber(0));
+    } else {
+        let len = t.payload().len() + usize::from(t.syn()) + usize::from(t.fin());
+        r.set_seq_number(TcpSeqNumber(0));
+        r.set_ack_number(t.seq_number() + len);
+        r.set_ack(true);
+    }
     r.set_window_len(0);
     r.set_urgent_at(0);
     r.fill_checksum(&IpAddress::Ipv4(ip.dst_addr()), &IpAddress::Ipv4(ip.src_addr()));
@@ -219,6 +236,7 @@ mod tests {
             let _ = summarize(&data);
             let _ = udp_payload(&data);
             let _ = rst_for_syn(&data);
+            let _ = rst_for(&data);
             let _ = echo_reply(&data);
         }
     }

@@ -129,7 +129,8 @@ impl Device {
         let secret = StaticSecret::from(private_key);
         let public = PublicKey::from(&secret);
         Device {
-            limiter: Arc::new(RateLimiter::new(&public, 100)),
+            // Each handshake is counted twice (our check, then boringtun's): 200 means 100 a second.
+            limiter: Arc::new(RateLimiter::new(&public, 200)),
             secret,
             public,
             peers: BTreeMap::new(),
@@ -216,6 +217,24 @@ impl Device {
 
     /// A datagram arrived on the node's socket.
     pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8]) {
+        // MACs and the handshake rate limit first: they are cheap, and nothing costly (the X25519 of a
+        // handshake) runs for a packet that fails them. Under load the sender gets a cookie reply and no
+        // session is touched.
+        match self.limiter.verify_packet(Some(from.ip()), data, &mut self.buf) {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.transmits.push_back(Transmit { dst: from, payload: cookie.to_vec() });
+                return;
+            }
+            Err(TunnResult::Err(WireGuardError::InvalidPacket)) => {
+                self.drops.malformed += 1;
+                return;
+            }
+            Err(_) => {
+                self.drops.crypto += 1;
+                return;
+            }
+        }
         let key = match Tunn::parse_incoming_packet(data) {
             Err(_) => {
                 self.drops.malformed += 1;
@@ -279,9 +298,11 @@ impl Device {
                     break;
                 }
                 TunnResult::WriteToNetwork(b) => {
-                    // The packet authenticated (a cookie reply under load is the one exception, and it
-                    // goes back to the sender only): the peer is at `from` now.
-                    peer.endpoint = Some(from);
+                    // A handshake response to an initiation that authenticated, or queued data: the peer
+                    // is at `from` now. A cookie reply (type 3) authenticates nothing and moves nothing.
+                    if b.first() != Some(&3) {
+                        peer.endpoint = Some(from);
+                    }
                     self.transmits.push_back(Transmit { dst: from, payload: b.to_vec() });
                 }
                 TunnResult::WriteToTunnelV4(b, src_ip) => {
@@ -353,6 +374,9 @@ impl Device {
             _ => return,
         }
         self.next_tick = if self.peers.is_empty() { None } else { Some(now + TIMER_TICK) };
+        // The limiter counts handshakes per interval; boringtun leaves the reset to its owner (the
+        // limiter itself ignores calls less than a second apart).
+        self.limiter.reset_count();
         for peer in self.peers.values_mut() {
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(b) => {

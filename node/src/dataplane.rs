@@ -40,6 +40,12 @@ const CHUNK: usize = 16 * 1024;
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// How long a site waits for a target to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A site's listening socket that has not taken its SYN by then is dropped.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound on outbound UDP conversations a TUN client remembers for its inbound filter.
+const UDP_CONNTRACK: usize = 8192;
+/// How long a TUN client lets replies in after its last outbound UDP datagram.
+const UDP_CONNTRACK_TTL: Duration = Duration::from_secs(120);
 /// Keepalive a client asks for, to hold NAT mappings and notice dead paths.
 const KEEPALIVE_SECS: u16 = 25;
 
@@ -66,6 +72,8 @@ pub enum Command {
         payload: Vec<u8>,
         replies: mpsc::Sender<(SocketAddrV4, Vec<u8>)>,
     },
+    /// The UDP association using `local_port` ended (client).
+    UdpClose { local_port: u16 },
     /// A snapshot for `/status`.
     Status { reply: oneshot::Sender<serde_json::Value> },
 }
@@ -109,6 +117,9 @@ struct Flow {
     app_done: bool,
     connect_reply: Option<(oneshot::Sender<Result<FlowEnds, String>>, FlowEnds)>,
     peer: Option<[u8; 32]>,
+    /// Site flows: the socket has left Listen (accepted its SYN).
+    accepted: bool,
+    created: Instant,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -118,6 +129,8 @@ struct Tuple {
 }
 
 struct UdpFlow {
+    /// The peer whose grant this flow rides on.
+    peer: [u8; 32],
     /// `None` while the target is being resolved; datagrams wait in `queued` meanwhile.
     sock: Option<Arc<UdpSocket>>,
     queued: Vec<Vec<u8>>,
@@ -139,6 +152,7 @@ struct ServedResource {
 #[derive(Default, Debug, Clone, Copy, serde::Serialize)]
 struct Counters {
     not_granted: u64,
+    unsolicited: u64,
     wrong_port: u64,
     unparsable: u64,
     dial_failures: u64,
@@ -148,6 +162,8 @@ struct Counters {
 struct Loop {
     /// TUN mode: decrypted packets go here instead of into the userspace stack.
     to_os: Option<mpsc::Sender<Vec<u8>>>,
+    /// TUN mode: outbound UDP conversations (local, remote) -> last use, so only replies come in.
+    udp_out: HashMap<(SocketAddrV4, SocketAddrV4), Instant>,
     kind: NodeKind,
     udp: Arc<UdpSocket>,
     device: Device,
@@ -215,6 +231,7 @@ pub async fn start_with(
     };
     let mut lp = Loop {
         to_os,
+        udp_out: HashMap::new(),
         kind,
         udp: udp.clone(),
         device: Device::new(private_key, seed as u32),
@@ -265,11 +282,11 @@ pub async fn start_with(
                     if let Some(m) = maps.borrow_and_update().clone() { lp.apply_map(m); }
                 }
                 Some(p) = async { match from_os.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
-                    lp.device.handle_outbound(&p);
+                    lp.send_from_os(&p);
                     if let Some(r) = from_os.as_mut() {
                         for _ in 1..DATAGRAM_BUDGET {
                             match r.try_recv() {
-                                Ok(p) => lp.device.handle_outbound(&p),
+                                Ok(p) => lp.send_from_os(&p),
                                 Err(_) => break,
                             }
                         }
@@ -398,7 +415,26 @@ impl Loop {
                     keep
                 });
             }
-            self.udp_flows.retain(|t, _| self.grants.values().any(|g| g.contains(t.dst.ip())));
+            let grants = &self.grants;
+            self.udp_flows.retain(|t, f| grants.get(&f.peer).is_some_and(|g| g.contains(t.dst.ip())));
+        }
+        // A client's flows to resources it lost end now too: the site would refuse them anyway, and
+        // without the resource's route not even that refusal could come back.
+        if self.kind == NodeKind::Client {
+            let reachable: std::collections::HashSet<Ipv4Addr> =
+                map.resources.values().filter_map(|r| r.overlay_addr.parse().ok()).collect();
+            if let Some(stack) = self.stack.as_mut() {
+                self.flows.retain(|h, _| {
+                    let keep = match stack.socket(*h).remote_endpoint().map(|e| e.addr) {
+                        Some(smoltcp::wire::IpAddress::Ipv4(a)) => reachable.contains(&a),
+                        _ => true,
+                    };
+                    if !keep {
+                        stack.socket(*h).abort();
+                    }
+                    keep
+                });
+            }
         }
         tracing::info!(
             version = map.version,
@@ -432,6 +468,8 @@ impl Loop {
                         app_done: false,
                         connect_reply: Some((reply, ends)),
                         peer: None,
+                        accepted: false,
+                        created: Instant::now(),
                     },
                 );
             }
@@ -440,6 +478,9 @@ impl Loop {
                 self.client_udp.insert(local_port, replies);
                 let p = packet::udp_packet(SocketAddrV4::new(own, local_port), remote, &payload);
                 self.device.handle_outbound(&p);
+            }
+            Command::UdpClose { local_port } => {
+                self.client_udp.remove(&local_port);
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -483,8 +524,45 @@ impl Loop {
         })
     }
 
+    /// A packet the system sends into the tunnel (TUN mode).
+    fn send_from_os(&mut self, p: &[u8]) {
+        if let Some(sum) = packet::summarize(p) {
+            if let Proto::Udp { src_port, dst_port } = sum.proto {
+                if self.udp_out.len() >= UDP_CONNTRACK {
+                    let cutoff = Instant::now().checked_sub(UDP_CONNTRACK_TTL).unwrap_or_else(Instant::now);
+                    self.udp_out.retain(|_, t| *t >= cutoff);
+                }
+                if self.udp_out.len() < UDP_CONNTRACK {
+                    let key = (SocketAddrV4::new(sum.src, src_port), SocketAddrV4::new(sum.dst, dst_port));
+                    self.udp_out.insert(key, Instant::now());
+                }
+            }
+        }
+        self.device.handle_outbound(p);
+    }
+
+    /// TUN mode: what a site may send to this machine. Replies only: no new TCP connections, no
+    /// pings, UDP only from a conversation this machine started. A compromised site must not reach
+    /// the client's own services.
+    fn admits(&self, pkt: &[u8]) -> bool {
+        let Some(s) = packet::summarize(pkt) else { return false };
+        match s.proto {
+            Proto::Tcp { syn_only, .. } => !syn_only,
+            Proto::Udp { src_port, dst_port } => {
+                let key = (SocketAddrV4::new(s.dst, dst_port), SocketAddrV4::new(s.src, src_port));
+                self.udp_out.get(&key).is_some_and(|t| t.elapsed() < UDP_CONNTRACK_TTL)
+            }
+            Proto::EchoRequest => false,
+            Proto::Other(_) => true,
+        }
+    }
+
     fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>) {
         if let Some(os) = &self.to_os {
+            if !self.admits(&pkt) {
+                self.counters.unsolicited += 1;
+                return;
+            }
             // Full queue: drop, as a congested link would; TCP backs off.
             let _ = os.try_send(pkt);
             return;
@@ -509,7 +587,14 @@ impl Loop {
         };
         if !self.grants.get(&peer).is_some_and(|g| g.contains(&s.dst)) {
             self.counters.not_granted += 1;
-            tracing::debug!(dst = %s.dst, "dropping a packet for a resource the peer was not granted");
+            tracing::debug!(dst = %s.dst, "refusing a packet for a resource the peer was not granted");
+            // TCP gets a reset, as a firewall's reject: a flow cut by a revoke ends at once on the
+            // client instead of retransmitting into silence.
+            if matches!(s.proto, Proto::Tcp { .. }) {
+                if let Some(rst) = packet::rst_for(&pkt) {
+                    self.device.send_to_peer(&peer, &rst);
+                }
+            }
             return;
         }
         let Some(res) = self.served.get(&s.dst).cloned() else {
@@ -581,7 +666,7 @@ impl Loop {
                     }
                 });
                 self.udp_flows
-                    .insert(tuple, UdpFlow { sock: None, queued: vec![payload], last: Instant::now() });
+                    .insert(tuple, UdpFlow { peer, sock: None, queued: vec![payload], last: Instant::now() });
             }
             Proto::EchoRequest => {
                 if let Some(reply) = packet::echo_reply(&pkt) {
@@ -622,6 +707,8 @@ impl Loop {
                         app_done: false,
                         connect_reply: None,
                         peer: Some(peer),
+                        accepted: false,
+                        created: Instant::now(),
                     },
                 );
                 stack.push_inbound(syn);
@@ -705,6 +792,17 @@ fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) 
     let mut done = Vec::new();
     for (h, f) in flows.iter_mut() {
         let s = stack.socket(*h);
+        if f.peer.is_some() {
+            // A site socket listens for exactly one connection. Back in Listen after a reset, or never
+            // taken, it must not wait for (and hand the target to) somebody else's SYN.
+            if s.state() != TcpState::Listen {
+                f.accepted = true;
+            } else if f.accepted || f.created.elapsed() > LISTEN_TIMEOUT {
+                s.abort();
+                done.push(*h);
+                continue;
+            }
+        }
         if let Some((_, _)) = &f.connect_reply {
             match s.state() {
                 TcpState::Established => {

@@ -83,7 +83,7 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
             let _ = writeln!(out, "tunnel_node_dropped_packets_total{{reason=\"{reason}\"}} {}", n(count));
         }
     }
-    for reason in ["not_granted", "wrong_port", "unparsable"] {
+    for reason in ["not_granted", "wrong_port", "unparsable", "unsolicited"] {
         let _ = writeln!(
             out,
             "tunnel_node_dropped_packets_total{{reason=\"{reason}\"}} {}",

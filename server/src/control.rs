@@ -40,7 +40,8 @@ struct Authenticated {
     generation: i64,
     public_key: [u8; 32],
     used_secret: bool,
-    consume_once: bool,
+    /// The join secret is used up after this login (it was already, or this is its single use).
+    join_used: bool,
     key_changed: bool,
 }
 
@@ -58,7 +59,16 @@ impl ControlService {
             .as_slice()
             .try_into()
             .map_err(|_| Status::invalid_argument("the public key must be 32 bytes (X25519)"))?;
-        let node = shared.model().reg.nodes.get(&id).cloned();
+        let (node, key_taken) = {
+            let m = shared.model();
+            let taken = m.reg.nodes.values().any(|n| n.id != id && n.public_key == Some(public_key));
+            (m.reg.nodes.get(&id).cloned(), taken)
+        };
+        if key_taken {
+            // Sites key peers by public key: a second node with the same key would take over the
+            // first one's identity on every site.
+            return Err(Status::invalid_argument("this public key is already registered to another node"));
+        }
         let Some(node) = node else {
             return Err(fail(format!(
                 "node {id} is not known to this server: it was removed, or the token belongs to another server"
@@ -74,7 +84,7 @@ impl ControlService {
                 key_changed: node.public_key != Some(public_key),
                 public_key,
                 used_secret: false,
-                consume_once: false,
+                join_used: node.join_used,
             });
         }
         if hello.secret.is_empty() {
@@ -104,7 +114,7 @@ impl ControlService {
             key_changed: node.public_key != Some(public_key),
             public_key,
             used_secret: true,
-            consume_once: node.join_once,
+            join_used: node.join_used || node.join_once,
         })
     }
 }
@@ -158,7 +168,7 @@ impl Control for ControlService {
                 .record_join(
                     auth.id.as_str(),
                     &encode_key(&auth.public_key),
-                    auth.consume_once,
+                    auth.join_used,
                     &hello.version,
                     now,
                 )
@@ -194,9 +204,13 @@ impl Control for ControlService {
                 n.online = true;
                 n.version = hello.version.clone();
                 n.last_seen_ms = now;
-                if auth.consume_once {
-                    n.join_used = true;
+                if n.generation != auth.generation {
+                    // Rotated while this login was in flight: the credentials it used are void.
+                    return Err(Status::unauthenticated(
+                        "the node's secret was rotated during login; join with the new token",
+                    ));
                 }
+                n.join_used = auth.join_used;
             } else {
                 return Err(Status::unauthenticated("node was removed while joining"));
             }

@@ -262,8 +262,13 @@ impl Shared {
                 n.join_expires_ms = expires;
                 n.join_once = limits.once;
                 n.join_used = false;
+                // Peers forget its key now: a stolen machine running on its cached map loses its
+                // tunnels too, not only its control session.
+                n.public_key = None;
+                n.online = false;
             }
             m.hub.kill(&id, "the node's secret was rotated; join again with the new token");
+            m.hub.mark_dirty(&id);
             node_info(&m, &id)
         };
         Ok(pb::JoinTokenReply { node: info, join_token: self.token(&id, secret).encode() })

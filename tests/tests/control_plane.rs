@@ -137,8 +137,7 @@ async fn nodes_get_their_map_and_every_change_pushed() {
     .unwrap();
 
     // Exactly the affected nodes heard anything: the bystander's map never moved.
-    let before = other.map().clone();
-    assert_eq!(before.version, other_version);
+    assert_eq!(other.map().version, other_version);
     assert!(tokio::time::timeout(std::time::Duration::from_millis(300), other.session.next_map())
         .await
         .is_err());
@@ -196,7 +195,11 @@ async fn removing_or_rotating_a_node_ends_its_session_at_once() {
     let mut b = TestNode::join(&t2, 2).await.unwrap();
     let new = token(&s, &["client", "rotate", "a"]).await;
     assert!(matches!(a.wait_end().await, SessionError::Revoked(r) if r.contains("rotated")));
-    assert!(TestNode::join(&t1, 1).await.is_err(), "the old secret is dead");
+    let old = TestNode::join(&t1, 1).await.unwrap_err();
+    assert!(
+        matches!(&old, SessionError::Rejected(m) if m.contains("wrong secret")),
+        "the old secret is dead: {old}"
+    );
     TestNode::join(&new, 1).await.unwrap();
     s.ctl(&["client", "rm", "b"]).await.unwrap();
     assert!(matches!(b.wait_end().await, SessionError::Revoked(r) if r.contains("removed")));
@@ -218,8 +221,12 @@ async fn single_use_and_expiring_tokens() {
 
     let short = token(&s, &["site", "add", "short", "--ttl", "1s"]).await;
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let err = TestNode::join(&short, 1).await.unwrap_err();
+    let err = TestNode::join(&short, 3).await.unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
+    // One key, one node: another node cannot take over a registered key.
+    let thief = token(&s, &["client", "add", "thief"]).await;
+    let err = TestNode::join(&thief, 1).await.unwrap_err();
+    assert!(err.to_string().contains("another node"), "{err}");
     let err = s.ctl(&["site", "add", "x", "--ttl", "soon"]).await.unwrap_err().to_string();
     assert!(err.contains("not a duration"), "{err}");
 }

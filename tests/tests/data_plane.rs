@@ -36,6 +36,22 @@ async fn blob_service(blob: Vec<u8>) -> SocketAddr {
     addr
 }
 
+/// A TCP echo service.
+async fn tcp_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 async fn udp_echo() -> SocketAddr {
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = s.local_addr().unwrap();
@@ -99,12 +115,14 @@ async fn net() -> Net {
     let web = blob_service(blob.clone()).await;
     let echo = udp_echo().await;
     let secret = blob_service(b"top secret".to_vec()).await;
+    let tcpecho = tcp_echo().await;
     let site_token = server.ctl(&["site", "add", "home"]).await.unwrap().trim().to_owned();
     let client_token = server.ctl(&["client", "add", "laptop"]).await.unwrap().trim().to_owned();
     for (name, target, alias) in [
         ("web", web.to_string(), Some("web.private.example.com")),
         ("echo", echo.to_string(), None),
         ("secret", secret.to_string(), None),
+        ("tcpecho", tcpecho.to_string(), None),
     ] {
         let mut args = vec!["add-resource", "--site", "home", "--name", name, "--target", &target];
         if let Some(a) = alias {
@@ -112,7 +130,7 @@ async fn net() -> Net {
         }
         server.ctl(&args).await.unwrap();
     }
-    for r in ["web", "echo"] {
+    for r in ["web", "echo", "tcpecho"] {
         server.ctl(&["grant", "--client", "laptop", "--resource", r]).await.unwrap();
     }
     let (agent, adir) = agent(&site_token).await;
@@ -348,6 +366,28 @@ async fn revoke_stops_access_within_seconds() {
     let n = net().await;
     let port = port_of(&n, "web");
     assert!(fetch(n.client.socks5, "web.tunnel.internal", port).await.is_ok());
+    // A connection open across the revoke is cut by the site itself.
+    let mut open =
+        socks_connect(n.client.socks5, "tcpecho.tunnel.internal", port_of(&n, "tcpecho")).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut four = [0u8; 4];
+    open.read_exact(&mut four).await.unwrap();
+    assert_eq!(&four, b"ping");
+    n.server.ctl(&["revoke", "--client", "laptop", "--resource", "tcpecho"]).await.unwrap();
+    let cut = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if open.write_all(b"more").await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 4];
+            match tokio::time::timeout(Duration::from_millis(500), open.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the open connection survived the revoke");
     n.server.ctl(&["revoke", "--client", "laptop", "--resource", "web"]).await.unwrap();
     wait_until("access to stop", || async {
         fetch(n.client.socks5, "web.tunnel.internal", port).await.is_err()
@@ -413,6 +453,23 @@ async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
         n.agent.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
     })
     .await;
+}
+
+#[tokio::test]
+async fn rotating_a_client_cuts_its_tunnels_not_only_its_control_session() {
+    let n = net().await;
+    let port = port_of(&n, "web");
+    assert!(fetch(n.client.socks5, "web.tunnel.internal", port).await.is_ok());
+    n.server.ctl(&["client", "rotate", "laptop"]).await.unwrap();
+    // The old client still runs on its cached map, but the site no longer holds its key.
+    wait_until("the site to drop the rotated client's key", || async {
+        n.agent.maps.borrow().as_ref().is_some_and(|m| m.peers.values().all(|p| p.public_key.is_none()))
+    })
+    .await;
+    let r =
+        tokio::time::timeout(Duration::from_secs(20), fetch(n.client.socks5, "web.tunnel.internal", port))
+            .await;
+    assert!(!matches!(r, Ok(Ok(_))), "a rotated client still reached the resource");
 }
 
 #[tokio::test]

@@ -164,7 +164,12 @@ fn tun_client_reaches_a_lan_service_by_name_through_the_system_resolver() {
     // One byte more does not fit.
     let too_big =
         lab.exec(&c, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1253", "web.tunnel.internal"]);
-    assert!(!too_big.status.success());
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&too_big.stdout), String::from_utf8_lossy(&too_big.stderr));
+    assert!(
+        !too_big.status.success() && said.contains("1280"),
+        "one byte over the MTU must not pass: {said}"
+    );
 
     step("pings done");
     // UDP echo by name.

@@ -109,8 +109,20 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
     let state = tunnel_node::StateDir::open(&cfg.state_dir)?;
     let backup = state.path().join("resolv.conf.orig");
     resolv::recover(&cfg.resolv_conf, &backup)?;
-    // Upstreams are read before anything is changed, and never include our own listener.
-    let upstreams = dns::nameservers(&std::fs::read_to_string(&cfg.resolv_conf).unwrap_or_default());
+    // Upstreams are read before anything is changed, and never include our own listener. Under
+    // systemd-resolved, /etc/resolv.conf names its stub (127.0.0.53), which routes our domains back to
+    // us: ask the servers resolved itself uses instead.
+    let uses_resolved = match cfg.dns_mode {
+        resolv::DnsMode::Resolved => true,
+        resolv::DnsMode::Auto => resolv::resolved_running(),
+        _ => false,
+    };
+    let upstream_conf = if uses_resolved {
+        PathBuf::from("/run/systemd/resolve/resolv.conf")
+    } else {
+        cfg.resolv_conf.clone()
+    };
+    let upstreams = dns::nameservers(&std::fs::read_to_string(&upstream_conf).unwrap_or_default());
     let (os, from_os_tx, to_os_rx) = tun::channels();
     let node = node::start_with(
         NodeConfig {

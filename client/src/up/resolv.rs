@@ -44,25 +44,34 @@ pub fn resolved_running() -> bool {
 /// Puts back a resolv.conf left edited by a crashed client.
 pub fn recover(resolv: &Path, backup: &Path) -> Result<()> {
     let current = std::fs::read_to_string(resolv).unwrap_or_default();
-    if current.contains(MARKER) && backup.exists() {
+    // An empty file is what an interrupted rewrite can leave: ours to repair too. The backup is never
+    // deleted here; the next `apply` replaces it with whatever the system has then.
+    if (current.contains(MARKER) || current.trim().is_empty()) && backup.exists() {
         let orig = std::fs::read(backup).context("cannot read the saved resolv.conf")?;
         write_in_place(resolv, &orig)?;
         tracing::warn!(path = %resolv.display(), "restored resolv.conf left edited by an earlier run");
-    }
-    if backup.exists() && !current.contains(MARKER) {
-        let _ = std::fs::remove_file(backup);
+    } else if current.contains(MARKER) {
+        bail!(
+            "{} was edited by another `tunnelctl up` (it carries the marker), and {} holds no saved original: \
+             stop the other client, or restore the file by hand",
+            resolv.display(),
+            backup.display()
+        );
     }
     Ok(())
 }
 
+/// Rewrites a file in place (it may be a bind mount, so no rename): write over the old bytes first and
+/// cut the length after, so an interruption never leaves the file empty.
 fn write_in_place(path: &Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
+    use std::io::{Seek, Write};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .truncate(true)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    f.seek(std::io::SeekFrom::Start(0))?;
     f.write_all(contents)?;
+    f.set_len(contents.len() as u64)?;
     f.sync_all()?;
     Ok(())
 }

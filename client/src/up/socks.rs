@@ -163,6 +163,12 @@ async fn session(
     }
 }
 
+fn next_overlay_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    20000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 40000) as u16
+}
+
 /// Parses a SOCKS5 UDP request header: returns the destination and the payload offset.
 pub fn parse_udp_header(d: &[u8]) -> Option<(Dest, usize)> {
     if d.len() < 4 || d[2] != 0 {
@@ -196,8 +202,8 @@ async fn udp_associate(
     let relay = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
     let bound = relay.local_addr()?;
     reply(&mut s, REP_OK, bound).await?;
-    // Each association gets its own source port on the overlay.
-    let overlay_port = 20000 + (bound.port() % 20000);
+    // Each association gets its own source port on the overlay, handed out in turn.
+    let overlay_port = next_overlay_port();
     let (tx, mut rx) = mpsc::channel::<(SocketAddrV4, Vec<u8>)>(256);
     let mut client: Option<SocketAddr> = None;
     let mut buf = vec![0u8; 65_536];
@@ -206,7 +212,10 @@ async fn udp_associate(
         tokio::select! {
             r = s.read(&mut ctl) => {
                 // The association lives as long as its TCP connection.
-                if matches!(r, Ok(0) | Err(_)) { return Ok(()); }
+                if matches!(r, Ok(0) | Err(_)) {
+                    let _ = dp.commands.send(Command::UdpClose { local_port: overlay_port }).await;
+                    return Ok(());
+                }
             }
             r = relay.recv_from(&mut buf) => {
                 let Ok((n, from)) = r else { continue };

@@ -343,7 +343,7 @@ impl Store {
     ) -> Result<()> {
         sqlx::query(
             "UPDATE nodes SET secret_hash = $1, generation = $2, join_expires_ms = $3, join_once = $4, \
-             join_used = 0 WHERE id = $5",
+             join_used = 0, public_key = NULL WHERE id = $5",
         )
         .bind(secret_hash.to_owned())
         .bind(generation)
