@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tunnel_core::map::NodeKind;
+use tunnel_node::process::LogFormat;
 
 /// The tunnel site agent.
 #[derive(Debug, Parser)]
@@ -36,22 +37,10 @@ struct Args {
     log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    tunnel_node::process::init_logs(args.log_format);
     if let Err(e) = run(args).await {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
@@ -84,23 +73,8 @@ async fn run(args: Args) -> Result<()> {
         node.dataplane.local_addr,
         node.status_addr.map(|a| a.to_string()).unwrap_or_default()
     );
-    shutdown_signal().await;
+    tunnel_node::process::shutdown_signal().await;
     tracing::info!("shutting down");
     drop(node);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -138,6 +138,9 @@ pub struct UpArgs {
     /// TUN mode: the device name.
     #[arg(long, env = "TUNNEL_TUN_NAME", default_value = "tunnel0")]
     pub tun_name: String,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = tunnel_node::process::LogFormat::Text)]
+    pub log_format: tunnel_node::process::LogFormat,
 }
 
 #[derive(Debug, Args)]
@@ -336,6 +339,7 @@ pub fn join_token(token: Option<&str>, file: Option<&std::path::Path>) -> Result
 }
 
 async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+    tunnel_node::process::init_logs(a.log_format);
     let token = join_token(a.token.as_deref(), a.token_file.as_deref())?;
     let client = crate::up::start(crate::up::UpConfig {
         token,
@@ -365,24 +369,9 @@ async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
         )?;
     }
     out.flush()?;
-    shutdown_signal().await;
+    tunnel_node::process::shutdown_signal().await;
     drop(client);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Write + Send)) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod dataplane;
 pub mod http;
 pub mod node;
+pub mod process;
 pub mod state;
 pub mod tls;
 

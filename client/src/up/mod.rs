@@ -66,21 +66,24 @@ pub fn write_private_file(path: &std::path::Path, contents: &[u8]) -> Result<()>
     tunnel_node::state::write_private(path, contents)
 }
 
+fn node_config(cfg: &UpConfig) -> NodeConfig {
+    NodeConfig {
+        kind: NodeKind::Client,
+        token: cfg.token.clone(),
+        state_dir: cfg.state_dir.clone(),
+        listen_port: cfg.listen_port,
+        advertise: vec![],
+        metrics_listen: Some(cfg.metrics_listen),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
 /// Starts the client.
 pub async fn start(cfg: UpConfig) -> Result<Client> {
     if !cfg.userspace {
         return start_tun(cfg).await;
     }
-    let node = node::start(NodeConfig {
-        kind: NodeKind::Client,
-        token: cfg.token,
-        state_dir: cfg.state_dir,
-        listen_port: cfg.listen_port,
-        advertise: vec![],
-        metrics_listen: Some(cfg.metrics_listen),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
-    .await?;
+    let node = node::start(node_config(&cfg)).await?;
     let initial = node.maps.borrow().as_ref().map(|m| PrivateZone::from_map(m)).unwrap_or_default();
     let (zone_tx, zone_rx) = watch::channel(Arc::new(initial));
     let mut maps = node.maps.clone();
@@ -124,19 +127,7 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
     };
     let upstreams = dns::nameservers(&std::fs::read_to_string(&upstream_conf).unwrap_or_default());
     let (os, from_os_tx, to_os_rx) = tun::channels();
-    let node = node::start_with(
-        NodeConfig {
-            kind: NodeKind::Client,
-            token: cfg.token,
-            state_dir: cfg.state_dir,
-            listen_port: cfg.listen_port,
-            advertise: vec![],
-            metrics_listen: Some(cfg.metrics_listen),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-        Some(os),
-    )
-    .await?;
+    let node = node::start_with(node_config(&cfg), Some(os)).await?;
     let mut maps = node.maps.clone();
     let map = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         loop {
