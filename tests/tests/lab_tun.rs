@@ -32,6 +32,23 @@ for _ in range(20):
 sys.exit(1)
 "#;
 
+/// The machine's "real" resolver: answers every A query with 192.0.2.99.
+const UPSTREAM_DNS: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.1", 53))
+while True:
+    q, a = s.recvfrom(512)
+    end = 12
+    while q[end] != 0:
+        end += q[end] + 1
+    question = q[12:end + 5]
+    qtype = q[end + 1:end + 3]
+    header = q[:2] + b"\x81\x80" + b"\x00\x01" + (b"\x00\x01" if qtype == b"\x00\x01" else b"\x00\x00") + b"\x00\x00\x00\x00"
+    answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([192, 0, 2, 99]) if qtype == b"\x00\x01" else b""
+    s.sendto(header + question + answer, a)
+"#;
+
 #[test]
 fn tun_client_reaches_a_lan_service_by_name_through_the_system_resolver() {
     let Some(mut lab) = Lab::new() else { return };
@@ -48,7 +65,7 @@ fn tun_client_reaches_a_lan_service_by_name_through_the_system_resolver() {
     // The client machine's own resolver configuration, to be restored at the end.
     let etc = std::path::Path::new("/etc/netns").join(&c);
     std::fs::create_dir_all(&etc).unwrap();
-    let original = "nameserver 198.51.100.53\nsearch corp.example\n";
+    let original = "nameserver 192.0.2.1\nsearch corp.example\n";
     std::fs::write(etc.join("resolv.conf"), original).unwrap();
 
     // Services on the site LAN.
@@ -64,6 +81,7 @@ fn tun_client_reaches_a_lan_service_by_name_through_the_system_resolver() {
         &[],
     );
     lab.spawn(&s, "udp", &["python3", "-c", UDP_ECHO], &[]);
+    lab.spawn(&a, "upstream-dns", &["python3", "-c", UPSTREAM_DNS], &[]);
 
     step("services started");
     // The control server (in the agent's namespace, on its public side).
@@ -158,6 +176,15 @@ fn tun_client_reaches_a_lan_service_by_name_through_the_system_resolver() {
     assert!(std::fs::read(&out_path).unwrap() == blob, "20 MB fetched byte-exact");
 
     step("20 MB fetched");
+    // Other names go to the resolver the machine had before.
+    let public = lab.exec(&c, &["getent", "ahostsv4", "www.example.org"]);
+    let said = String::from_utf8_lossy(&public.stdout);
+    assert!(
+        said.contains("192.0.2.99"),
+        "forwarded upstream: {said}{}",
+        String::from_utf8_lossy(&public.stderr)
+    );
+
     // The largest ping the MTU allows (1280 - 20 - 8), with DF set: it passes whole.
     let ping = lab.exec(&c, &["ping", "-c", "3", "-W", "2", "-M", "do", "-s", "1252", "web.tunnel.internal"]);
     assert!(ping.status.success(), "full-size ping: {}", String::from_utf8_lossy(&ping.stdout));
