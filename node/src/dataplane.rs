@@ -122,6 +122,25 @@ struct Flow {
     created: Instant,
 }
 
+impl Flow {
+    /// A flow and the application's ends of its channels. `peer` is set for a site's flows.
+    fn new(peer: Option<[u8; 32]>, wake: Arc<Notify>) -> (Flow, FlowEnds) {
+        let (to_app_tx, to_app_rx) = mpsc::channel(FLOW_CHANNEL);
+        let (from_app_tx, from_app_rx) = mpsc::channel(FLOW_CHANNEL);
+        let flow = Flow {
+            to_app: Some(to_app_tx),
+            from_app: from_app_rx,
+            pending: None,
+            app_done: false,
+            connect_reply: None,
+            peer,
+            accepted: false,
+            created: Instant::now(),
+        };
+        (flow, FlowEnds { tx: from_app_tx, rx: to_app_rx, wake })
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Tuple {
     src: SocketAddrV4,
@@ -456,22 +475,9 @@ impl Loop {
                     let _ = reply.send(Err(format!("cannot open a connection to {remote}")));
                     return;
                 };
-                let (to_app_tx, to_app_rx) = mpsc::channel(FLOW_CHANNEL);
-                let (from_app_tx, from_app_rx) = mpsc::channel(FLOW_CHANNEL);
-                let ends = FlowEnds { tx: from_app_tx, rx: to_app_rx, wake: self.wake.clone() };
-                self.flows.insert(
-                    h,
-                    Flow {
-                        to_app: Some(to_app_tx),
-                        from_app: from_app_rx,
-                        pending: None,
-                        app_done: false,
-                        connect_reply: Some((reply, ends)),
-                        peer: None,
-                        accepted: false,
-                        created: Instant::now(),
-                    },
-                );
+                let (mut flow, ends) = Flow::new(None, self.wake.clone());
+                flow.connect_reply = Some((reply, ends));
+                self.flows.insert(h, flow);
             }
             Command::UdpSend { local_port, remote, payload, replies } => {
                 let Some(own) = self.own_addr else { return };
@@ -696,24 +702,10 @@ impl Loop {
             Ok(stream) => {
                 let Some(stack) = self.stack.as_mut() else { return };
                 let Some(h) = stack.listen(tuple.dst) else { return };
-                let (to_app_tx, to_app_rx) = mpsc::channel(FLOW_CHANNEL);
-                let (from_app_tx, from_app_rx) = mpsc::channel(FLOW_CHANNEL);
-                self.flows.insert(
-                    h,
-                    Flow {
-                        to_app: Some(to_app_tx),
-                        from_app: from_app_rx,
-                        pending: None,
-                        app_done: false,
-                        connect_reply: None,
-                        peer: Some(peer),
-                        accepted: false,
-                        created: Instant::now(),
-                    },
-                );
+                let (flow, ends) = Flow::new(Some(peer), self.wake.clone());
+                self.flows.insert(h, flow);
                 stack.push_inbound(syn);
                 self.counters.flows_opened += 1;
-                let ends = FlowEnds { tx: from_app_tx, rx: to_app_rx, wake: self.wake.clone() };
                 tokio::spawn(bridge_stream(stream, ends));
             }
             Err(e) => {
