@@ -32,6 +32,12 @@ struct Args {
     /// An IP:PORT where peers can reach this agent (a forwarded port, a Kubernetes hostPort).
     #[arg(long, env = "TUNNEL_ADVERTISE_ENDPOINT", value_delimiter = ',')]
     advertise_endpoint: Vec<SocketAddr>,
+    /// Seconds between keepalives: holds NAT mappings open and checks idle paths.
+    #[arg(long, env = "TUNNEL_KEEPALIVE", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=600))]
+    keepalive: u64,
+    /// Send everything through the relay (no hole punching, no direct paths).
+    #[arg(long, env = "TUNNEL_FORCE_RELAY")]
+    force_relay: bool,
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -66,6 +72,8 @@ async fn run(args: Args) -> Result<()> {
         advertise: args.advertise_endpoint,
         metrics_listen: Some(args.metrics_listen),
         version: env!("CARGO_PKG_VERSION").into(),
+        keepalive: std::time::Duration::from_secs(args.keepalive),
+        force_relay: args.force_relay,
     })
     .await?;
     eprintln!(

@@ -132,6 +132,12 @@ pub struct UpArgs {
     /// WireGuard UDP port (0: any).
     #[arg(long, env = "TUNNEL_LISTEN_PORT", default_value_t = 0)]
     pub listen_port: u16,
+    /// Seconds between keepalives: holds NAT mappings open and checks idle paths.
+    #[arg(long, env = "TUNNEL_KEEPALIVE", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub keepalive: u64,
+    /// Send everything through the relay (no hole punching, no direct paths).
+    #[arg(long, env = "TUNNEL_FORCE_RELAY")]
+    pub force_relay: bool,
     /// TUN mode: how to point the system resolver at the client's DNS server.
     #[arg(long, env = "TUNNEL_DNS_MODE", value_enum, default_value_t = crate::up::resolv::DnsMode::Auto)]
     pub dns_mode: crate::up::resolv::DnsMode,
@@ -349,6 +355,8 @@ async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
         socks5: a.socks5,
         dns_listen: a.dns_listen,
         listen_port: a.listen_port,
+        keepalive: std::time::Duration::from_secs(a.keepalive),
+        force_relay: a.force_relay,
         dns_mode: a.dns_mode,
         tun_name: a.tun_name.clone(),
         resolv_conf: PathBuf::from("/etc/resolv.conf"),

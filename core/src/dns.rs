@@ -227,6 +227,7 @@ mod tests {
             peers: BTreeMap::new(),
             resources,
             relays: vec![],
+            stun_addr: None,
         })
     }
 

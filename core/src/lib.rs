@@ -10,6 +10,10 @@ pub mod map;
 pub mod names;
 pub mod netstack;
 pub mod packet;
+pub mod path;
+pub mod probe;
+pub mod relay;
+pub mod stun;
 pub mod token;
 pub mod wg;
 

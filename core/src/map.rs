@@ -121,6 +121,9 @@ pub struct NetworkMap {
     pub resources: BTreeMap<String, ResourceInfo>,
     /// Relays.
     pub relays: Vec<RelayInfo>,
+    /// `HOST:PORT` of the server's STUN responder.
+    #[serde(default)]
+    pub stun_addr: Option<String>,
 }
 
 /// A change to a [`NetworkMap`].
@@ -269,6 +272,7 @@ mod tests {
             peers: BTreeMap::new(),
             resources: BTreeMap::new(),
             relays: vec![],
+            stun_addr: None,
         }
     }
 

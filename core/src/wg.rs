@@ -25,6 +25,8 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
 
+pub use crate::path::Via;
+
 /// How often boringtun's timers must be driven.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -38,7 +40,8 @@ pub struct PeerConfig {
     pub key: [u8; 32],
     /// Inner addresses the peer may send from and be sent to.
     pub allowed: Vec<Ipv4Net>,
-    /// Where to send, if known; learned from authenticated packets otherwise.
+    /// Where to send at first, if known; otherwise the first authenticated packet's source. After
+    /// that only [`Device::set_endpoint`] (the path logic) moves it.
     pub endpoint: Option<SocketAddr>,
     /// Persistent keepalive in seconds.
     pub keepalive: Option<u16>,
@@ -47,8 +50,10 @@ pub struct PeerConfig {
 /// A datagram to send.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Transmit {
-    /// Destination.
-    pub dst: SocketAddr,
+    /// Which way: a UDP address, or the relay.
+    pub dst: Via,
+    /// The peer it is for (`None` only for cookie replies to strangers, which are never relayed).
+    pub peer: Option<[u8; 32]>,
     /// The WireGuard packet.
     pub payload: Vec<u8>,
 }
@@ -89,7 +94,7 @@ pub struct PeerStats {
     /// Bytes received.
     pub rx_bytes: u64,
     /// Current endpoint.
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Via>,
     /// Round-trip time of the last handshake, in ms.
     pub rtt_ms: Option<u32>,
 }
@@ -98,7 +103,9 @@ struct PeerState {
     tunn: Tunn,
     index: u32,
     cfg: PeerConfig,
-    endpoint: Option<SocketAddr>,
+    endpoint: Option<Via>,
+    /// The endpoint is a guess: follow authenticated packets.
+    roaming: bool,
 }
 
 /// Every WireGuard session of one node.
@@ -173,7 +180,7 @@ impl Device {
             if let Some(p) = self.peers.get_mut(&key) {
                 if p.cfg != cfg {
                     if cfg.endpoint.is_some() && cfg.endpoint != p.cfg.endpoint {
-                        p.endpoint = cfg.endpoint;
+                        p.endpoint = cfg.endpoint.map(Via::Direct);
                     }
                     p.cfg = cfg;
                 }
@@ -189,8 +196,8 @@ impl Device {
                 Some(self.limiter.clone()),
             );
             self.by_index.insert(index, key);
-            let endpoint = cfg.endpoint;
-            self.peers.insert(key, PeerState { tunn, index, cfg, endpoint });
+            let endpoint = cfg.endpoint.map(Via::Direct);
+            self.peers.insert(key, PeerState { tunn, index, cfg, endpoint, roaming: true });
         }
         if self.next_tick.is_none() {
             self.next_tick = Some(now);
@@ -215,37 +222,51 @@ impl Device {
         })
     }
 
-    /// A datagram arrived on the node's socket.
-    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8]) {
+    /// Where the path logic sends a peer's packets from now on. With `roaming`, the choice is a guess
+    /// and the session follows the source of authenticated packets, as plain WireGuard does.
+    pub fn set_endpoint(&mut self, key: &[u8; 32], via: Option<Via>, roaming: bool) {
+        if let Some(p) = self.peers.get_mut(key) {
+            p.endpoint = via;
+            p.roaming = roaming;
+        }
+    }
+
+    /// A datagram arrived on the node's socket (or from the relay). Returns the peer whose session
+    /// authenticated it, if one did.
+    pub fn handle_datagram(&mut self, from: Via, data: &[u8]) -> Option<[u8; 32]> {
+        let src_ip = match from {
+            Via::Direct(a) => Some(a.ip()),
+            Via::Relay => None,
+        };
         // MACs and the handshake rate limit first: they are cheap, and nothing costly (the X25519 of a
         // handshake) runs for a packet that fails them. Under load the sender gets a cookie reply and no
-        // session is touched.
-        match self.limiter.verify_packet(Some(from.ip()), data, &mut self.buf) {
+        // session is touched (relayed handshakes have no address to bind a cookie to: dropped).
+        match self.limiter.verify_packet(src_ip, data, &mut self.buf) {
             Ok(_) => {}
             Err(TunnResult::WriteToNetwork(cookie)) => {
-                self.transmits.push_back(Transmit { dst: from, payload: cookie.to_vec() });
-                return;
+                self.transmits.push_back(Transmit { dst: from, peer: None, payload: cookie.to_vec() });
+                return None;
             }
             Err(TunnResult::Err(WireGuardError::InvalidPacket)) => {
                 self.drops.malformed += 1;
-                return;
+                return None;
             }
             Err(_) => {
                 self.drops.crypto += 1;
-                return;
+                return None;
             }
         }
         let key = match Tunn::parse_incoming_packet(data) {
             Err(_) => {
                 self.drops.malformed += 1;
-                return;
+                return None;
             }
             Ok(Packet::HandshakeInit(init)) => {
                 match parse_handshake_anon(&self.secret, &self.public, &init) {
                     Ok(half) => half.peer_static_public,
                     Err(_) => {
                         self.drops.crypto += 1;
-                        return;
+                        return None;
                     }
                 }
             }
@@ -253,32 +274,33 @@ impl Device {
                 Some(k) => *k,
                 None => {
                     self.drops.unknown_peer += 1;
-                    return;
+                    return None;
                 }
             },
             Ok(Packet::PacketCookieReply(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
                 Some(k) => *k,
                 None => {
                     self.drops.unknown_peer += 1;
-                    return;
+                    return None;
                 }
             },
             Ok(Packet::PacketData(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
                 Some(k) => *k,
                 None => {
                     self.drops.unknown_peer += 1;
-                    return;
+                    return None;
                 }
             },
         };
         let Some(peer) = self.peers.get_mut(&key) else {
             self.drops.unknown_peer += 1;
-            return;
+            return None;
         };
         let mut first = true;
+        let mut authentic = false;
         loop {
             let input: &[u8] = if first { data } else { &[] };
-            let src = if first { Some(from.ip()) } else { None };
+            let src = if first { src_ip } else { None };
             first = false;
             match peer.tunn.decapsulate(src, input, &mut self.buf) {
                 TunnResult::Done => break,
@@ -298,16 +320,16 @@ impl Device {
                     break;
                 }
                 TunnResult::WriteToNetwork(b) => {
-                    // A handshake response to an initiation that authenticated, or queued data: the peer
-                    // is at `from` now. A cookie reply (type 3) authenticates nothing and moves nothing.
+                    // A handshake response to an initiation that authenticated, or queued data. A cookie
+                    // reply (type 3) authenticates nothing.
                     if b.first() != Some(&3) {
-                        peer.endpoint = Some(from);
+                        authentic = true;
                     }
-                    self.transmits.push_back(Transmit { dst: from, payload: b.to_vec() });
+                    self.transmits.push_back(Transmit { dst: from, peer: Some(key), payload: b.to_vec() });
                 }
-                TunnResult::WriteToTunnelV4(b, src_ip) => {
-                    peer.endpoint = Some(from);
-                    if peer.cfg.allowed.iter().any(|n| n.contains(&src_ip)) {
+                TunnResult::WriteToTunnelV4(b, inner_src) => {
+                    authentic = true;
+                    if peer.cfg.allowed.iter().any(|n| n.contains(&inner_src)) {
                         self.inbound.push_back(Inbound { peer: key, packet: b.to_vec() });
                     } else {
                         self.drops.bad_source += 1;
@@ -315,10 +337,20 @@ impl Device {
                 }
                 TunnResult::WriteToTunnelV6(..) => {
                     // The overlay is IPv4 only.
+                    authentic = true;
                     self.drops.bad_source += 1;
                 }
             }
         }
+        if !authentic {
+            return None;
+        }
+        // First contact: the peer is where its first authenticated packet came from. Later moves are
+        // the path logic's call (a stray packet over another path must not move the session).
+        if peer.endpoint.is_none() || peer.roaming {
+            peer.endpoint = Some(from);
+        }
+        Some(key)
     }
 
     /// An inner IPv4 packet to send to whichever peer owns its destination.
@@ -342,7 +374,9 @@ impl Device {
         };
         match peer.tunn.encapsulate(packet, &mut self.buf) {
             TunnResult::WriteToNetwork(b) => match peer.endpoint {
-                Some(dst) => self.transmits.push_back(Transmit { dst, payload: b.to_vec() }),
+                Some(dst) => {
+                    self.transmits.push_back(Transmit { dst, peer: Some(*key), payload: b.to_vec() })
+                }
                 None => self.drops.no_endpoint += 1,
             },
             TunnResult::Err(_) => self.drops.crypto += 1,
@@ -377,11 +411,11 @@ impl Device {
         // The limiter counts handshakes per interval; boringtun leaves the reset to its owner (the
         // limiter itself ignores calls less than a second apart).
         self.limiter.reset_count();
-        for peer in self.peers.values_mut() {
+        for (key, peer) in self.peers.iter_mut() {
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(b) => {
                     if let Some(dst) = peer.endpoint {
-                        self.transmits.push_back(Transmit { dst, payload: b.to_vec() });
+                        self.transmits.push_back(Transmit { dst, peer: Some(*key), payload: b.to_vec() });
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}

@@ -111,6 +111,7 @@ pub fn map(m: &pb::NetworkMap) -> Result<NetworkMap, Malformed> {
         peers,
         resources,
         relays: m.relays.iter().map(relay).collect(),
+        stun_addr: (!m.stun_addr.is_empty()).then(|| m.stun_addr.clone()),
     })
 }
 

@@ -25,10 +25,14 @@ use smoltcp::socket::tcp::State as TcpState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tunnel_core::map::{NetworkMap, NodeKind};
+use tunnel_core::map::{Candidate, NetworkMap, NodeKind, RelayInfo};
 use tunnel_core::netstack::NetStack;
 use tunnel_core::packet::{self, Proto};
+use tunnel_core::path::{CandidateKind, Paths, PeerCandidates, Via};
 use tunnel_core::wg::{Device, PeerConfig};
+use tunnel_core::{probe, stun};
+
+use crate::relay::{RelayLink, RelayState};
 
 /// Datagrams handled per wake-up before the loop services its other inputs.
 const DATAGRAM_BUDGET: usize = 256;
@@ -46,8 +50,44 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 const UDP_CONNTRACK: usize = 8192;
 /// How long a TUN client lets replies in after its last outbound UDP datagram.
 const UDP_CONNTRACK_TTL: Duration = Duration::from_secs(120);
-/// Keepalive a client asks for, to hold NAT mappings and notice dead paths.
-const KEEPALIVE_SECS: u16 = 25;
+/// Default keepalive: WireGuard's persistent keepalive and the idle path check, holding NAT mappings open.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
+/// How often the node asks the STUN responder for its public address.
+const STUN_EVERY: Duration = Duration::from_secs(25);
+/// A STUN request with no answer is retried after this long.
+const STUN_RETRY: Duration = Duration::from_secs(1);
+
+/// How the node finds paths to its peers.
+#[derive(Debug)]
+pub struct PathOptions {
+    /// Keepalive interval (WireGuard persistent keepalive, idle path checks).
+    pub keepalive: Duration,
+    /// Relay only: no punching, no direct paths.
+    pub force_relay: bool,
+    /// Candidates the node always offers (LAN address, advertised endpoints); the reflexive address
+    /// learned through STUN is added to them.
+    pub base_candidates: Vec<Candidate>,
+    /// Where to report the node's candidates when they change (the control link).
+    pub candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
+}
+
+impl Default for PathOptions {
+    fn default() -> Self {
+        PathOptions {
+            keepalive: DEFAULT_KEEPALIVE,
+            force_relay: false,
+            base_candidates: vec![],
+            candidates_tx: None,
+        }
+    }
+}
+
+/// Relay traffic per peer.
+#[derive(Debug, Default, Clone, Copy)]
+struct RelayBytes {
+    tx: u64,
+    rx: u64,
+}
 
 /// The application ends of one TCP flow through the tunnel.
 #[derive(Debug)]
@@ -204,6 +244,27 @@ struct Loop {
     counters: Counters,
     seed: u64,
     started: Instant,
+    paths: Paths,
+    keepalive: Duration,
+    force_relay: bool,
+    relay_out: mpsc::Sender<Vec<u8>>,
+    relay_list: watch::Sender<Vec<RelayInfo>>,
+    relay_state: RelayState,
+    relay_bytes: HashMap<[u8; 32], RelayBytes>,
+    stun: StunClient,
+    base_candidates: Vec<Candidate>,
+    candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
+    stun_resolve_tx: mpsc::Sender<(String, Option<SocketAddr>)>,
+}
+
+/// Learns the node's reflexive address over its WireGuard socket.
+#[derive(Debug, Default)]
+struct StunClient {
+    /// `HOST:PORT` as the map names it, and its address once resolved.
+    server: Option<(String, Option<SocketAddr>)>,
+    outstanding: Option<stun::TxId>,
+    next: Option<Instant>,
+    reflexive: Option<SocketAddr>,
 }
 
 /// Starts the data plane on `listen` with this node's private key; it follows the maps published on
@@ -223,7 +284,7 @@ pub async fn start(
     listen: SocketAddr,
     maps: watch::Receiver<Option<Arc<NetworkMap>>>,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
-    start_with(kind, private_key, listen, maps, None).await
+    start_with(kind, private_key, listen, maps, None, PathOptions::default()).await
 }
 
 /// Like [`start`], with inner packets going to and from the system (`os`) rather than the userspace
@@ -232,13 +293,29 @@ pub async fn start_with(
     kind: NodeKind,
     private_key: [u8; 32],
     listen: SocketAddr,
+    maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    os: Option<OsPackets>,
+    opts: PathOptions,
+) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
+    let socket = bind_socket(listen)?;
+    start_on(kind, private_key, socket, maps, os, opts).await
+}
+
+/// Binds the node's one UDP socket (WireGuard, STUN, probes).
+pub fn bind_socket(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    bind_udp(listen).map_err(|e| anyhow::anyhow!("cannot bind the WireGuard UDP socket on {listen}: {e}"))
+}
+
+/// Like [`start_with`], on a socket bound already.
+pub async fn start_on(
+    kind: NodeKind,
+    private_key: [u8; 32],
+    socket: UdpSocket,
     mut maps: watch::Receiver<Option<Arc<NetworkMap>>>,
     os: Option<OsPackets>,
+    opts: PathOptions,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
-    let udp = Arc::new(
-        bind_udp(listen)
-            .map_err(|e| anyhow::anyhow!("cannot bind the WireGuard UDP socket on {listen}: {e}"))?,
-    );
+    let udp = Arc::new(socket);
     let local_addr = udp.local_addr()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     let (dial_tx, mut dial_rx) = mpsc::channel(64);
@@ -248,6 +325,11 @@ pub async fn start_with(
         Some(o) => (Some(o.from_os), Some(o.to_os)),
         None => (None, None),
     };
+    let (relay, relay_task) = crate::relay::start();
+    let RelayLink { out: relay_out, inbound: mut relay_in, state: mut relay_state, relays: relay_list } =
+        relay;
+    let (stun_resolve_tx, mut stun_resolve_rx) = mpsc::channel(4);
+    let now = Instant::now();
     let mut lp = Loop {
         to_os,
         udp_out: HashMap::new(),
@@ -269,9 +351,28 @@ pub async fn start_with(
         wake: Arc::new(Notify::new()),
         counters: Counters::default(),
         seed,
-        started: Instant::now(),
+        started: now,
+        paths: Paths::new(private_key, opts.keepalive, seed.rotate_left(17), now),
+        keepalive: opts.keepalive,
+        force_relay: opts.force_relay,
+        relay_out,
+        relay_list,
+        relay_state: RelayState::default(),
+        relay_bytes: HashMap::new(),
+        stun: StunClient::default(),
+        base_candidates: opts.base_candidates,
+        candidates_tx: opts.candidates_tx,
+        stun_resolve_tx,
     };
     let task = tokio::spawn(async move {
+        // The relay link lives and dies with the loop.
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _relay_task = AbortOnDrop(relay_task);
         let mut buf = vec![0u8; 65_536];
         if let Some(m) = maps.borrow_and_update().clone() {
             lp.apply_map(m);
@@ -283,15 +384,32 @@ pub async fn start_with(
             tokio::select! {
                 r = udp.recv_from(&mut buf) => {
                     if let Ok((n, from)) = r {
-                        lp.device.handle_datagram(normalize(from), &buf[..n]);
+                        lp.datagram(normalize(from), &buf[..n], now);
                         for _ in 1..DATAGRAM_BUDGET {
                             match udp.try_recv_from(&mut buf) {
-                                Ok((n, from)) => lp.device.handle_datagram(normalize(from), &buf[..n]),
+                                Ok((n, from)) => lp.datagram(normalize(from), &buf[..n], now),
                                 Err(_) => break,
                             }
                         }
                     }
                 }
+                Some((from, p)) = relay_in.recv() => {
+                    lp.relayed(from, &p);
+                    for _ in 1..DATAGRAM_BUDGET {
+                        match relay_in.try_recv() {
+                            Ok((from, p)) => lp.relayed(from, &p),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                r = relay_state.changed() => {
+                    if r.is_ok() {
+                        let st = relay_state.borrow_and_update().clone();
+                        lp.paths.set_relay(st.up, Instant::now());
+                        lp.relay_state = st;
+                    }
+                }
+                Some((name, addr)) = stun_resolve_rx.recv() => lp.stun_resolved(name, addr),
                 c = cmd_rx.recv() => match c {
                     Some(c) => lp.command(c),
                     None => break,
@@ -356,6 +474,12 @@ impl Loop {
         if let Some((t, _why)) = self.device.poll_timeout() {
             d = d.min(t);
         }
+        if let Some((t, _why)) = self.paths.poll_timeout() {
+            d = d.min(t);
+        }
+        if let Some(t) = self.stun.next {
+            d = d.min(t);
+        }
         if let Some(s) = self.stack.as_mut() {
             if let Some(delay) = s.poll_delay(now) {
                 d = d.min(now + delay);
@@ -377,6 +501,7 @@ impl Loop {
             }
         }
         let mut peers = Vec::new();
+        let mut path_peers = Vec::new();
         self.grants.clear();
         self.peer_names.clear();
         let addr_of: HashMap<&str, Ipv4Addr> = map
@@ -387,12 +512,20 @@ impl Loop {
         for p in map.peers.values() {
             let Some(key) = p.public_key else { continue };
             let allowed: Vec<_> = p.allowed_ips.iter().filter_map(|s| parse_net(s)).collect();
-            // Prefer what the operator advertised, then LAN addresses, then reflexive ones.
-            let endpoint = ["advertised", "lan", "reflexive"]
+            // The path logic picks the endpoint; the device starts without one.
+            let keepalive =
+                (self.kind == NodeKind::Client).then_some(self.keepalive.as_secs().clamp(1, 600) as u16);
+            peers.push(PeerConfig { key, allowed, endpoint: None, keepalive });
+            let candidates = p
+                .candidates
                 .iter()
-                .find_map(|k| p.candidates.iter().find(|c| c.kind == *k).and_then(|c| c.addr.parse().ok()));
-            let keepalive = (self.kind == NodeKind::Client).then_some(KEEPALIVE_SECS);
-            peers.push(PeerConfig { key, allowed, endpoint, keepalive });
+                .filter(|_| !self.force_relay)
+                .filter_map(|c| {
+                    let addr: SocketAddr = c.addr.parse().ok()?;
+                    Some((normalize(addr), CandidateKind::from_name(&c.kind)?))
+                })
+                .collect();
+            path_peers.push(PeerCandidates { key, candidates });
             if self.kind == NodeKind::Site {
                 self.grants.insert(
                     key,
@@ -410,6 +543,27 @@ impl Loop {
             }
         }
         self.device.set_peers(peers, now);
+        self.paths.set_peers(path_peers, now);
+        self.relay_bytes.retain(|k, _| self.peer_names.contains_key(k));
+        if *self.relay_list.borrow() != map.relays {
+            self.relay_list.send_replace(map.relays.clone());
+        }
+        let stun_name = map.stun_addr.clone();
+        if self.stun.server.as_ref().map(|s| &s.0) != stun_name.as_ref() {
+            self.stun.server = None;
+            self.stun.next = None;
+            if let Some(name) = stun_name {
+                // Resolved off the loop: the server may announce a host name.
+                let tx = self.stun_resolve_tx.clone();
+                tokio::spawn(async move {
+                    let addr = match tokio::net::lookup_host(name.as_str()).await {
+                        Ok(mut a) => a.find(SocketAddr::is_ipv4),
+                        Err(_) => None,
+                    };
+                    let _ = tx.send((name, addr)).await;
+                });
+            }
+        }
         // Flows of peers that lost their grant end now (revocation takes effect at once).
         if self.kind == NodeKind::Site {
             let grants = &self.grants;
@@ -464,6 +618,84 @@ impl Loop {
         self.map = Some(map);
     }
 
+    /// A datagram on the node's UDP socket: a path probe, a STUN answer, or WireGuard.
+    fn datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+        if probe::is_probe(data) {
+            if !self.force_relay {
+                self.paths.handle_probe(from, data, now);
+            }
+        } else if stun::is_stun(data) {
+            self.stun_answer(data, now);
+        } else if let Some(key) = self.device.handle_datagram(Via::Direct(from), data) {
+            self.paths.handle_rx(&key, from, now);
+        }
+    }
+
+    /// A WireGuard packet the relay brought from peer `from`.
+    fn relayed(&mut self, from: [u8; 32], data: &[u8]) {
+        if let Some(b) = self.relay_bytes.get_mut(&from) {
+            b.rx += data.len() as u64;
+        } else if self.peer_names.contains_key(&from) {
+            self.relay_bytes.insert(from, RelayBytes { tx: 0, rx: data.len() as u64 });
+        }
+        self.device.handle_datagram(Via::Relay, data);
+    }
+
+    fn stun_resolved(&mut self, name: String, addr: Option<SocketAddr>) {
+        if addr.is_none() {
+            tracing::warn!(server = %name, "cannot resolve the STUN server; the node will not learn its public address");
+        }
+        self.stun.server = Some((name, addr));
+        self.stun.next = addr.map(|_| Instant::now());
+    }
+
+    /// Sends a STUN request when one is due.
+    fn stun_tick(&mut self, now: Instant) {
+        let Some(due) = self.stun.next else { return };
+        if now < due {
+            return;
+        }
+        let Some((_, Some(server))) = self.stun.server.clone() else { return };
+        let mut txid = [0u8; 12];
+        txid.copy_from_slice(&rand::random::<[u8; 12]>());
+        self.stun.outstanding = Some(txid);
+        self.stun.next = Some(now + STUN_RETRY);
+        if let Err(e) = self.udp.try_send_to(&stun::request(txid), server) {
+            tracing::debug!(%server, error = %e, "STUN request not sent");
+        }
+    }
+
+    fn stun_answer(&mut self, data: &[u8], now: Instant) {
+        let Some(resp) = stun::parse_response(data) else { return };
+        if self.stun.outstanding != Some(resp.txid) {
+            return;
+        }
+        self.stun.outstanding = None;
+        self.stun.next = Some(now + STUN_EVERY);
+        let mapped = normalize(resp.mapped);
+        if self.stun.reflexive == Some(mapped) {
+            return;
+        }
+        tracing::info!(reflexive = %mapped, previous = ?self.stun.reflexive, "public address learned");
+        self.stun.reflexive = Some(mapped);
+        self.report_candidates();
+        // Our peers are about to learn the new address from the server: punch towards them now.
+        self.paths.punch_all(now);
+    }
+
+    fn report_candidates(&self) {
+        let mut c = self.base_candidates.clone();
+        if let Some(r) = self.stun.reflexive {
+            let r = r.to_string();
+            if !c.iter().any(|x| x.addr == r) {
+                c.push(Candidate { addr: r, kind: "reflexive".into() });
+            }
+        }
+        if let Some(tx) = &self.candidates_tx {
+            let _ = tx.try_send(c);
+        }
+    }
+
     fn command(&mut self, c: Command) {
         match c {
             Command::Connect { remote, reply } => {
@@ -499,11 +731,18 @@ impl Loop {
         for (key, (name, id)) in &self.peer_names {
             let st = self.device.peer_stats(key);
             let hs = st.as_ref().and_then(|s| s.last_handshake_secs);
-            // A session is up while its last handshake is younger than WireGuard's reject-after time.
-            let path = match hs {
-                Some(secs) if secs < 180 => "direct",
+            // A session is up while its last handshake is younger than WireGuard's reject-after time;
+            // it is direct only over a path that answered probes, relayed only while the relay is up.
+            let alive = hs.is_some_and(|secs| secs < 180);
+            let path = match self.paths.current(key) {
+                Some(Via::Direct(_)) if alive && self.paths.is_direct(key) => "direct",
+                Some(Via::Relay) if alive && self.relay_state.up => "relay",
+                // A guessed endpoint that carries a live session (a peer that does not answer probes).
+                Some(Via::Direct(_)) if alive && st.as_ref().is_some_and(|s| s.rx_bytes > 0) => "direct",
                 _ => "down",
             };
+            let ps = self.paths.stats(key).unwrap_or_default();
+            let rb = self.relay_bytes.get(key).copied().unwrap_or_default();
             peers.push(serde_json::json!({
                 "name": name,
                 "node_id": id,
@@ -513,6 +752,12 @@ impl Loop {
                 "tx_bytes": st.as_ref().map(|s| s.tx_bytes).unwrap_or(0),
                 "rx_bytes": st.as_ref().map(|s| s.rx_bytes).unwrap_or(0),
                 "rtt_ms": st.as_ref().and_then(|s| s.rtt_ms),
+                "path_rtt_us": ps.rtt_us,
+                "path_changes": ps.path_changes,
+                "punch_attempts": ps.punch_attempts,
+                "punch_successes": ps.punch_successes,
+                "relay_tx_bytes": rb.tx,
+                "relay_rx_bytes": rb.rx,
             }));
         }
         serde_json::json!({
@@ -527,6 +772,9 @@ impl Loop {
             "udp_flows": self.udp_flows.len(),
             "drops": self.device.drops,
             "counters": self.counters,
+            "bad_probes": self.paths.bad_probes,
+            "reflexive_addr": self.stun.reflexive.map(|a| a.to_string()),
+            "relay": self.relay_state,
         })
     }
 
@@ -683,6 +931,37 @@ impl Loop {
         }
     }
 
+    async fn send_udp(&self, payload: &[u8], dst: SocketAddr) {
+        match self.udp.try_send_to(payload, dst) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = self.udp.send_to(payload, dst).await;
+            }
+            Err(e) => tracing::debug!(%dst, error = %e, "send failed"),
+        }
+    }
+
+    fn path_changed(&mut self, ev: tunnel_core::path::PathEvent) {
+        self.device.set_endpoint(&ev.key, ev.via, !ev.proven);
+        let name = self.peer_names.get(&ev.key).map(|n| n.0.as_str()).unwrap_or("?");
+        match ev.via {
+            Some(Via::Direct(a)) if ev.proven => {
+                tracing::info!(peer = %name, path = "direct", endpoint = %a, "path changed")
+            }
+            Some(Via::Direct(a)) => {
+                tracing::debug!(peer = %name, endpoint = %a, "trying an unproven endpoint")
+            }
+            Some(Via::Relay) => {
+                tracing::info!(peer = %name, path = "relay", "path changed");
+                // The direct path may have died because our public address moved: ask again now.
+                if self.stun.server.as_ref().is_some_and(|s| s.1.is_some()) {
+                    self.stun.next = Some(Instant::now());
+                }
+            }
+            None => tracing::info!(peer = %name, path = "down", "path changed"),
+        }
+    }
+
     fn has_socket(&mut self, t: Tuple) -> bool {
         let Some(stack) = self.stack.as_mut() else { return false };
         self.flows.keys().any(|h| {
@@ -743,6 +1022,8 @@ impl Loop {
     async fn pump(&mut self) {
         let now = Instant::now();
         self.device.handle_timeout(now);
+        self.paths.handle_timeout(now);
+        self.stun_tick(now);
         for _ in 0..64 {
             let mut moved = false;
             while let Some(inb) = self.device.poll_inbound() {
@@ -758,14 +1039,27 @@ impl Loop {
                     self.device.handle_outbound(&p);
                 }
             }
+            while let Some(ev) = self.paths.poll_event() {
+                self.path_changed(ev);
+            }
+            while let Some((dst, p)) = self.paths.poll_transmit() {
+                self.send_udp(&p, dst).await;
+            }
             while let Some(t) = self.device.poll_transmit() {
                 moved = true;
-                match self.udp.try_send_to(&t.payload, t.dst) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        let _ = self.udp.send_to(&t.payload, t.dst).await;
+                match t.dst {
+                    Via::Direct(dst) => self.send_udp(&t.payload, dst).await,
+                    Via::Relay => {
+                        if let Some(peer) = t.peer {
+                            self.relay_bytes.entry(peer).or_default().tx += t.payload.len() as u64;
+                            // A full queue drops, as a congested link would.
+                            let _ =
+                                self.relay_out.try_send(tunnel_core::relay::encode_packet(&peer, &t.payload));
+                        }
                     }
-                    Err(e) => tracing::debug!(dst = %t.dst, error = %e, "send failed"),
+                }
+                if let Some(peer) = t.peer {
+                    self.paths.handle_tx(&peer, now);
                 }
             }
             if !moved {

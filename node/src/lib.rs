@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod http;
 pub mod node;
 pub mod process;
+pub mod relay;
 pub mod state;
 pub mod tls;
 

@@ -26,6 +26,11 @@ pub struct NodeConfig {
     pub advertise: Vec<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
     pub version: String,
+    /// WireGuard persistent keepalive and idle path checks (holds NAT mappings open).
+    pub keepalive: std::time::Duration,
+    /// Never use a direct path: every peer goes through the relay (for networks where punching
+    /// misbehaves).
+    pub force_relay: bool,
 }
 
 /// TUN mode: the packet channels to the system, set up by the caller.
@@ -70,20 +75,30 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
     let key = state.private_key().context("cannot load the node's key")?;
     let listen: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
     let (map_tx, map_rx) = watch::channel(state.load_map().map(Arc::new));
-    let (dp, dp_task) = dataplane::start_with(cfg.kind, key, listen, map_rx, os).await?;
-    let port = dp.local_addr.port();
-    let mut candidates: Vec<Candidate> =
+    // The port is known before binding only when fixed; with port 0 the LAN candidate follows the bind.
+    let (cand_tx, cand_rx) = mpsc::channel(4);
+    let lan_ip = local_ip_towards(&cfg.token.server);
+    let advertised: Vec<Candidate> =
         cfg.advertise.iter().map(|a| Candidate { addr: a.to_string(), kind: "advertised".into() }).collect();
-    if let Some(ip) = local_ip_towards(&cfg.token.server) {
+    let socket = dataplane::bind_socket(listen)?;
+    let port = socket.local_addr()?.port();
+    let mut candidates = advertised;
+    if let Some(ip) = lan_ip {
         candidates.push(Candidate { addr: SocketAddr::new(ip, port).to_string(), kind: "lan".into() });
     }
+    let opts = dataplane::PathOptions {
+        keepalive: cfg.keepalive,
+        force_relay: cfg.force_relay,
+        base_candidates: candidates.clone(),
+        candidates_tx: Some(cand_tx),
+    };
+    let (dp, dp_task) = dataplane::start_on(cfg.kind, key, socket, map_rx, os, opts).await?;
     let control_cfg = ControlConfig {
         token: cfg.token.clone(),
         public_key: tunnel_core::wg::public_key(key),
         version: cfg.version.clone(),
         candidates,
     };
-    let (_cand_tx, cand_rx) = mpsc::channel(4);
     let (mut maps, link, control_task) = control::run(control_cfg, Some(state.clone()), cand_rx);
     // Forward maps from the control loop to the data plane (the data plane started from the cache).
     let forward = tokio::spawn({

@@ -88,6 +88,25 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
+fn pinned_config(pin: KeyPin, alpn: &[u8]) -> Result<(rustls::ClientConfig, Arc<PinnedVerifier>), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        Arc::new(PinnedVerifier { pin, provider: provider.clone(), seen_mismatch: Mutex::default() });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok((cfg, verifier))
+}
+
+/// A TLS 1.3 client configuration that trusts exactly the key with this pin (relays use it too).
+pub fn pinned_client_config(pin: KeyPin, alpn: &[u8]) -> Result<rustls::ClientConfig, String> {
+    pinned_config(pin, alpn).map(|(c, _)| c)
+}
+
 /// Where and how to reach a server.
 #[derive(Clone)]
 pub struct ServerTarget {
@@ -106,19 +125,8 @@ impl fmt::Debug for ServerTarget {
 /// A gRPC channel to the server over pinned TLS. Connects eagerly, so the error (unreachable, wrong
 /// pin) surfaces here.
 pub async fn connect(target: &ServerTarget) -> Result<Channel, ConnectError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedVerifier {
-        pin: target.pin,
-        provider: provider.clone(),
-        seen_mismatch: Mutex::default(),
-    });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ConnectError::Tls { server: target.server.clone(), reason: e.to_string() })?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let (cfg, verifier) = pinned_config(target.pin, b"h2")
+        .map_err(|reason| ConnectError::Tls { server: target.server.clone(), reason })?;
     let connector = TlsConnector::from(Arc::new(cfg));
     let server = target.server.clone();
     let host = match server.rsplit_once(':') {

@@ -15,7 +15,9 @@
 //! to its own map only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::Duration;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -46,6 +48,8 @@ pub struct Session {
     sent_resources: HashMap<String, ResourceInfo>,
     needs_full: bool,
     kill: Option<oneshot::Sender<SessionEnd>>,
+    /// When the relay capabilities last sent were signed, and for which peer keys (a hash).
+    caps: Option<(Instant, u64)>,
 }
 
 /// Counters for /metrics and the benchmark.
@@ -63,6 +67,65 @@ pub struct Hub {
     dirty: HashSet<NodeId>,
     next_session: u64,
     pub stats: HubStats,
+    /// STUN and relays, announced in every map.
+    pub services: Option<Arc<PathServices>>,
+}
+
+/// The STUN responder and relays nodes are told about, and the key that signs relay capabilities.
+pub struct PathServices {
+    /// `HOST:PORT` of the STUN responder.
+    pub stun_addr: Option<String>,
+    /// Relays, in order of preference.
+    pub relays: Vec<RelayEndpoint>,
+    /// Signs capabilities.
+    pub signer: Arc<ring::signature::Ed25519KeyPair>,
+    /// How long a capability lives; they are renewed at half of it.
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for PathServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathServices").field("stun", &self.stun_addr).field("relays", &self.relays).finish()
+    }
+}
+
+/// A relay as nodes see it.
+#[derive(Debug, Clone)]
+pub struct RelayEndpoint {
+    /// `HOST:PORT` of its QUIC listener, if it has one.
+    pub udp: Option<String>,
+    /// `HOST:PORT` of its TCP/TLS listener, if it has one.
+    pub tcp: Option<String>,
+    /// Pin of the relays' TLS key.
+    pub pin: tunnel_core::KeyPin,
+}
+
+impl PathServices {
+    fn relays_for(&self, node: Option<[u8; 32]>, peers: &HashMap<NodeId, PeerInfo>) -> Vec<pb::Relay> {
+        let Some(node) = node else { return vec![] };
+        let mut keys: Vec<[u8; 32]> = peers.values().filter_map(|p| p.public_key).collect();
+        keys.sort_unstable();
+        let expires = crate::state::now_ms().max(0) as u64 + self.ttl.as_millis() as u64;
+        let cap =
+            tunnel_core::relay::Capability { node, expires_unix_ms: expires, peers: keys }.sign(&self.signer);
+        self.relays
+            .iter()
+            .map(|r| pb::Relay {
+                addr: r.udp.clone().unwrap_or_default(),
+                key_pin: r.pin.0.to_vec(),
+                capability: cap.clone(),
+                tcp_addr: r.tcp.clone().unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+fn keys_hash(peers: &HashMap<NodeId, PeerInfo>) -> u64 {
+    let mut keys: Vec<[u8; 32]> = peers.values().filter_map(|p| p.public_key).collect();
+    keys.sort_unstable();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    keys.hash(&mut h);
+    h.finish()
 }
 
 impl Hub {
@@ -97,8 +160,9 @@ impl Hub {
             sent_resources: HashMap::new(),
             needs_full: true,
             kill: Some(kill_tx),
+            caps: None,
         };
-        send_full(reg, id, &mut s, &mut self.stats);
+        send_full(reg, id, &mut s, &mut self.stats, self.services.as_deref());
         self.sessions.insert(id.clone(), s);
         (self.next_session, kill_rx)
     }
@@ -140,7 +204,7 @@ impl Hub {
     pub fn request_full(&mut self, reg: &Registry, id: &NodeId) {
         if let Some(s) = self.sessions.get_mut(id) {
             s.needs_full = true;
-            send_full(reg, id, s, &mut self.stats);
+            send_full(reg, id, s, &mut self.stats, self.services.as_deref());
         }
     }
 
@@ -154,7 +218,7 @@ impl Hub {
         }
         for (viewer, entries) in by_viewer {
             if let Some(s) = self.sessions.get_mut(&viewer) {
-                send_delta(reg, &viewer, s, entries, &mut self.stats);
+                send_delta(reg, &viewer, s, entries, &mut self.stats, self.services.as_deref());
             }
         }
     }
@@ -167,15 +231,27 @@ impl Hub {
             touched.extend(reg.entries_showing(id));
         }
         self.distribute(reg, touched);
+        let services = self.services.as_deref();
         for (id, s) in self.sessions.iter_mut() {
             if s.needs_full && s.tx.capacity() > 0 {
-                send_full(reg, id, s, &mut self.stats);
+                send_full(reg, id, s, &mut self.stats, services);
+            } else if let (Some(sv), Some((at, _))) = (services, s.caps) {
+                // Renew capabilities at half their life, so a node always holds a valid one.
+                if at.elapsed() >= sv.ttl / 2 {
+                    send_delta(reg, id, s, BTreeSet::new(), &mut self.stats, services);
+                }
             }
         }
     }
 }
 
-fn send_full(reg: &Registry, id: &NodeId, s: &mut Session, stats: &mut HubStats) {
+fn send_full(
+    reg: &Registry,
+    id: &NodeId,
+    s: &mut Session,
+    stats: &mut HubStats,
+    services: Option<&PathServices>,
+) {
     let Some(node) = reg.nodes.get(id) else { return };
     let mut peers = HashMap::new();
     let mut resources = HashMap::new();
@@ -209,8 +285,10 @@ fn send_full(reg: &Registry, id: &NodeId, s: &mut Session, stats: &mut HubStats)
         mtu: u32::from(reg.mtu),
         peers: sorted_peers.into_iter().map(convert::peer_to_pb).collect(),
         resources: sorted_res.into_iter().map(convert::resource_to_pb).collect(),
-        relays: vec![],
+        relays: services.map(|sv| sv.relays_for(node.public_key, &peers)).unwrap_or_default(),
+        stun_addr: services.and_then(|sv| sv.stun_addr.clone()).unwrap_or_default(),
     };
+    let caps = services.map(|_| (Instant::now(), keys_hash(&peers)));
     let msg = pb::ServerMessage { msg: Some(pb::server_message::Msg::FullMap(map)) };
     match s.tx.try_send(Ok(msg)) {
         Ok(()) => {
@@ -218,6 +296,7 @@ fn send_full(reg: &Registry, id: &NodeId, s: &mut Session, stats: &mut HubStats)
             s.sent_peers = peers;
             s.sent_resources = resources;
             s.needs_full = false;
+            s.caps = caps;
             stats.full_maps_sent += 1;
             tracing::debug!(node = %id, version, "full map queued");
         }
@@ -228,7 +307,14 @@ fn send_full(reg: &Registry, id: &NodeId, s: &mut Session, stats: &mut HubStats)
     }
 }
 
-fn send_delta(reg: &Registry, id: &NodeId, s: &mut Session, entries: BTreeSet<Entry>, stats: &mut HubStats) {
+fn send_delta(
+    reg: &Registry,
+    id: &NodeId,
+    s: &mut Session,
+    entries: BTreeSet<Entry>,
+    stats: &mut HubStats,
+    services: Option<&PathServices>,
+) {
     if s.needs_full {
         // A full map is pending anyway and will carry these changes.
         return;
@@ -264,7 +350,21 @@ fn send_delta(reg: &Registry, id: &NodeId, s: &mut Session, entries: BTreeSet<En
             },
         }
     }
+    // New capabilities when the set of peer keys changed (a grant, a new key) or the old ones are half
+    // way to expiry. Endpoint changes alone do not re-sign anything.
+    let mut new_caps = None;
+    if let Some(sv) = services {
+        let h = keys_hash(&s.sent_peers);
+        let stale = s.caps.is_none_or(|(at, old)| old != h || at.elapsed() >= sv.ttl / 2);
+        if stale {
+            let node_key = reg.nodes.get(id).and_then(|n| n.public_key);
+            delta.relays_changed = true;
+            delta.relays = sv.relays_for(node_key, &s.sent_peers);
+            new_caps = Some((Instant::now(), h));
+        }
+    }
     if delta.upsert_peers.is_empty()
+        && !delta.relays_changed
         && delta.remove_peers.is_empty()
         && delta.upsert_resources.is_empty()
         && delta.remove_resources.is_empty()
@@ -276,6 +376,9 @@ fn send_delta(reg: &Registry, id: &NodeId, s: &mut Session, entries: BTreeSet<En
     match s.tx.try_send(Ok(msg)) {
         Ok(()) => {
             s.version = version;
+            if new_caps.is_some() {
+                s.caps = new_caps;
+            }
             stats.deltas_sent += 1;
             tracing::debug!(node = %id, version, "map delta queued");
         }

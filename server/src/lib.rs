@@ -13,8 +13,10 @@ pub mod hub;
 pub mod identity;
 pub mod metrics;
 pub mod registry;
+pub mod relay;
 pub mod state;
 pub mod store;
+pub mod stun;
 pub mod tls;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -60,6 +62,43 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub kdf: KdfParams,
     pub address_quarantine: Duration,
+    /// STUN responder (UDP).
+    pub stun_listen: Option<SocketAddr>,
+    /// The embedded relay's QUIC listener.
+    pub relay_listen: Option<SocketAddr>,
+    /// The embedded relay's TCP/TLS listener.
+    pub relay_tcp_listen: Option<SocketAddr>,
+    /// Relays running elsewhere (`tunnel-server relay`), announced after the embedded one.
+    pub external_relays: Vec<ExternalRelay>,
+    /// How long relay capabilities live.
+    pub capability_ttl: Duration,
+    /// Per-node limits of the embedded relay.
+    pub relay_limits: relay::Limits,
+}
+
+/// A relay running apart from the server, as nodes should reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalRelay {
+    /// `HOST:PORT` of its QUIC listener.
+    pub udp: String,
+    /// `HOST:PORT` of its TCP/TLS listener.
+    pub tcp: Option<String>,
+}
+
+impl std::str::FromStr for ExternalRelay {
+    type Err = String;
+    /// `HOST:UDPPORT[,HOST:TCPPORT]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (udp, tcp) = match s.split_once(',') {
+            Some((u, t)) => (u.trim(), Some(t.trim())),
+            None => (s.trim(), None),
+        };
+        let ok = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !ok(udp) || tcp.is_some_and(|t| !ok(t)) {
+            return Err(format!("'{s}' is not HOST:UDPPORT[,HOST:TCPPORT]"));
+        }
+        Ok(ExternalRelay { udp: udp.to_owned(), tcp: tcp.map(str::to_owned) })
+    }
 }
 
 impl ServerConfig {
@@ -75,6 +114,12 @@ impl ServerConfig {
             metrics_listen: None,
             kdf: KdfParams::default(),
             address_quarantine: ADDRESS_QUARANTINE,
+            stun_listen: None,
+            relay_listen: None,
+            relay_tcp_listen: None,
+            external_relays: vec![],
+            capability_ttl: Duration::from_secs(3600),
+            relay_limits: relay::Limits::default(),
         }
     }
 }
@@ -86,6 +131,10 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// Where /metrics is served, if enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the STUN responder is bound.
+    pub stun_addr: Option<SocketAddr>,
+    /// The embedded relay, if enabled.
+    pub relay: Option<relay::RunningRelay>,
     /// The admin token (also written to `DATA_DIR/admin.token`).
     pub admin_token: AdminToken,
     pub shared: Arc<Shared>,
@@ -150,6 +199,48 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
     let store = Store::open(cfg.database.as_deref(), &cfg.data_dir).await?;
     let reg = load_registry(&store, &cfg).await?;
     let admin_token = identity.write_admin_token(&cfg.data_dir, &public_addr)?;
+    let relay_keys = relay::RelayKeys::load_or_create(&cfg.data_dir)?;
+    let public_host = public_addr.rsplit_once(':').map(|(h, _)| h.to_owned()).unwrap_or(public_addr.clone());
+    let announce = |a: SocketAddr| format!("{public_host}:{}", a.port());
+    let mut tasks = Vec::new();
+    let stun_stats = Arc::new(stun::StunStats::default());
+    let stun_addr = match cfg.stun_listen {
+        Some(a) => {
+            let (bound, task) = stun::start(a, stun_stats.clone())?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+    let relay_stats = Arc::new(relay::RelayStats::default());
+    let relay = if cfg.relay_listen.is_some() || cfg.relay_tcp_listen.is_some() {
+        let rcfg = relay::RelayConfig {
+            udp: cfg.relay_listen,
+            tcp: cfg.relay_tcp_listen,
+            bundle: relay_keys.bundle.clone(),
+            limits: cfg.relay_limits,
+        };
+        Some(relay::start(rcfg, relay_stats.clone()).await?)
+    } else {
+        None
+    };
+    let mut relays = Vec::new();
+    if let Some(r) = &relay {
+        relays.push(hub::RelayEndpoint {
+            udp: r.udp_addr.map(announce),
+            tcp: r.tcp_addr.map(announce),
+            pin: relay_keys.pin,
+        });
+    }
+    for e in &cfg.external_relays {
+        relays.push(hub::RelayEndpoint { udp: Some(e.udp.clone()), tcp: e.tcp.clone(), pin: relay_keys.pin });
+    }
+    let services = Arc::new(hub::PathServices {
+        stun_addr: stun_addr.map(announce),
+        relays,
+        signer: relay_keys.signer.clone(),
+        ttl: cfg.capability_ttl,
+    });
     let facts = ServerFacts { public_addr: public_addr.clone(), pin: identity.pin, version: VERSION.into() };
     let shared = Arc::new(Shared::new(
         facts,
@@ -159,6 +250,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         SecretHasher::new(cfg.kdf),
         Tickets::new(identity.ticket_key),
     ));
+    shared.model().hub.services = Some(services);
 
     let tls = tls::server_config(&identity)?;
     let incoming = ReceiverStream::new(tls::accept_loop(listener, tls));
@@ -178,7 +270,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         }
     });
 
-    let mut tasks = Vec::new();
     let s = shared.clone();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(hub::FLUSH_INTERVAL);
@@ -200,7 +291,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
     }));
     let metrics_addr = match cfg.metrics_listen {
         Some(a) => {
-            let (bound, task) = metrics::serve(a, shared.clone()).await?;
+            let extra = metrics::Extra { stun: stun_stats.clone(), relay: relay_stats.clone() };
+            let (bound, task) = metrics::serve(a, shared.clone(), extra).await?;
             tasks.push(task);
             Some(bound)
         }
@@ -210,6 +302,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
     Ok(RunningServer {
         addr,
         metrics_addr,
+        stun_addr,
+        relay,
         admin_token,
         shared,
         stop: Some(stop_tx),

@@ -13,8 +13,19 @@ use tunnel_core::map::NodeKind;
 
 use crate::state::Shared;
 
+/// Counters kept outside the model: the STUN responder's and the embedded relay's.
+#[derive(Debug, Clone)]
+pub struct Extra {
+    pub stun: Arc<crate::stun::StunStats>,
+    pub relay: Arc<crate::relay::RelayStats>,
+}
+
 /// Binds `addr` and serves the metrics routes.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    extra: Extra,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
@@ -22,7 +33,7 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<(SocketAddr,
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(shared);
+        .with_state((shared, extra));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener failed");
@@ -31,9 +42,11 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<(SocketAddr,
     Ok((bound, task))
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> String {
-    let m = shared.model();
+async fn metrics(State((shared, extra)): State<(Arc<Shared>, Extra)>) -> String {
     let mut out = String::new();
+    extra.stun.render(&mut out);
+    extra.relay.render(&mut out);
+    let m = shared.model();
     let count = |k| m.reg.nodes.values().filter(|n| n.kind == k).count();
     let gauges = [
         ("tunnel_server_sites", "Sites known to the server.", count(NodeKind::Site) as u64),
@@ -58,4 +71,32 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
     out
+}
+
+/// `/metrics` and `/healthz` for a relay running alone (`tunnel-server relay`).
+pub async fn serve_relay(
+    addr: SocketAddr,
+    stats: Arc<crate::relay::RelayStats>,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(stats): State<Arc<crate::relay::RelayStats>>| async move {
+                let mut out = String::new();
+                stats.render(&mut out);
+                out
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(stats);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok((bound, task))
 }

@@ -107,6 +107,8 @@ async fn main() -> Result<()> {
         advertise: vec![],
         metrics_listen: Some("127.0.0.1:0".parse()?),
         version: "demo".into(),
+        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
+        force_relay: false,
     })
     .await?;
     println!("6. site agent up: WireGuard on udp {}, no root, no TUN", agent.dataplane.local_addr);
@@ -118,6 +120,8 @@ async fn main() -> Result<()> {
         socks5: "127.0.0.1:0".parse()?,
         dns_listen: "127.0.0.1:0".parse()?,
         listen_port: 0,
+        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
+        force_relay: false,
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),

@@ -59,6 +59,14 @@ impl Lab {
         }
     }
 
+    /// A veth pair between two namespaces with no addresses (e.g. to enslave one end to a bridge).
+    pub fn veth(&mut self, a: &str, a_if: &str, b: &str, b_if: &str) {
+        run(Command::new("ip")
+            .args(["-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]));
+        run(Command::new("ip").args(["-n", a, "link", "set", a_if, "up"]));
+        run(Command::new("ip").args(["-n", b, "link", "set", b_if, "up"]));
+    }
+
     /// Runs a command in a namespace and waits for it.
     pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
         Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("ip netns exec")
@@ -96,6 +104,23 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills a spawned process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self, idx: usize) {
+        let child = &mut self.children[idx];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The exit status of a spawned process, if it has exited.
+    pub fn try_wait(&mut self, idx: usize) -> Option<std::process::ExitStatus> {
+        self.children[idx].try_wait().ok().flatten()
+    }
+
+    /// The path of log `name` (what [`Lab::spawn`] writes and [`Lab::log`] reads).
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
     }
 
     /// A log's text.

@@ -2,6 +2,7 @@
 //! real `tunnelctl` command code, and real nodes speaking `Control.Connect`.
 
 pub mod lab;
+pub mod nat;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,10 @@ impl TestServer {
         cfg.listen = "127.0.0.1:0".parse().expect("addr");
         cfg.public_addr = Some("127.0.0.1".into());
         cfg.kdf = KdfParams { m_cost: 256, t_cost: 1 };
+        // STUN and the relay (QUIC and TCP) run as in production, on free loopback ports.
+        cfg.stun_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        cfg.relay_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        cfg.relay_tcp_listen = Some("127.0.0.1:0".parse().expect("addr"));
         cfg
     }
 

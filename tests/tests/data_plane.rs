@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use tunnel_core::path::Via;
+
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,6 +86,8 @@ async fn agent(token: &str) -> (RunningNode, tempfile::TempDir) {
         advertise: vec![],
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         version: "test".into(),
+        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
+        force_relay: false,
     })
     .await
     .unwrap();
@@ -99,6 +103,8 @@ async fn client(token: &str, dir: &std::path::Path) -> Client {
         socks5: "127.0.0.1:0".parse().unwrap(),
         dns_listen: "127.0.0.1:0".parse().unwrap(),
         listen_port: 0,
+        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
+        force_relay: false,
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),
@@ -332,15 +338,15 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
         [probe(&client_addr, &secret_addr), probe(&client_addr, &secret_addr), probe(&other_addr, &web_addr)]
     {
         for t in exchange(&mut dev, Some(pkt)) {
-            raw.send_to(&t.payload, t.dst).await.unwrap();
+            raw.send_to(&t.payload, direct(t.dst)).await.unwrap();
         }
         // Let the handshake answer come back and flush what boringtun queued.
         if let Ok(Ok((len, from))) =
             tokio::time::timeout(Duration::from_millis(500), raw.recv_from(&mut buf)).await
         {
-            dev.handle_datagram(from, &buf[..len]);
+            dev.handle_datagram(Via::Direct(from), &buf[..len]);
             for t in exchange(&mut dev, None) {
-                raw.send_to(&t.payload, t.dst).await.unwrap();
+                raw.send_to(&t.payload, direct(t.dst)).await.unwrap();
             }
         }
     }
@@ -496,4 +502,11 @@ async fn a_refused_target_gives_the_client_a_reset() {
     .await;
     let r = socks_connect(n.client.socks5, "dead.tunnel.internal", closed.port()).await;
     assert_eq!(r.err(), Some(5), "SOCKS5 'connection refused', not a connection that dies after accept");
+}
+
+fn direct(v: Via) -> std::net::SocketAddr {
+    match v {
+        Via::Direct(a) => a,
+        Via::Relay => panic!("the raw test peer has no relay"),
+    }
 }

@@ -28,6 +28,10 @@ pub struct UpConfig {
     pub socks5: SocketAddr,
     pub dns_listen: SocketAddr,
     pub listen_port: u16,
+    /// Keepalive interval.
+    pub keepalive: std::time::Duration,
+    /// Relay only.
+    pub force_relay: bool,
     /// TUN mode: how to point the system resolver at the client.
     pub dns_mode: resolv::DnsMode,
     /// TUN mode: the device name.
@@ -75,6 +79,8 @@ fn node_config(cfg: &UpConfig) -> NodeConfig {
         advertise: vec![],
         metrics_listen: Some(cfg.metrics_listen),
         version: env!("CARGO_PKG_VERSION").into(),
+        keepalive: cfg.keepalive,
+        force_relay: cfg.force_relay,
     }
 }
 

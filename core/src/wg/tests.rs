@@ -37,13 +37,13 @@ fn run(a: &mut Device, b: &mut Device) -> (Vec<Inbound>, Vec<Inbound>) {
         let mut moved = false;
         while let Some(t) = a.poll_transmit() {
             moved = true;
-            assert_eq!(t.dst, B_ADDR.parse().unwrap());
-            b.handle_datagram(A_ADDR.parse().unwrap(), &t.payload);
+            assert_eq!(t.dst, Via::Direct(B_ADDR.parse().unwrap()));
+            b.handle_datagram(Via::Direct(A_ADDR.parse().unwrap()), &t.payload);
         }
         while let Some(t) = b.poll_transmit() {
             moved = true;
-            assert_eq!(t.dst, A_ADDR.parse().unwrap());
-            a.handle_datagram(B_ADDR.parse().unwrap(), &t.payload);
+            assert_eq!(t.dst, Via::Direct(A_ADDR.parse().unwrap()));
+            a.handle_datagram(Via::Direct(B_ADDR.parse().unwrap()), &t.payload);
         }
         got_a.extend(std::iter::from_fn(|| a.poll_inbound()));
         got_b.extend(std::iter::from_fn(|| b.poll_inbound()));
@@ -74,7 +74,7 @@ fn handshake_then_data_both_ways() {
     let (got_a, _) = run(&mut a, &mut b);
     assert_eq!(got_a.len(), 1);
     assert_eq!(got_a[0].packet, reply);
-    assert_eq!(b.peer_stats(&a.public_key()).unwrap().endpoint, Some(A_ADDR.parse().unwrap()));
+    assert_eq!(b.peer_stats(&a.public_key()).unwrap().endpoint, Some(Via::Direct(A_ADDR.parse().unwrap())));
 }
 
 #[test]
@@ -104,12 +104,12 @@ fn strangers_and_garbage_are_counted_and_dropped() {
     );
     c.handle_outbound(&udp("100.96.0.2:5000", "100.96.0.10:53", b"let me in"));
     while let Some(t) = c.poll_transmit() {
-        b.handle_datagram(C_ADDR.parse().unwrap(), &t.payload);
+        b.handle_datagram(Via::Direct(C_ADDR.parse().unwrap()), &t.payload);
     }
     assert!(b.poll_transmit().is_none(), "no answer to an unknown key");
     assert_eq!(b.drops.unknown_peer, 1);
-    b.handle_datagram(C_ADDR.parse().unwrap(), b"\x01\x00\x00\x00garbage");
-    b.handle_datagram(C_ADDR.parse().unwrap(), &[]);
+    b.handle_datagram(Via::Direct(C_ADDR.parse().unwrap()), b"\x01\x00\x00\x00garbage");
+    b.handle_datagram(Via::Direct(C_ADDR.parse().unwrap()), &[]);
     assert_eq!(b.drops.malformed, 2);
     // A data packet naming A's session index, sent from elsewhere, cannot decrypt and moves nothing.
     a.handle_outbound(&udp("100.96.0.2:5000", "100.96.0.10:53", b"x"));
@@ -118,8 +118,8 @@ fn strangers_and_garbage_are_counted_and_dropped() {
     let mut forged = vec![4, 0, 0, 0];
     forged.extend_from_slice(&(idx << 8).to_le_bytes());
     forged.extend_from_slice(&[0u8; 40]);
-    b.handle_datagram(C_ADDR.parse().unwrap(), &forged);
-    assert_eq!(b.peer_stats(&a.public_key()).unwrap().endpoint, Some(A_ADDR.parse().unwrap()));
+    b.handle_datagram(Via::Direct(C_ADDR.parse().unwrap()), &forged);
+    assert_eq!(b.peer_stats(&a.public_key()).unwrap().endpoint, Some(Via::Direct(A_ADDR.parse().unwrap())));
     assert!(b.drops.crypto >= 1);
 }
 

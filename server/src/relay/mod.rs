@@ -1,0 +1,510 @@
+//! The relay: forwards WireGuard packets between nodes that cannot reach each other directly, over
+//! QUIC datagrams (`--relay-listen`) or TCP/TLS frames (`--relay-tcp-listen`) for networks that block
+//! UDP. Wire formats are in [`tunnel_core::relay`].
+//!
+//! The relay holds no WireGuard key and no database. A node registers by presenting a capability the
+//! control server signed (its key, the peers it may reach, an expiry); the relay checks the signature
+//! with the server's public key and then forwards a packet only when the sender's capability names the
+//! destination *and* the destination's names the sender. A registration lives as long as its connection:
+//! an established pair keeps flowing while the control server is away and capabilities cannot be
+//! renewed; only a new registration needs a capability that has not expired. Per node, bytes are
+//! rate-limited and the number of peers it relays to at once is capped.
+
+pub mod bundle;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tunnel_core::relay::{self as wire, Capability, Frame};
+
+pub use bundle::{RelayBundle, RelayKeys};
+
+/// ALPN of the relay protocol (QUIC and TCP/TLS).
+pub const ALPN: &[u8] = b"tunnel-relay/1";
+/// QUIC packet size from the first packet on: a full-size tunnel packet (inner MTU 1280 + 32 bytes of
+/// WireGuard + 32 bytes of relay header) must fit one datagram. 1452 fits any 1500-byte link (IPv6).
+pub const QUIC_MTU: u16 = 1452;
+/// How long an idle relay connection lives (nodes send keepalives well inside it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Packets queued per TCP connection before the relay drops (as a congested link would).
+const TCP_QUEUE: usize = 1024;
+/// A peer counts as one of a node's relayed flows for this long after its last packet.
+const FLOW_IDLE: Duration = Duration::from_secs(60);
+
+/// Limits per node.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes per second a node may send through the relay (burst: one second's worth).
+    pub bytes_per_sec: u64,
+    /// Peers a node may relay to at once.
+    pub max_flows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // 2 Gbit/s: far above a fair share of one core, so it only stops a runaway or abusive node.
+        Limits { bytes_per_sec: 250_000_000, max_flows: 256 }
+    }
+}
+
+/// Where and how a relay listens.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// QUIC (UDP) listener.
+    pub udp: Option<SocketAddr>,
+    /// TCP/TLS listener.
+    pub tcp: Option<SocketAddr>,
+    /// Keys.
+    pub bundle: RelayBundle,
+    /// Per-node limits.
+    pub limits: Limits,
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub sessions: AtomicU64,
+    pub registrations: AtomicU64,
+    pub registrations_refused: AtomicU64,
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub refused_not_allowed: AtomicU64,
+    pub refused_no_peer: AtomicU64,
+    pub refused_rate: AtomicU64,
+    pub refused_flows: AtomicU64,
+    pub refused_malformed: AtomicU64,
+}
+
+impl RelayStats {
+    /// Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_relay_sessions Nodes registered with the relay now.\n# TYPE tunnel_relay_sessions gauge\ntunnel_relay_sessions {}",
+            g(&self.sessions)
+        );
+        for (name, help, v) in [
+            ("tunnel_relay_registrations_total", "Registrations accepted.", g(&self.registrations)),
+            (
+                "tunnel_relay_registrations_refused_total",
+                "Registrations refused (bad or expired capability).",
+                g(&self.registrations_refused),
+            ),
+            ("tunnel_relay_packets_total", "Packets forwarded.", g(&self.packets)),
+            ("tunnel_relay_bytes_total", "Bytes forwarded (WireGuard packets).", g(&self.bytes)),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_relay_refused_packets_total Packets not forwarded, by reason.\n# TYPE tunnel_relay_refused_packets_total counter"
+        );
+        for (reason, a) in [
+            ("not_allowed", &self.refused_not_allowed),
+            ("no_peer", &self.refused_no_peer),
+            ("rate_limited", &self.refused_rate),
+            ("too_many_flows", &self.refused_flows),
+            ("malformed", &self.refused_malformed),
+        ] {
+            let _ = writeln!(out, "tunnel_relay_refused_packets_total{{reason=\"{reason}\"}} {}", g(a));
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Handle {
+    Quic(quinn::Connection),
+    Tcp(mpsc::Sender<Bytes>),
+}
+
+#[derive(Clone)]
+struct Registration {
+    conn_id: u64,
+    handle: Handle,
+    allowed: Arc<HashSet<[u8; 32]>>,
+}
+
+#[derive(Default)]
+struct Table {
+    nodes: RwLock<HashMap<[u8; 32], Registration>>,
+    next_conn: AtomicU64,
+}
+
+/// One connection's forwarding state: who it is, and its limits.
+struct Sender {
+    node: [u8; 32],
+    allowed: Arc<HashSet<[u8; 32]>>,
+    tokens: f64,
+    last_refill: Instant,
+    flows: HashMap<[u8; 32], Instant>,
+}
+
+struct Relay {
+    table: Table,
+    trust_key: Vec<u8>,
+    limits: Limits,
+    stats: Arc<RelayStats>,
+}
+
+impl Relay {
+    fn register(&self, cap: &[u8], handle: Handle, conn_id: u64) -> Result<Sender, String> {
+        let now_ms = crate::state::now_ms().max(0) as u64;
+        let cap = Capability::verify(cap, &self.trust_key, now_ms).map_err(|e| {
+            self.stats.registrations_refused.fetch_add(1, Ordering::Relaxed);
+            e.to_string()
+        })?;
+        let allowed: Arc<HashSet<[u8; 32]>> = Arc::new(cap.peers.iter().copied().collect());
+        let mut nodes = self.table.nodes.write().unwrap_or_else(|e| e.into_inner());
+        let fresh = nodes
+            .insert(cap.node, Registration { conn_id, handle, allowed: allowed.clone() })
+            .is_none_or(|old| old.conn_id != conn_id);
+        drop(nodes);
+        self.stats.registrations.fetch_add(1, Ordering::Relaxed);
+        if fresh {
+            self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(node = %short(&cap.node), peers = cap.peers.len(), "relay registration");
+        Ok(Sender {
+            node: cap.node,
+            allowed,
+            tokens: self.limits.bytes_per_sec as f64,
+            last_refill: Instant::now(),
+            flows: HashMap::new(),
+        })
+    }
+
+    fn unregister(&self, node: &[u8; 32], conn_id: u64) {
+        let mut nodes = self.table.nodes.write().unwrap_or_else(|e| e.into_inner());
+        if nodes.get(node).is_some_and(|r| r.conn_id == conn_id) {
+            nodes.remove(node);
+            self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forwards one packet (`encode_packet` form, naming the destination) from `s`.
+    fn forward(&self, s: &mut Sender, data: &[u8]) {
+        let Some((dst, payload)) = wire::parse_packet(data) else {
+            self.stats.refused_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !s.allowed.contains(&dst) {
+            self.stats.refused_not_allowed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let now = Instant::now();
+        let rate = self.limits.bytes_per_sec as f64;
+        s.tokens = (s.tokens + now.duration_since(s.last_refill).as_secs_f64() * rate).min(rate);
+        s.last_refill = now;
+        if s.tokens < payload.len() as f64 {
+            self.stats.refused_rate.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !s.flows.contains_key(&dst) {
+            if s.flows.len() >= self.limits.max_flows {
+                s.flows.retain(|_, t| now.duration_since(*t) < FLOW_IDLE);
+            }
+            if s.flows.len() >= self.limits.max_flows {
+                self.stats.refused_flows.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        s.flows.insert(dst, now);
+        let target = {
+            let nodes = self.table.nodes.read().unwrap_or_else(|e| e.into_inner());
+            nodes.get(&dst).cloned()
+        };
+        let Some(reg) = target else {
+            self.stats.refused_no_peer.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !reg.allowed.contains(&s.node) {
+            self.stats.refused_not_allowed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        s.tokens -= payload.len() as f64;
+        let out = wire::encode_packet(&s.node, payload);
+        let sent = match &reg.handle {
+            Handle::Quic(c) => c.send_datagram(Bytes::from(out)).is_ok(),
+            Handle::Tcp(tx) => tx.try_send(Bytes::from(Frame::Packet(out).encode())).is_ok(),
+        };
+        if sent {
+            self.stats.packets.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+fn short(k: &[u8; 32]) -> String {
+    k[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RunningRelay {
+    /// Where QUIC is bound.
+    pub udp_addr: Option<SocketAddr>,
+    /// Where TCP/TLS is bound.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Counters.
+    pub stats: Arc<RelayStats>,
+    tasks: Vec<JoinHandle<()>>,
+    endpoint: Option<quinn::Endpoint>,
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        if let Some(e) = &self.endpoint {
+            e.close(0u32.into(), b"relay stopping");
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn tls_config(bundle: &RelayBundle) -> Result<rustls::ServerConfig> {
+    let kp = rcgen::KeyPair::from_pem(&bundle.tls_key_pem).context("relay TLS key")?;
+    let mut params = rcgen::CertificateParams::new(vec!["tunnel-relay".to_owned()])?;
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    let cert = params.self_signed(&kp).context("cannot sign the relay certificate")?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(kp.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 is not available")?
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from(cert.der().to_vec())], key)
+        .context("the relay key does not fit its certificate")?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The QUIC transport settings both ends use.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.initial_mtu(QUIC_MTU);
+    t.datagram_receive_buffer_size(Some(8 << 20));
+    t.datagram_send_buffer_size(8 << 20);
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_bidi_streams(4u32.into());
+    t
+}
+
+/// Starts the relay's listeners.
+pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRelay> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let relay = Arc::new(Relay {
+        table: Table::default(),
+        trust_key: cfg.bundle.trust_key.clone(),
+        limits: cfg.limits,
+        stats: stats.clone(),
+    });
+    let tls = tls_config(&cfg.bundle)?;
+    let mut tasks = Vec::new();
+    let mut endpoint = None;
+    let mut udp_addr = None;
+    if let Some(addr) = cfg.udp {
+        let qcfg = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone())
+            .context("QUIC TLS configuration")?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
+        server.transport_config(Arc::new(transport_config()));
+        server.migration(true);
+        let sock =
+            crate::stun::bind_udp(addr).with_context(|| format!("cannot listen on {addr} (relay, UDP)"))?;
+        let ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("cannot start the QUIC relay on {addr}"))?;
+        udp_addr = Some(ep.local_addr()?);
+        let r = relay.clone();
+        let accept_ep = ep.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(incoming) = accept_ep.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => quic_conn(r, conn).await,
+                        Err(e) => tracing::debug!(error = %e, "relay QUIC handshake failed"),
+                    }
+                });
+            }
+        }));
+        endpoint = Some(ep);
+    }
+    let mut tcp_addr = None;
+    if let Some(addr) = cfg.tcp {
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (relay, TCP)"))?;
+        tcp_addr = Some(listener.local_addr()?);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let r = relay.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((tcp, from)) = listener.accept().await else { continue };
+                let acceptor = acceptor.clone();
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tcp_conn(r, tls).await,
+                        _ => tracing::debug!(%from, "relay TLS handshake failed"),
+                    }
+                });
+            }
+        }));
+    }
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, "relay listening");
+    Ok(RunningRelay { udp_addr, tcp_addr, stats, tasks, endpoint })
+}
+
+async fn quic_conn(relay: Arc<Relay>, conn: quinn::Connection) {
+    let conn_id = relay.table.next_conn.fetch_add(1, Ordering::Relaxed);
+    // The first bidirectional stream carries the registration; later ones renew it.
+    let sender = match quic_register(&relay, &conn, conn_id).await {
+        Some(s) => s,
+        None => return,
+    };
+    let node = sender.node;
+    let sender = Arc::new(std::sync::Mutex::new(sender));
+    let renew = {
+        let relay = relay.clone();
+        let conn = conn.clone();
+        let sender = sender.clone();
+        async move {
+            loop {
+                match quic_register(&relay, &conn, conn_id).await {
+                    Some(s) => {
+                        let mut cur = sender.lock().unwrap_or_else(|e| e.into_inner());
+                        if s.node == cur.node {
+                            cur.allowed = s.allowed;
+                        }
+                    }
+                    None => {
+                        if conn.close_reason().is_some() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let forward = async {
+        loop {
+            match conn.read_datagram().await {
+                Ok(d) => {
+                    let mut s = sender.lock().unwrap_or_else(|e| e.into_inner());
+                    relay.forward(&mut s, &d);
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = renew => {}
+        _ = forward => {}
+    }
+    relay.unregister(&node, conn_id);
+}
+
+async fn quic_register(relay: &Relay, conn: &quinn::Connection, conn_id: u64) -> Option<Sender> {
+    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+    let mut len = [0u8; 2];
+    recv.read_exact(&mut len).await.ok()?;
+    let mut cap = vec![0u8; u16::from_be_bytes(len) as usize];
+    recv.read_exact(&mut cap).await.ok()?;
+    match relay.register(&cap, Handle::Quic(conn.clone()), conn_id) {
+        Ok(s) => {
+            let _ = send.write_all(&[0]).await;
+            let _ = send.finish();
+            Some(s)
+        }
+        Err(why) => {
+            tracing::info!(remote = %conn.remote_address(), reason = %why, "relay registration refused");
+            let _ = send.write_all(&[[1u8].as_slice(), why.as_bytes()].concat()).await;
+            let _ = send.finish();
+            None
+        }
+    }
+}
+
+async fn tcp_conn(relay: Arc<Relay>, tls: tokio_rustls::server::TlsStream<TcpStream>) {
+    let conn_id = relay.table.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                return;
+            }
+            // Write whatever else is queued before flushing: fewer TLS records under load.
+            while let Ok(b) = rx.try_recv() {
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            if wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sender: Option<Sender> = None;
+    'conn: loop {
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, rd.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match Frame::decode(&mut buf) {
+                Ok(Some(Frame::Hello(cap))) => match relay.register(&cap, Handle::Tcp(tx.clone()), conn_id) {
+                    Ok(s) => {
+                        sender = Some(s);
+                        let _ = tx.try_send(Bytes::from(Frame::Reply(Ok(())).encode()));
+                    }
+                    Err(why) => {
+                        let _ = tx.try_send(Bytes::from(Frame::Reply(Err(why)).encode()));
+                        if sender.is_none() {
+                            break 'conn;
+                        }
+                    }
+                },
+                Ok(Some(Frame::Packet(p))) => match sender.as_mut() {
+                    Some(s) => relay.forward(s, &p),
+                    None => break 'conn,
+                },
+                Ok(Some(Frame::Reply(_))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    relay.stats.refused_malformed.fetch_add(1, Ordering::Relaxed);
+                    break 'conn;
+                }
+            }
+        }
+    }
+    if let Some(s) = sender {
+        relay.unregister(&s.node, conn_id);
+    }
+    // Let queued replies (a refusal) go out before the connection closes.
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
