@@ -90,17 +90,71 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
             n(&v["counters"][reason])
         );
     }
+    // One family at a time (Prometheus text wants each family's samples together).
+    let peers: Vec<&serde_json::Value> = v["peers"].as_array().into_iter().flatten().collect();
+    let name = |p: &serde_json::Value| p["name"].as_str().unwrap_or("?").replace(['"', '\\', '\n'], "_");
+    let families: [(&str, &str, &str, &dyn Fn(&serde_json::Value) -> String); 8] = [
+        ("tunnel_node_peer_up", "gauge", "Whether the tunnel to a peer is up.", &|p| {
+            u8::from(p["path"] != "down").to_string()
+        }),
+        ("tunnel_node_peer_tx_bytes_total", "counter", "Bytes sent to a peer.", &|p| {
+            n(&p["tx_bytes"]).to_string()
+        }),
+        ("tunnel_node_peer_rx_bytes_total", "counter", "Bytes received from a peer.", &|p| {
+            n(&p["rx_bytes"]).to_string()
+        }),
+        (
+            "tunnel_node_peer_relay_tx_bytes_total",
+            "counter",
+            "Bytes sent to a peer through the relay.",
+            &|p| n(&p["relay_tx_bytes"]).to_string(),
+        ),
+        (
+            "tunnel_node_peer_relay_rx_bytes_total",
+            "counter",
+            "Bytes received from a peer through the relay.",
+            &|p| n(&p["relay_rx_bytes"]).to_string(),
+        ),
+        ("tunnel_node_peer_path_changes_total", "counter", "Times a peer's path changed.", &|p| {
+            n(&p["path_changes"]).to_string()
+        }),
+        (
+            "tunnel_node_peer_punch_attempts_total",
+            "counter",
+            "Hole-punching rounds started towards a peer.",
+            &|p| n(&p["punch_attempts"]).to_string(),
+        ),
+        (
+            "tunnel_node_peer_punch_successes_total",
+            "counter",
+            "Punching rounds that proved a direct path.",
+            &|p| n(&p["punch_successes"]).to_string(),
+        ),
+    ];
+    for (family, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+        for p in &peers {
+            let _ = writeln!(out, "{family}{{peer=\"{}\"}} {}", name(p), value(p));
+        }
+    }
     let _ = writeln!(
         out,
-        "# HELP tunnel_node_peer_up Whether the tunnel to a peer is up.\n# TYPE tunnel_node_peer_up gauge"
+        "# HELP tunnel_node_peer_path The path in use to a peer (1 for the current one).\n# TYPE tunnel_node_peer_path gauge"
     );
-    let _ = writeln!(out, "# HELP tunnel_node_peer_tx_bytes_total Bytes sent to a peer.\n# TYPE tunnel_node_peer_tx_bytes_total counter");
-    let _ = writeln!(out, "# HELP tunnel_node_peer_rx_bytes_total Bytes received from a peer.\n# TYPE tunnel_node_peer_rx_bytes_total counter");
-    for p in v["peers"].as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or("?").replace(['"', '\\'], "_");
-        let _ = writeln!(out, "tunnel_node_peer_up{{peer=\"{name}\"}} {}", u8::from(p["path"] != "down"));
-        let _ = writeln!(out, "tunnel_node_peer_tx_bytes_total{{peer=\"{name}\"}} {}", n(&p["tx_bytes"]));
-        let _ = writeln!(out, "tunnel_node_peer_rx_bytes_total{{peer=\"{name}\"}} {}", n(&p["rx_bytes"]));
+    for p in &peers {
+        for path in ["direct", "relay", "down"] {
+            let _ = writeln!(
+                out,
+                "tunnel_node_peer_path{{peer=\"{}\",path=\"{path}\"}} {}",
+                name(p),
+                u8::from(p["path"] == path)
+            );
+        }
     }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_relay_up Whether the relay link is up.\n# TYPE tunnel_node_relay_up gauge\ntunnel_node_relay_up {}",
+        u8::from(v["relay"]["up"] == true)
+    );
     out
 }

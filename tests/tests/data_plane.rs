@@ -95,6 +95,10 @@ async fn agent(token: &str) -> (RunningNode, tempfile::TempDir) {
 }
 
 async fn client(token: &str, dir: &std::path::Path) -> Client {
+    client_with(token, dir, false).await
+}
+
+async fn client_with(token: &str, dir: &std::path::Path, force_relay: bool) -> Client {
     tunnelctl::up::start(UpConfig {
         token: JoinToken::parse(token).unwrap(),
         state_dir: dir.to_owned(),
@@ -104,7 +108,7 @@ async fn client(token: &str, dir: &std::path::Path) -> Client {
         dns_listen: "127.0.0.1:0".parse().unwrap(),
         listen_port: 0,
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
-        force_relay: false,
+        force_relay,
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),
@@ -206,6 +210,61 @@ async fn megabytes_by_private_name_and_alias_byte_exact() {
     let st = n.client.node.dataplane.status().await.unwrap();
     assert_eq!(st["peers"][0]["path"], "direct");
     assert!(st["peers"][0]["rx_bytes"].as_u64().unwrap() > 8_000_000, "{st}");
+}
+
+#[tokio::test]
+async fn a_client_forced_onto_the_relay_moves_the_same_bytes_through_it() {
+    let n = net().await;
+    // A second client of the same user, on the relay only (as with --force-relay).
+    let cdir = tempfile::tempdir().unwrap();
+    let relayed = client_with(&n.client_token, cdir.path(), true).await;
+    wait_until("the relayed client knows web", || async {
+        relayed.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("web"))
+    })
+    .await;
+    let port = port_of(&n, "web");
+    let got = fetch(relayed.socks5, "web.tunnel.internal", port).await.unwrap();
+    assert!(got == n.blob, "bytes differ over the relay");
+    let st = relayed.node.dataplane.status().await.unwrap();
+    let peer = &st["peers"][0];
+    assert_eq!(peer["path"], "relay", "{st}");
+    assert_eq!(st["relay"]["transport"], "quic", "{st}");
+    assert!(peer["relay_rx_bytes"].as_u64().unwrap() >= n.blob.len() as u64, "{st}");
+    // The site sees the same: that client's packets arrive through the relay.
+    let site = n.agent.dataplane.status().await.unwrap();
+    let relayed_bytes: u64 =
+        site["peers"].as_array().unwrap().iter().map(|p| p["relay_tx_bytes"].as_u64().unwrap()).sum();
+    assert!(relayed_bytes >= n.blob.len() as u64, "{site}");
+    // And the server's relay counted it.
+    let stats = &n.server.running().relay.as_ref().unwrap().stats;
+    assert!(stats.bytes.load(std::sync::atomic::Ordering::Relaxed) >= n.blob.len() as u64);
+    // /metrics says the same, one family at a time.
+    let metrics = http_get(relayed.node.status_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("tunnel_node_peer_path{peer=\"home\",path=\"relay\"} 1"), "{metrics}");
+    assert!(metrics.contains("tunnel_node_relay_up 1"), "{metrics}");
+    let relay_rx = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tunnel_node_peer_relay_rx_bytes_total{peer=\"home\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    assert!(relay_rx >= n.blob.len() as u64);
+    let mut seen = std::collections::HashSet::new();
+    let mut last = "";
+    for l in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let family = l.split(['{', ' ']).next().unwrap();
+        if family != last {
+            assert!(seen.insert(family), "family {family} is split in two:\n{metrics}");
+            last = family;
+        }
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
 }
 
 #[tokio::test]

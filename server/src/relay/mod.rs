@@ -440,6 +440,8 @@ async fn quic_register(relay: &Relay, conn: &quinn::Connection, conn_id: u64) ->
             tracing::info!(remote = %conn.remote_address(), reason = %why, "relay registration refused");
             let _ = send.write_all(&[[1u8].as_slice(), why.as_bytes()].concat()).await;
             let _ = send.finish();
+            // Let the reason reach the node before the connection goes away.
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             None
         }
     }

@@ -1,0 +1,191 @@
+//! The relay and the STUN responder on loopback, driven by the node's real relay link and a real UDP
+//! socket: who may talk to whom, expiry, both transports, full-size packets, amplification limits.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tunnel_core::map::RelayInfo;
+use tunnel_core::relay::{encode_packet, Capability};
+use tunnel_node::relay::{self as link, RelayLink};
+use tunnel_server::relay::{self, RelayKeys, RelayStats};
+use tunnel_tests::PATIENCE;
+
+struct Relay {
+    keys: RelayKeys,
+    running: relay::RunningRelay,
+    stats: Arc<RelayStats>,
+    _dir: tempfile::TempDir,
+}
+
+async fn relay() -> Relay {
+    tunnel_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = RelayKeys::load_or_create(dir.path()).unwrap();
+    let stats = Arc::new(RelayStats::default());
+    let cfg = relay::RelayConfig {
+        udp: Some("127.0.0.1:0".parse().unwrap()),
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        bundle: keys.bundle.clone(),
+        limits: relay::Limits::default(),
+    };
+    let running = relay::start(cfg, stats.clone()).await.unwrap();
+    Relay { keys, running, stats, _dir: dir }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+impl Relay {
+    /// The map entry a node with `key`, allowed to reach `peers`, would get; `udp`/`tcp` choose the
+    /// transports offered.
+    fn info(&self, key: u8, peers: &[u8], ttl_ms: i64, udp: bool, tcp: bool) -> RelayInfo {
+        let cap = Capability {
+            node: [key; 32],
+            expires_unix_ms: (now_ms() as i64 + ttl_ms).max(0) as u64,
+            peers: peers.iter().map(|p| [*p; 32]).collect(),
+        }
+        .sign(&self.keys.signer);
+        RelayInfo {
+            addr: if udp { self.running.udp_addr.unwrap().to_string() } else { String::new() },
+            key_pin: self.keys.pin.0.to_vec(),
+            capability: cap,
+            tcp_addr: tcp.then(|| self.running.tcp_addr.unwrap().to_string()),
+        }
+    }
+}
+
+async fn connect(info: RelayInfo) -> RelayLink {
+    let (mut l, task) = link::start();
+    // The link task runs for the test's life.
+    std::mem::forget(task);
+    l.relays.send_replace(vec![info]);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let st = l.state.borrow_and_update().clone();
+        if st.up || st.last_error.is_some() {
+            return l;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "relay link never settled");
+        let _ = tokio::time::timeout(Duration::from_millis(200), l.state.changed()).await;
+    }
+}
+
+async fn recv(l: &mut RelayLink) -> Option<([u8; 32], Vec<u8>)> {
+    tokio::time::timeout(Duration::from_secs(2), l.inbound.recv()).await.ok().flatten()
+}
+
+#[tokio::test]
+async fn relays_only_between_peers_whose_capabilities_name_each_other() {
+    let r = relay().await;
+    let mut a = connect(r.info(1, &[2, 3], 60_000, true, false)).await;
+    let mut b = connect(r.info(2, &[1], 60_000, true, false)).await;
+    let mut c = connect(r.info(3, &[2], 60_000, true, false)).await;
+    for l in [&a, &b, &c] {
+        assert!(l.state.borrow().up, "{:?}", l.state.borrow());
+    }
+    // A full-size tunnel packet (1280 inner + 32 WireGuard) fits one datagram and arrives whole.
+    let big = vec![0x5a; 1312];
+    a.out.send(encode_packet(&[2; 32], &big)).await.unwrap();
+    let (from, got) = recv(&mut b).await.expect("B got A's packet");
+    assert_eq!((from, got.len()), ([1; 32], 1312));
+    assert!(got == big);
+    b.out.send(encode_packet(&[1; 32], b"back")).await.unwrap();
+    assert_eq!(recv(&mut a).await, Some(([2; 32], b"back".to_vec())));
+
+    // C may name B, but B's capability does not name C: refused. A may name C, C does not name A.
+    let refused = r.stats.refused_not_allowed.load(Ordering::Relaxed);
+    c.out.send(encode_packet(&[2; 32], b"let me in")).await.unwrap();
+    a.out.send(encode_packet(&[3; 32], b"hi c")).await.unwrap();
+    assert_eq!(recv(&mut b).await, None);
+    assert_eq!(recv(&mut c).await, None);
+    assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 2);
+    // Nobody registered as key 9.
+    a.out.send(encode_packet(&[9; 32], b"anyone?")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 3);
+    assert!(r.stats.packets.load(Ordering::Relaxed) >= 2);
+    assert_eq!(r.stats.sessions.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn expired_or_forged_capabilities_are_refused_but_a_live_registration_outlives_expiry() {
+    let r = relay().await;
+    let expired = connect(r.info(1, &[2], -1_000, true, false)).await;
+    let st = expired.state.borrow().clone();
+    assert!(!st.up);
+    assert!(st.last_error.clone().unwrap_or_default().contains("expired"), "{st:?}");
+    // Signed by somebody else.
+    let other = RelayKeys::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+    let mut forged = r.info(1, &[2], 60_000, true, false);
+    forged.capability =
+        Capability { node: [1; 32], expires_unix_ms: now_ms() + 60_000, peers: vec![[2; 32]] }
+            .sign(&other.signer);
+    let forged = connect(forged).await;
+    assert!(forged.state.borrow().last_error.clone().unwrap_or_default().contains("signature"));
+    assert!(r.stats.registrations_refused.load(Ordering::Relaxed) >= 2);
+
+    // Capabilities valid for 1.5 s: after they expire, the registered pair keeps flowing.
+    let mut a = connect(r.info(1, &[2], 1_500, true, false)).await;
+    let mut b = connect(r.info(2, &[1], 1_500, true, false)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.out.send(encode_packet(&[2; 32], b"still here")).await.unwrap();
+    assert_eq!(recv(&mut b).await, Some(([1; 32], b"still here".to_vec())));
+}
+
+#[tokio::test]
+async fn tcp_and_quic_nodes_reach_each_other() {
+    let r = relay().await;
+    let mut q = connect(r.info(1, &[2], 60_000, true, false)).await;
+    // Only TCP offered (as for a node whose network blocks UDP).
+    let mut t = connect(r.info(2, &[1], 60_000, false, true)).await;
+    assert_eq!(t.state.borrow().transport, Some("tcp"));
+    assert_eq!(q.state.borrow().transport, Some("quic"));
+    let big = vec![7u8; 1312];
+    for _ in 0..50 {
+        q.out.send(encode_packet(&[2; 32], &big)).await.unwrap();
+    }
+    for _ in 0..50 {
+        let (from, got) = recv(&mut t).await.expect("packet over TCP");
+        assert_eq!((from, got.len()), ([1; 32], 1312));
+    }
+    t.out.send(encode_packet(&[1; 32], b"over tcp")).await.unwrap();
+    assert_eq!(recv(&mut q).await, Some(([2; 32], b"over tcp".to_vec())));
+}
+
+#[tokio::test]
+async fn stun_answers_standard_requests_without_amplification_and_rate_limits() {
+    let server = tunnel_tests::TestServer::start().await.unwrap();
+    let stun = server.running().stun_addr.unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let mut buf = [0u8; 512];
+    let req = tunnel_core::stun::request([3; 12]);
+    sock.send_to(&req, stun).await.unwrap();
+    let (n, _) = tokio::time::timeout(PATIENCE, sock.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert!(n <= req.len());
+    let resp = tunnel_core::stun::parse_response(&buf[..n]).unwrap();
+    assert_eq!((resp.txid, resp.mapped), ([3; 12], me));
+    // A bare 20-byte request: an answer would be larger than the question, so none comes.
+    let mut bare = req[..20].to_vec();
+    bare[2..4].copy_from_slice(&[0, 0]);
+    sock.send_to(&bare, stun).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await.is_err());
+    // A burst from one source: at most the per-source rate is answered.
+    for i in 0..60u8 {
+        sock.send_to(&tunnel_core::stun::request([i; 12]), stun).await.unwrap();
+    }
+    let mut answers = 0;
+    while tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await.is_ok() {
+        answers += 1;
+    }
+    assert!(
+        answers > 0 && answers <= 2 * tunnel_server::stun::PER_SOURCE_PER_SEC as usize,
+        "{answers} answers"
+    );
+    assert!(answers < 60, "{answers} answers to a burst of 60: no rate limit");
+}
