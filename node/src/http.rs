@@ -93,48 +93,43 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
     // One family at a time (Prometheus text wants each family's samples together).
     let peers: Vec<&serde_json::Value> = v["peers"].as_array().into_iter().flatten().collect();
     let name = |p: &serde_json::Value| p["name"].as_str().unwrap_or("?").replace(['"', '\\', '\n'], "_");
-    let families: [(&str, &str, &str, &dyn Fn(&serde_json::Value) -> String); 8] = [
-        ("tunnel_node_peer_up", "gauge", "Whether the tunnel to a peer is up.", &|p| {
-            u8::from(p["path"] != "down").to_string()
-        }),
-        ("tunnel_node_peer_tx_bytes_total", "counter", "Bytes sent to a peer.", &|p| {
-            n(&p["tx_bytes"]).to_string()
-        }),
-        ("tunnel_node_peer_rx_bytes_total", "counter", "Bytes received from a peer.", &|p| {
-            n(&p["rx_bytes"]).to_string()
-        }),
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_peer_up Whether the tunnel to a peer is up.\n# TYPE tunnel_node_peer_up gauge"
+    );
+    for p in &peers {
+        let _ =
+            writeln!(out, "tunnel_node_peer_up{{peer=\"{}\"}} {}", name(p), u8::from(p["path"] != "down"));
+    }
+    let families = [
+        ("tunnel_node_peer_tx_bytes_total", "Bytes sent to a peer.", "tx_bytes"),
+        ("tunnel_node_peer_rx_bytes_total", "Bytes received from a peer.", "rx_bytes"),
         (
             "tunnel_node_peer_relay_tx_bytes_total",
-            "counter",
             "Bytes sent to a peer through the relay.",
-            &|p| n(&p["relay_tx_bytes"]).to_string(),
+            "relay_tx_bytes",
         ),
         (
             "tunnel_node_peer_relay_rx_bytes_total",
-            "counter",
             "Bytes received from a peer through the relay.",
-            &|p| n(&p["relay_rx_bytes"]).to_string(),
+            "relay_rx_bytes",
         ),
-        ("tunnel_node_peer_path_changes_total", "counter", "Times a peer's path changed.", &|p| {
-            n(&p["path_changes"]).to_string()
-        }),
+        ("tunnel_node_peer_path_changes_total", "Times a peer's path changed.", "path_changes"),
         (
             "tunnel_node_peer_punch_attempts_total",
-            "counter",
             "Hole-punching rounds started towards a peer.",
-            &|p| n(&p["punch_attempts"]).to_string(),
+            "punch_attempts",
         ),
         (
             "tunnel_node_peer_punch_successes_total",
-            "counter",
             "Punching rounds that proved a direct path.",
-            &|p| n(&p["punch_successes"]).to_string(),
+            "punch_successes",
         ),
     ];
-    for (family, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+    for (family, help, key) in families {
+        let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
         for p in &peers {
-            let _ = writeln!(out, "{family}{{peer=\"{}\"}} {}", name(p), value(p));
+            let _ = writeln!(out, "{family}{{peer=\"{}\"}} {}", name(p), n(&p[key]));
         }
     }
     let _ = writeln!(

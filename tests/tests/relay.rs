@@ -130,7 +130,7 @@ async fn expired_or_forged_capabilities_are_refused_but_a_live_registration_outl
     assert!(r.stats.registrations_refused.load(Ordering::Relaxed) >= 2);
 
     // Capabilities valid for 1.5 s: after they expire, the registered pair keeps flowing.
-    let mut a = connect(r.info(1, &[2], 1_500, true, false)).await;
+    let a = connect(r.info(1, &[2], 1_500, true, false)).await;
     let mut b = connect(r.info(2, &[1], 1_500, true, false)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.out.send(encode_packet(&[2; 32], b"still here")).await.unwrap();
