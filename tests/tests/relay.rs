@@ -22,6 +22,10 @@ struct Relay {
 }
 
 async fn relay() -> Relay {
+    relay_with(relay::Limits::default()).await
+}
+
+async fn relay_with(limits: relay::Limits) -> Relay {
     tunnel_tests::init_logs();
     let dir = tempfile::tempdir().unwrap();
     let keys = RelayKeys::load_or_create(dir.path()).unwrap();
@@ -30,7 +34,7 @@ async fn relay() -> Relay {
         udp: Some("127.0.0.1:0".parse().unwrap()),
         tcp: Some("127.0.0.1:0".parse().unwrap()),
         bundle: keys.bundle.clone(),
-        limits: relay::Limits::default(),
+        limits,
     };
     let running = relay::start(cfg, stats.clone()).await.unwrap();
     Relay { keys, running, stats, _dir: dir }
@@ -188,4 +192,31 @@ async fn stun_answers_standard_requests_without_amplification_and_rate_limits() 
         "{answers} answers"
     );
     assert!(answers < 60, "{answers} answers to a burst of 60: no rate limit");
+}
+
+#[tokio::test]
+async fn a_node_is_held_to_its_byte_rate_and_flow_count() {
+    // 100 kB/s and two peers at once per node.
+    let r = relay_with(relay::Limits { bytes_per_sec: 100_000, max_flows: 2 }).await;
+    let a = connect(r.info(1, &[2, 3, 4], 60_000, true, false)).await;
+    let mut b = connect(r.info(2, &[1], 60_000, true, false)).await;
+    let _c = connect(r.info(3, &[1], 60_000, true, false)).await;
+    let _d = connect(r.info(4, &[1], 60_000, true, false)).await;
+    // 1 MB in a burst: about a tenth gets through (one second's worth of burst).
+    for _ in 0..800 {
+        a.out.send(encode_packet(&[2; 32], &[1u8; 1250])).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let mut got = 0usize;
+    while let Some((_, p)) = recv(&mut b).await {
+        got += p.len();
+    }
+    assert!(got > 0 && got <= 200_000, "{got} bytes relayed at 100 kB/s");
+    assert!(r.stats.refused_rate.load(Ordering::Relaxed) > 0);
+    // Peers 2 and 3 are its two flows; a third is refused while they are fresh.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.out.send(encode_packet(&[3; 32], b"x")).await.unwrap();
+    a.out.send(encode_packet(&[4; 32], b"y")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(r.stats.refused_flows.load(Ordering::Relaxed), 1);
 }
