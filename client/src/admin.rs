@@ -140,24 +140,41 @@ pub fn print_resources(out: &mut dyn Write, rs: &[pb::ResourceInfo], json_out: b
                     "alias": if r.alias.is_empty() { None } else { Some(&r.alias) },
                     "overlay_addr": r.overlay_addr, "dns_names": r.dns_names, "clients": r.clients,
                     "created_ms": r.created_ms,
+                    "health_check": r.health_check,
+                    "health": health_name(r.health),
+                    "health_detail": r.health_detail,
+                    "health_checked_ms": r.health_checked_ms,
                 })
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
-    let mut t = Table::new(&["NAME", "SITE", "TARGET", "ADDRESS", "DNS NAMES", "CLIENTS"]);
+    let mut t = Table::new(&["NAME", "SITE", "TARGET", "HEALTH", "ADDRESS", "DNS NAMES", "CLIENTS"]);
     for r in rs {
+        let health = match (health_name(r.health), r.health_detail.as_str()) {
+            ("unhealthy", d) if !d.is_empty() => format!("unhealthy ({d})"),
+            (h, _) => h.to_owned(),
+        };
         t.row(vec![
             r.name.clone(),
             r.site.clone(),
             r.target.clone(),
+            health,
             r.overlay_addr.clone(),
             r.dns_names.join(","),
             r.clients.join(","),
         ]);
     }
     t.write(out)
+}
+
+fn health_name(v: i32) -> &'static str {
+    match pb::HealthState::try_from(v) {
+        Ok(pb::HealthState::Healthy) => "healthy",
+        Ok(pb::HealthState::Unhealthy) => "unhealthy",
+        _ => "unknown",
+    }
 }
 
 /// `grants`.

@@ -70,6 +70,9 @@ pub enum Cmd {
         /// An extra DNS name the resource answers as.
         #[arg(long)]
         alias: Option<String>,
+        /// How the site checks the target: `tcp` (connect, the default) or `http:/PATH` (GET, 2xx/3xx).
+        #[arg(long, default_value = "tcp")]
+        health_check: String,
     },
     /// Remove a resource (and every grant on it).
     RmResource {
@@ -276,9 +279,15 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             let r = c.server_info(pb::ServerInfoRequest {}).await.map_err(admin::status)?;
             admin::print_info(out, &r.into_inner(), l.json)
         }
-        Cmd::AddResource { site, name, target, alias } => {
+        Cmd::AddResource { site, name, target, alias, health_check } => {
             let r = c
-                .add_resource(pb::AddResourceRequest { site, name, target, alias: alias.unwrap_or_default() })
+                .add_resource(pb::AddResourceRequest {
+                    site,
+                    name,
+                    target,
+                    alias: alias.unwrap_or_default(),
+                    health_check,
+                })
                 .await
                 .map_err(admin::status)?
                 .into_inner();

@@ -213,6 +213,7 @@ mod tests {
                 alias: Some("prom.private.example.com".into()),
                 site_id: NodeId::from_random([1; 10]),
                 dns_names: vec!["prom.tunnel.internal".into(), "prom.private.example.com".into()],
+                health_check: None,
             },
         );
         PrivateZone::from_map(&NetworkMap {

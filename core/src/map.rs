@@ -81,6 +81,46 @@ pub struct ResourceInfo {
     pub site_id: NodeId,
     /// Every DNS name it answers as.
     pub dns_names: Vec<String>,
+    /// How the hosting site checks the target (`http:/PATH`; `None`: TCP connect).
+    #[serde(default)]
+    pub health_check: Option<String>,
+}
+
+/// A target's health as its site sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// Not checked (yet), or the site is not connected.
+    #[default]
+    Unknown,
+    /// The last check passed.
+    Healthy,
+    /// The last check failed.
+    Unhealthy,
+}
+
+impl HealthState {
+    /// `healthy`, `unhealthy` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Unknown => "unknown",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// One resource's last check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetHealth {
+    /// The resource.
+    pub resource: String,
+    /// Result of the last check.
+    pub state: HealthState,
+    /// What the check saw.
+    pub detail: String,
+    /// Unix ms of the last check.
+    pub checked_ms: i64,
 }
 
 /// A relay the node may use.

@@ -144,6 +144,16 @@ impl ControlSession {
         self.out.send(msg).await.map_err(|_| SessionError::Lost("stream closed".into()))
     }
 
+    /// Reports the health of the site's targets.
+    pub async fn send_health(&self, report: &[tunnel_core::map::TargetHealth]) -> Result<(), SessionError> {
+        let msg = pb::NodeMessage {
+            msg: Some(pb::node_message::Msg::Health(pb::ResourceHealth {
+                targets: report.iter().map(convert::health_to_pb).collect(),
+            })),
+        };
+        self.out.send(msg).await.map_err(|_| SessionError::Lost("stream closed".into()))
+    }
+
     /// Reports new candidates.
     pub async fn send_candidates(&self, candidates: &[Candidate]) -> Result<(), SessionError> {
         let msg = pb::NodeMessage {
@@ -182,11 +192,13 @@ pub enum LinkState {
 
 /// Keeps a control session open for as long as the returned task runs: publishes every map through
 /// `maps` (starting with the cached one, if any) and the link state through `link`. New candidates sent
-/// on `candidates` are reported to the server.
+/// on `candidates` are reported to the server, and so are target health reports (`health`, sites only:
+/// the latest at every connect, then each change).
 pub fn run(
     cfg: ControlConfig,
     state: Option<StateDir>,
     mut candidates: mpsc::Receiver<Vec<Candidate>>,
+    mut health: Option<watch::Receiver<Vec<tunnel_core::map::TargetHealth>>>,
 ) -> (watch::Receiver<Option<Arc<NetworkMap>>>, watch::Receiver<LinkState>, tokio::task::JoinHandle<()>) {
     let cached = state.as_ref().and_then(|s| s.load_map());
     let (map_tx, map_rx) = watch::channel(cached.map(Arc::new));
@@ -208,6 +220,10 @@ pub fn run(
                     set_link(&link_tx, LinkState::Connected);
                     backoff.reset();
                     use_ticket = true;
+                    let first = health.as_mut().map(|h| h.borrow_and_update().clone()).unwrap_or_default();
+                    if !first.is_empty() {
+                        let _ = session.send_health(&first).await;
+                    }
                     let end = loop {
                         tokio::select! {
                             r = session.next_map() => match r {
@@ -224,6 +240,16 @@ pub fn run(
                             Some(c) = candidates.recv() => {
                                 cfg.candidates = c;
                                 if let Err(e) = session.send_candidates(&cfg.candidates).await {
+                                    break e;
+                                }
+                            }
+                            Ok(report) = async {
+                                match health.as_mut() {
+                                    Some(h) => h.changed().await.map(|_| h.borrow_and_update().clone()),
+                                    None => std::future::pending().await,
+                                }
+                            } => {
+                                if let Err(e) = session.send_health(&report).await {
                                     break e;
                                 }
                             }

@@ -75,7 +75,23 @@ pub fn resource(r: &pb::Resource) -> Result<ResourceInfo, Malformed> {
         alias: (!r.alias.is_empty()).then(|| r.alias.clone()),
         site_id: id(&r.site_id)?,
         dns_names: r.dns_names.clone(),
+        health_check: (!r.health_check.is_empty()).then(|| r.health_check.clone()),
     })
+}
+
+/// A target health report for the wire.
+pub fn health_to_pb(h: &tunnel_core::map::TargetHealth) -> pb::TargetHealth {
+    use tunnel_core::map::HealthState;
+    pb::TargetHealth {
+        resource: h.resource.clone(),
+        state: match h.state {
+            HealthState::Unknown => pb::HealthState::Unknown,
+            HealthState::Healthy => pb::HealthState::Healthy,
+            HealthState::Unhealthy => pb::HealthState::Unhealthy,
+        } as i32,
+        detail: h.detail.clone(),
+        checked_ms: h.checked_ms,
+    }
 }
 
 fn relay(r: &pb::Relay) -> RelayInfo {

@@ -16,6 +16,7 @@ use crate::dataplane::Dataplane;
 struct Ctx {
     dp: Dataplane,
     link: watch::Receiver<LinkState>,
+    health: Option<watch::Receiver<Vec<tunnel_core::map::TargetHealth>>>,
 }
 
 /// Serves the status routes on `addr`; returns the bound address.
@@ -23,6 +24,7 @@ pub async fn serve(
     addr: SocketAddr,
     dp: Dataplane,
     link: watch::Receiver<LinkState>,
+    health: Option<watch::Receiver<Vec<tunnel_core::map::TargetHealth>>>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -32,7 +34,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(Ctx { dp, link });
+        .with_state(Ctx { dp, link, health });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "status listener failed");
@@ -45,6 +47,9 @@ async fn document(ctx: &Ctx) -> serde_json::Value {
     let mut v = ctx.dp.status().await.unwrap_or_else(|| serde_json::json!({}));
     if let Some(o) = v.as_object_mut() {
         o.insert("control".into(), serde_json::to_value(&*ctx.link.borrow()).unwrap_or_default());
+        if let Some(h) = &ctx.health {
+            o.insert("resources".into(), serde_json::to_value(&*h.borrow()).unwrap_or_default());
+        }
     }
     v
 }
@@ -144,6 +149,22 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
                 name(p),
                 u8::from(p["path"] == path)
             );
+        }
+    }
+    if let Some(targets) = v["resources"].as_array() {
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_node_resource_health A resource's target health on this site (1 for the current state).\n# TYPE tunnel_node_resource_health gauge"
+        );
+        for t in targets {
+            let r = t["resource"].as_str().unwrap_or("?").replace(['"', '\\', '\n'], "_");
+            for state in ["healthy", "unhealthy", "unknown"] {
+                let _ = writeln!(
+                    out,
+                    "tunnel_node_resource_health{{resource=\"{r}\",state=\"{state}\"}} {}",
+                    u8::from(t["state"] == state)
+                );
+            }
         }
     }
     let _ = writeln!(

@@ -75,6 +75,7 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
     let key = state.private_key().context("cannot load the node's key")?;
     let listen: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
     let (map_tx, map_rx) = watch::channel(state.load_map().map(Arc::new));
+    let map_rx_for_health = map_rx.clone();
     // The port is known before binding only when fixed; with port 0 the LAN candidate follows the bind.
     let (cand_tx, cand_rx) = mpsc::channel(4);
     let lan_ip = local_ip_towards(&cfg.token.server);
@@ -99,7 +100,15 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
         version: cfg.version.clone(),
         candidates,
     };
-    let (mut maps, link, control_task) = control::run(control_cfg, Some(state.clone()), cand_rx);
+    // Sites check their resources' targets and report them.
+    let (health_rx, health_task) = if cfg.kind == NodeKind::Site {
+        let (rx, task) = crate::health::start(map_rx_for_health);
+        (Some(rx), Some(task))
+    } else {
+        (None, None)
+    };
+    let (mut maps, link, control_task) =
+        control::run(control_cfg, Some(state.clone()), cand_rx, health_rx.clone());
     // Forward maps from the control loop to the data plane (the data plane started from the cache).
     let forward = tokio::spawn({
         let mut maps = maps.clone();
@@ -114,9 +123,10 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
     });
     maps.mark_unchanged();
     let mut tasks = vec![dp_task, control_task, forward];
+    tasks.extend(health_task);
     let status_addr = match cfg.metrics_listen {
         Some(a) => {
-            let (bound, t) = crate::http::serve(a, dp.clone(), link.clone()).await?;
+            let (bound, t) = crate::http::serve(a, dp.clone(), link.clone(), health_rx.clone()).await?;
             state.save_status_addr(bound)?;
             tasks.push(t);
             Some(bound)

@@ -134,7 +134,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ResourceInfo>, Status> {
         let c = self.check(&req)?;
         let r = req.into_inner();
-        let out = self.shared.add_resource(&r.site, &r.name, &r.target, &r.alias).await;
+        let out = self.shared.add_resource(&r.site, &r.name, &r.target, &r.alias, &r.health_check).await;
         self.audited(&c, "add-resource", &r.name, out).await.map(Response::new)
     }
 

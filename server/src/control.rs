@@ -289,6 +289,29 @@ fn handle(shared: &Shared, id: &NodeId, msg: pb::node_message::Msg) {
             tracing::info!(node = %id, have = r.have_version, "node asked for a full map");
             m.hub.request_full(&m.reg, id);
         }
+        pb::node_message::Msg::Health(h) => {
+            // A site speaks only for its own resources.
+            for t in h.targets {
+                if m.reg.resources.get(&t.resource).is_none_or(|r| &r.site != id) {
+                    continue;
+                }
+                let state = match pb::HealthState::try_from(t.state) {
+                    Ok(pb::HealthState::Healthy) => tunnel_core::map::HealthState::Healthy,
+                    Ok(pb::HealthState::Unhealthy) => tunnel_core::map::HealthState::Unhealthy,
+                    _ => tunnel_core::map::HealthState::Unknown,
+                };
+                let detail: String = t.detail.chars().take(200).collect();
+                m.reg.health.insert(
+                    t.resource.clone(),
+                    tunnel_core::map::TargetHealth {
+                        resource: t.resource,
+                        state,
+                        detail,
+                        checked_ms: t.checked_ms,
+                    },
+                );
+            }
+        }
         pb::node_message::Msg::Hello(_) => {
             tracing::debug!(node = %id, "ignoring a second Hello");
         }

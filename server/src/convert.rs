@@ -69,5 +69,6 @@ pub fn resource_to_pb(r: &ResourceInfo) -> pb::Resource {
         alias: r.alias.clone().unwrap_or_default(),
         site_id: r.site_id.to_string(),
         dns_names: r.dns_names.clone(),
+        health_check: r.health_check.clone().unwrap_or_default(),
     }
 }

@@ -380,6 +380,7 @@ async fn load_registry(store: &Store, cfg: &ServerConfig) -> Result<Registry> {
                 .parse()
                 .with_context(|| format!("resource {} has a damaged address", r.name))?,
             created_ms: r.created_ms,
+            health_check: r.health_check.clone(),
         };
         reg.insert_resource(rec);
     }

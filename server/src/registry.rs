@@ -46,6 +46,8 @@ pub struct ResourceRec {
     pub alias: Option<String>,
     pub addr: Ipv4Addr,
     pub created_ms: i64,
+    /// `http:/PATH`, or `None` for a TCP connect.
+    pub health_check: Option<String>,
 }
 
 /// One entry of a node's view.
@@ -145,6 +147,8 @@ pub struct Registry {
     client_sites: HashMap<NodeId, BTreeSet<NodeId>>,
     site_clients: HashMap<NodeId, BTreeSet<NodeId>>,
     pub grant_created: HashMap<(NodeId, String), i64>,
+    /// Memory only: what each resource's site last reported about its target.
+    pub health: HashMap<String, tunnel_core::map::TargetHealth>,
 }
 
 impl Registry {
@@ -165,6 +169,7 @@ impl Registry {
             client_sites: HashMap::new(),
             site_clients: HashMap::new(),
             grant_created: HashMap::new(),
+            health: HashMap::new(),
         }
     }
 
@@ -285,6 +290,7 @@ impl Registry {
 
     /// Removes a resource with its grants; returns the entries that changed.
     pub fn remove_resource(&mut self, name: &str, now_ms: i64) -> Vec<(NodeId, Entry)> {
+        self.health.remove(name);
         let mut touched = Vec::new();
         for c in self.clients_of(name) {
             touched.extend(self.remove_grant(&c, name));
@@ -408,6 +414,7 @@ impl Registry {
 
     /// A resource's public description.
     pub fn resource_info(&self, r: &ResourceRec, target: Option<String>) -> ResourceInfo {
+        let with_target = target.is_some();
         let mut dns_names = vec![self.fqdn(&r.name)];
         dns_names.extend(r.alias.clone());
         ResourceInfo {
@@ -418,6 +425,8 @@ impl Registry {
             alias: r.alias.clone(),
             site_id: r.site.clone(),
             dns_names,
+            // Only the hosting site (the one that sees the target) needs to know how to check it.
+            health_check: if with_target { r.health_check.clone() } else { None },
         }
     }
 
@@ -477,6 +486,7 @@ mod tests {
                 alias: None,
                 addr: addr.parse().unwrap(),
                 created_ms: 0,
+                health_check: None,
             });
         }
         assert!(r.peer_entry(&cid, &sid).is_none(), "deny by default");

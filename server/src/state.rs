@@ -281,8 +281,10 @@ impl Shared {
         name: &str,
         target: &str,
         alias: &str,
+        health_check: &str,
     ) -> OpResult<pb::ResourceInfo> {
         names::check_label("resource name", name).map_err(|e| OpError::Invalid(e.to_string()))?;
+        let health_check = parse_health_check(health_check)?;
         let target = Target::parse(target).map_err(|e| OpError::Invalid(e.to_string()))?;
         let alias = if alias.trim().is_empty() {
             None
@@ -334,6 +336,7 @@ impl Shared {
             alias: alias.clone(),
             overlay_addr: addr.to_string(),
             created_ms: now,
+            health_check: health_check.clone(),
         };
         self.store.insert_resource(&row).await?;
         let mut guard = self.model();
@@ -345,6 +348,7 @@ impl Shared {
             alias,
             addr,
             created_ms: now,
+            health_check,
         });
         m.hub.distribute(&m.reg, touched);
         Ok(resource_info(m, name))
@@ -560,6 +564,22 @@ pub fn node_info(m: &Model, id: &NodeId) -> Option<pb::NodeInfo> {
     })
 }
 
+/// `""` or `tcp` (a TCP connect) or `http:/PATH`.
+pub fn parse_health_check(s: &str) -> OpResult<Option<String>> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("tcp") {
+        return Ok(None);
+    }
+    match s.strip_prefix("http:") {
+        Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) && path.len() < 256 => {
+            Ok(Some(s.to_owned()))
+        }
+        _ => Err(OpError::Invalid(format!(
+            "health check '{s}' is not 'tcp' or 'http:/PATH' (e.g. http:/healthz)"
+        ))),
+    }
+}
+
 /// A resource as the admin API shows it.
 pub fn resource_info(m: &Model, name: &str) -> pb::ResourceInfo {
     let Some(r) = m.reg.resources.get(name) else { return pb::ResourceInfo::default() };
@@ -568,6 +588,16 @@ pub fn resource_info(m: &Model, name: &str) -> pb::ResourceInfo {
     let mut clients: Vec<String> =
         m.reg.clients_of(name).iter().filter_map(|c| m.reg.nodes.get(c).map(|n| n.name.clone())).collect();
     clients.sort();
+    // What the site last said, while the site is connected; unknown otherwise.
+    let site_online = m.reg.nodes.get(&r.site).is_some_and(|n| n.online);
+    let health = m.reg.health.get(name).filter(|_| site_online).map(|h| {
+        let state = match h.state {
+            tunnel_core::map::HealthState::Healthy => pb::HealthState::Healthy,
+            tunnel_core::map::HealthState::Unhealthy => pb::HealthState::Unhealthy,
+            tunnel_core::map::HealthState::Unknown => pb::HealthState::Unknown,
+        };
+        (state, h.detail.as_str(), h.checked_ms)
+    });
     pb::ResourceInfo {
         name: r.name.clone(),
         site: m.reg.nodes.get(&r.site).map(|n| n.name.clone()).unwrap_or_default(),
@@ -577,5 +607,9 @@ pub fn resource_info(m: &Model, name: &str) -> pb::ResourceInfo {
         dns_names,
         clients,
         created_ms: r.created_ms,
+        health_check: r.health_check.clone().unwrap_or_else(|| "tcp".into()),
+        health: health.map(|h| h.0).unwrap_or(pb::HealthState::Unknown) as i32,
+        health_detail: health.map(|h| h.1.to_owned()).unwrap_or_default(),
+        health_checked_ms: health.map(|h| h.2).unwrap_or_default(),
     }
 }

@@ -569,3 +569,106 @@ fn direct(v: Via) -> std::net::SocketAddr {
         Via::Relay => panic!("the raw test peer has no relay"),
     }
 }
+
+/// An HTTP service that answers every request with `status`.
+async fn http_status(status: u16) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ =
+                    s.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_site_checks_targets_and_tunnelctl_shows_their_health() {
+    let n = net().await;
+    // A port nothing listens on (bound, then closed), and HTTP services answering 200 and 503.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let ok = http_status(200).await;
+    let failing = http_status(503).await;
+    for (name, target, check) in [
+        ("gone", closed.to_string(), "tcp"),
+        ("ready", ok.to_string(), "http:/ready"),
+        ("broken", failing.to_string(), "http:/ready"),
+    ] {
+        n.server
+            .ctl(&[
+                "add-resource",
+                "--site",
+                "home",
+                "--name",
+                name,
+                "--target",
+                &target,
+                "--health-check",
+                check,
+            ])
+            .await
+            .unwrap();
+    }
+    let bad = n
+        .server
+        .ctl(&["add-resource", "--site", "home", "--name", "x", "--target", "h:1", "--health-check", "ping"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("is not 'tcp' or 'http:/PATH'") && !bad.contains('\n'), "{bad}");
+    let health = |v: &serde_json::Value, name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["health"].as_str().unwrap().to_owned())
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let v = loop {
+        let v = n.server.ctl_json(&["resources", "--json"]).await.unwrap();
+        let all = ["web", "gone", "ready", "broken"].map(|r| health(&v, r));
+        if all.iter().all(|h| h.as_deref() != Some("unknown")) {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "health never reported: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(health(&v, "web").as_deref(), Some("healthy"), "{v}");
+    assert_eq!(health(&v, "ready").as_deref(), Some("healthy"), "{v}");
+    assert_eq!(health(&v, "gone").as_deref(), Some("unhealthy"), "{v}");
+    assert_eq!(health(&v, "broken").as_deref(), Some("unhealthy"), "{v}");
+    let broken = v.as_array().unwrap().iter().find(|r| r["name"] == "broken").unwrap();
+    assert_eq!(broken["health_detail"], "HTTP 503");
+    // The table says it too, and the agent's /metrics.
+    let table = n.server.ctl(&["resources"]).await.unwrap();
+    assert!(table.contains("unhealthy (HTTP 503)"), "{table}");
+    let metrics = http_get(n.agent.status_addr.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("tunnel_node_resource_health{resource=\"gone\",state=\"unhealthy\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tunnel_node_resource_health{resource=\"web\",state=\"healthy\"} 1"),
+        "{metrics}"
+    );
+    // With the site gone, nobody vouches for the targets any more.
+    drop(n.agent);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let v = n.server.ctl_json(&["resources", "--json"]).await.unwrap();
+        if health(&v, "web").as_deref() == Some("unknown") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "health still reported for an offline site: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

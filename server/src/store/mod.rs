@@ -79,6 +79,8 @@ pub struct ResourceRow {
     pub alias: Option<String>,
     pub overlay_addr: String,
     pub created_ms: i64,
+    /// `None`: TCP connect; `http:/PATH`: HTTP GET.
+    pub health_check: Option<String>,
 }
 
 /// A grant as stored.
@@ -175,12 +177,31 @@ impl Store {
     }
 
     fn migrator(&self) -> Migrator {
-        let sql: &'static str = match self.backend {
-            Backend::Sqlite => include_str!("migrations/sqlite/0001_init.sql"),
-            Backend::Postgres => include_str!("migrations/postgres/0001_init.sql"),
+        let sql: [&'static str; 2] = match self.backend {
+            Backend::Sqlite => [
+                include_str!("migrations/sqlite/0001_init.sql"),
+                include_str!("migrations/sqlite/0002_health_check.sql"),
+            ],
+            Backend::Postgres => [
+                include_str!("migrations/postgres/0001_init.sql"),
+                include_str!("migrations/postgres/0002_health_check.sql"),
+            ],
         };
-        let migrations =
-            vec![Migration::new(1, Cow::Borrowed("init"), MigrationType::Simple, Cow::Borrowed(sql), false)];
+        let names = ["init", "health_check"];
+        let migrations = sql
+            .iter()
+            .zip(names)
+            .enumerate()
+            .map(|(i, (sql, name))| {
+                Migration::new(
+                    i as i64 + 1,
+                    Cow::Borrowed(name),
+                    MigrationType::Simple,
+                    Cow::Borrowed(*sql),
+                    false,
+                )
+            })
+            .collect();
         Migrator { migrations: Cow::Owned(migrations), ignore_missing: true, locking: true, no_tx: false }
     }
 
@@ -229,7 +250,7 @@ impl Store {
         .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
         .map_err(q("reading nodes"))?;
         let resources = sqlx::query(
-            "SELECT name, site_id, target, alias, overlay_addr, created_ms FROM resources ORDER BY name",
+            "SELECT name, site_id, target, alias, overlay_addr, created_ms, health_check FROM resources ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await
@@ -243,6 +264,7 @@ impl Store {
                 alias: r.try_get("alias")?,
                 overlay_addr: r.try_get("overlay_addr")?,
                 created_ms: r.try_get("created_ms")?,
+                health_check: r.try_get("health_check")?,
             })
         })
         .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
@@ -461,8 +483,8 @@ impl Store {
             .await
             .map_err(q("adding a resource"))?;
         sqlx::query(
-            "INSERT INTO resources (name, site_id, target, alias, overlay_addr, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO resources (name, site_id, target, alias, overlay_addr, created_ms, health_check) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(r.name.clone())
         .bind(r.site_id.clone())
@@ -470,6 +492,7 @@ impl Store {
         .bind(r.alias.clone())
         .bind(r.overlay_addr.clone())
         .bind(r.created_ms)
+        .bind(r.health_check.clone())
         .execute(&mut *tx)
         .await
         .map_err(q("adding a resource"))?;

@@ -61,6 +61,7 @@ async fn nodes_resources_grants_round_trip() {
             alias: Some("prom.example.com".into()),
             overlay_addr: "100.96.0.3".into(),
             created_ms: 11,
+            health_check: Some("http:/-/ready".into()),
         };
         s.insert_resource(&r).await.unwrap();
         s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: "prom".into(), created_ms: 12 })
@@ -105,6 +106,7 @@ async fn removing_a_site_takes_its_resources_and_grants_and_quarantines_addresse
                 alias: None,
                 overlay_addr: addr.into(),
                 created_ms: 1,
+                health_check: None,
             })
             .await
             .unwrap();
