@@ -19,7 +19,8 @@
 #   2. ping RTT from a TUN client to the resource's overlay address, direct and relayed, and the
 #      difference (goal < 0.5 ms); plain veth RTT for reference.
 #   3. iperf3 TCP through the tunnel, client and agent both forced to relay, relay on one core
-#      (goal >= 1 Gbit/s), with the relay's own tunnel_relay_bytes_total delta and CPU time.
+#      (goal >= 1 Gbit/s), with the relay's own tunnel_relay_bytes_total delta, refused packets and
+#      CPU time; the same iperf3 over the direct path for reference (what the nodes alone manage).
 # Every namespace is removed on exit, pass or fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -147,11 +148,11 @@ t0=$EPOCHREALTIME
 pid=$!
 res=timeout
 while :; do
-    code=$(curl -s -o /dev/null -w "%{http_code}" --max-time 2 --socks5-hostname 127.0.0.1:1080 \
+    code=$(curl -s -o /dev/null -w "%{http_code}" --max-time 10 --socks5-hostname 127.0.0.1:1080 \
         http://web.tunnel.internal/hello.txt || true)
     t1=$EPOCHREALTIME
     if [ "$code" = 200 ]; then res=ok; break; fi
-    if awk -v a="$t0" -v b="$t1" "BEGIN{exit !(b - a > 15)}"; then break; fi
+    if awk -v a="$t0" -v b="$t1" "BEGIN{exit !(b - a > 20)}"; then break; fi
     sleep 0.02
 done
 path=$(curl -sf 127.0.0.1:9182/status | python3 -c "import json,sys; print(\",\".join(p[\"path\"] for p in json.load(sys.stdin)[\"peers\"]) or \"none\")" || echo "?")
@@ -208,12 +209,19 @@ ping_avg() { # ns addr -> "AVG LOSS%"
         /packet loss/ {for (i = 1; i <= NF; i++) if ($i ~ /%$/) loss = $i}
         /^rtt/ {avg = $8} END {print avg, loss}'
 }
+iperf_gbps() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.2f Gbit/s (%d retransmits)" % (d["end"]["sum_received"]["bits_per_second"]/1e9, d["end"]["sum_sent"].get("retransmits", 0)))' "$1"; }
+refused() { ip netns exec "$RLY" curl -sf 127.0.0.1:9190/metrics | awk '/^tunnel_relay_refused_packets_total/ {n += $2} END {print n + 0}'; }
 read -r RTT_V LOSS_V < <(ping_avg "$C" 203.0.113.2)
 
 start_tun_client "$WORK/tun-direct"
 CP_D=$(wait_path "$C" 9182 lan direct); AP_D=$(status_of "$A" 9181 | jq_ peer.bench.path)
 ip netns exec "$C" ping -n -c 20 -i 0.01 -q "$WEB_IP" >/dev/null
+RB0=$(relay_metric tunnel_relay_bytes_total)
 read -r RTT_D LOSS_D < <(ping_avg "$C" "$WEB_IP")
+RELAY_D=$(( $(relay_metric tunnel_relay_bytes_total) - RB0 ))
+# Reference for figure 3: the same iperf3 over the direct path.
+ip netns exec "$C" iperf3 -c "$IPERF_IP" -t 10 -J >"$WORK/iperf-direct.json"
+TPUT_D=$(iperf_gbps "$WORK/iperf-direct.json")
 stop "$CLIENT_PID"
 
 start_tun_client "$WORK/tun-relay" --force-relay
@@ -227,7 +235,9 @@ if [ "$AP_R" != relay ]; then
     AGENT_NOTE="agent restarted with --force-relay"
 fi
 ip netns exec "$C" ping -n -c 20 -i 0.01 -q "$WEB_IP" >/dev/null
+RB0=$(relay_metric tunnel_relay_bytes_total)
 read -r RTT_R LOSS_R < <(ping_avg "$C" "$WEB_IP")
+RELAY_R=$(( $(relay_metric tunnel_relay_bytes_total) - RB0 ))
 
 # --- 3: relay throughput, both nodes forced, relay on one core ---
 if [ "$AGENT_NOTE" = "agent not forced" ]; then
@@ -237,10 +247,10 @@ CP_3=$(wait_path "$C" 9182 lan relay); AP_3=$(wait_path "$A" 9181 bench relay)
 ip netns exec "$C" ping -n -c 1 -W 2 "$IPERF_IP" >/dev/null
 AFFINITY=$(taskset -pc "$RELAY_PID" | awk -F': ' '{print $2}')
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$RELAY_PID/stat"; }
-B0=$(relay_metric tunnel_relay_bytes_total); K0=$(cpu_ticks); T0=$EPOCHREALTIME
+B0=$(relay_metric tunnel_relay_bytes_total); F0=$(refused); K0=$(cpu_ticks); T0=$EPOCHREALTIME
 ip netns exec "$C" iperf3 -c "$IPERF_IP" -t 10 -J >"$WORK/iperf-relay.json"
-B1=$(relay_metric tunnel_relay_bytes_total); K1=$(cpu_ticks); T1=$EPOCHREALTIME
-TPUT=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.2f Gbit/s (%d retransmits)" % (d["end"]["sum_received"]["bits_per_second"]/1e9, d["end"]["sum_sent"].get("retransmits", 0)))' "$WORK/iperf-relay.json")
+B1=$(relay_metric tunnel_relay_bytes_total); F1=$(refused); K1=$(cpu_ticks); T1=$EPOCHREALTIME
+TPUT=$(iperf_gbps "$WORK/iperf-relay.json")
 CLIENT_RELAY_TX=$(status_of "$C" 9182 | jq_ peer.lan.relay_tx_bytes)
 stop "$CLIENT_PID"
 
@@ -253,16 +263,17 @@ echo "   relayed (goal <= 2 s): $(printf '%s' "${FIG1[relay]}" | summary)"
 echo
 echo "2. ping -c 200 -i 0.01, TUN client -> resource overlay address ${WEB_IP} (answered by the agent):"
 echo "   plain veth (client -> agent 203.0.113.2): avg ${RTT_V} ms, loss ${LOSS_V}"
-echo "   direct:  avg ${RTT_D} ms, loss ${LOSS_D}  (path client=${CP_D}, agent=${AP_D})"
-echo "   relayed: avg ${RTT_R} ms, loss ${LOSS_R}  (path client=${CP_R}, agent=${AP_R}; ${AGENT_NOTE})"
+echo "   direct:  avg ${RTT_D} ms, loss ${LOSS_D}  (path client=${CP_D}, agent=${AP_D}; relay bytes during ping: ${RELAY_D})"
+echo "   relayed: avg ${RTT_R} ms, loss ${LOSS_R}  (path client=${CP_R}, agent=${AP_R}; ${AGENT_NOTE}; relay bytes during ping: ${RELAY_R})"
 python3 -c 'import sys; d,r=float(sys.argv[1]),float(sys.argv[2]); print("   added by the relay: %.3f ms (goal < 0.5 ms)" % (r-d))' "$RTT_D" "$RTT_R"
 echo
 echo "3. iperf3 TCP 10 s, one stream, TUN client -> ${IPERF_IP}:5201, client and agent --force-relay (path client=${CP_3}, agent=${AP_3}):"
-echo "   throughput: ${TPUT} (goal >= 1 Gbit/s)"
+echo "   throughput: ${TPUT} (goal >= 1 Gbit/s); same over the direct path, for reference: ${TPUT_D}"
 python3 -c '
 import sys, os
 b0, b1, k0, k1, t0, t1 = (float(x) for x in sys.argv[1:7])
 hz = os.sysconf("SC_CLK_TCK")
-print("   relay tunnel_relay_bytes_total delta: %d bytes (%.2f Gbit/s over %.1f s); relay CPU %.0f%% of one core" % (b1 - b0, (b1 - b0) * 8 / (t1 - t0) / 1e9, t1 - t0, 100 * (k1 - k0) / hz / (t1 - t0)))
-' "$B0" "$B1" "$K0" "$K1" "$T0" "$T1"
+refused = int(sys.argv[7]) - int(sys.argv[8])
+print("   relay tunnel_relay_bytes_total delta: %d bytes (%.2f Gbit/s over %.1f s); relay CPU %.0f%% of one core; packets refused by the relay: %d" % (b1 - b0, (b1 - b0) * 8 / (t1 - t0) / 1e9, t1 - t0, 100 * (k1 - k0) / hz / (t1 - t0), refused))
+' "$B0" "$B1" "$K0" "$K1" "$T0" "$T1" "$F1" "$F0"
 echo "   client's relay_tx_bytes to the site (whole session): ${CLIENT_RELAY_TX}"

@@ -225,6 +225,11 @@ struct Loop {
     udp_out: HashMap<(SocketAddrV4, SocketAddrV4), Instant>,
     kind: NodeKind,
     udp: Arc<UdpSocket>,
+    /// Batched, offloaded UDP I/O on `udp` (recvmmsg with GRO, sendmsg with GSO where the kernel has it).
+    udp_state: Arc<quinn_udp::UdpSocketState>,
+    /// WireGuard datagrams waiting to be sent, in order; flushed in GSO batches.
+    out_batch: Vec<(SocketAddr, Vec<u8>)>,
+    gso_buf: Vec<u8>,
     device: Device,
     stack: Option<NetStack>,
     own_addr: Option<Ipv4Addr>,
@@ -316,6 +321,10 @@ pub async fn start_on(
     opts: PathOptions,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
     let udp = Arc::new(socket);
+    let udp_state = Arc::new(
+        quinn_udp::UdpSocketState::new((&*udp).into())
+            .map_err(|e| anyhow::anyhow!("cannot set up the WireGuard UDP socket: {e}"))?,
+    );
     let local_addr = udp.local_addr()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     let (dial_tx, mut dial_rx) = mpsc::channel(64);
@@ -335,6 +344,9 @@ pub async fn start_on(
         udp_out: HashMap::new(),
         kind,
         udp: udp.clone(),
+        udp_state: udp_state.clone(),
+        out_batch: Vec::with_capacity(64),
+        gso_buf: Vec::with_capacity(64 * 1024),
         device: Device::new(private_key, seed as u32),
         stack: None,
         own_addr: None,
@@ -373,7 +385,9 @@ pub async fn start_on(
             }
         }
         let _relay_task = AbortOnDrop(relay_task);
-        let mut buf = vec![0u8; 65_536];
+        // One buffer per datagram of a recvmmsg batch; with GRO each may hold many datagrams.
+        let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; 65_536]).collect();
+        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         if let Some(m) = maps.borrow_and_update().clone() {
             lp.apply_map(m);
         }
@@ -382,13 +396,31 @@ pub async fn start_on(
             let deadline = lp.next_deadline(now);
             let wake = lp.wake.clone();
             tokio::select! {
-                r = udp.recv_from(&mut buf) => {
-                    if let Ok((n, from)) = r {
-                        lp.datagram(normalize(from), &buf[..n], now);
-                        for _ in 1..DATAGRAM_BUDGET {
-                            match udp.try_recv_from(&mut buf) {
-                                Ok((n, from)) => lp.datagram(normalize(from), &buf[..n], now),
-                                Err(_) => break,
+                r = udp.readable() => {
+                    if r.is_ok() {
+                        let mut handled = 0;
+                        while handled < DATAGRAM_BUDGET {
+                            let mut iovs: Vec<std::io::IoSliceMut<'_>> =
+                                bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                            let got = udp.try_io(tokio::io::Interest::READABLE, || {
+                                udp_state.recv((&*udp).into(), &mut iovs, &mut metas)
+                            });
+                            let n = match got {
+                                Ok(n) => n,
+                                Err(e) => {
+                                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                                        tracing::debug!(error = %e, "UDP receive failed");
+                                    }
+                                    break;
+                                }
+                            };
+                            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                                let from = normalize(meta.addr);
+                                let stride = if meta.stride == 0 { meta.len } else { meta.stride };
+                                for d in buf[..meta.len].chunks(stride.max(1)) {
+                                    lp.datagram(from, d, now);
+                                    handled += 1;
+                                }
                             }
                         }
                     }
@@ -931,6 +963,65 @@ impl Loop {
         }
     }
 
+    /// Sends the queued WireGuard datagrams: runs of equal-size datagrams to one destination go out as
+    /// one GSO send (the kernel cuts them), the rest one by one.
+    async fn flush_udp(&mut self) {
+        let batch = std::mem::take(&mut self.out_batch);
+        let max_segments = self.udp_state.max_gso_segments().clamp(1, 64);
+        let mut i = 0;
+        while i < batch.len() {
+            let (dst, first) = (&batch[i].0, &batch[i].1);
+            let size = first.len();
+            let mut j = i + 1;
+            // Equal sizes; the last of a run may be shorter. At most 64 KiB per send.
+            while j < batch.len()
+                && j - i < max_segments
+                && batch[j].0 == *dst
+                && batch[j - 1].1.len() == size
+                && batch[j].1.len() <= size
+                && (j - i + 1) * size <= 65_000
+            {
+                j += 1;
+            }
+            if j - i == 1 {
+                self.send_udp(first, *dst).await;
+            } else {
+                self.gso_buf.clear();
+                for (_, p) in &batch[i..j] {
+                    self.gso_buf.extend_from_slice(p);
+                }
+                let t = quinn_udp::Transmit {
+                    destination: *dst,
+                    ecn: None,
+                    contents: &self.gso_buf,
+                    segment_size: Some(size),
+                    src_ip: None,
+                };
+                loop {
+                    let r = self.udp.try_io(tokio::io::Interest::WRITABLE, || {
+                        self.udp_state.try_send((&*self.udp).into(), &t)
+                    });
+                    match r {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if self.udp.writable().await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(dst = %dst, error = %e, "GSO send failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            i = j;
+        }
+        let mut batch = batch;
+        batch.clear();
+        self.out_batch = batch;
+    }
+
     async fn send_udp(&self, payload: &[u8], dst: SocketAddr) {
         match self.udp.try_send_to(payload, dst) {
             Ok(_) => {}
@@ -1048,7 +1139,12 @@ impl Loop {
             while let Some(t) = self.device.poll_transmit() {
                 moved = true;
                 match t.dst {
-                    Via::Direct(dst) => self.send_udp(&t.payload, dst).await,
+                    Via::Direct(dst) => {
+                        self.out_batch.push((dst, t.payload));
+                        if self.out_batch.len() >= 64 {
+                            self.flush_udp().await;
+                        }
+                    }
                     Via::Relay => {
                         if let Some(peer) = t.peer {
                             self.relay_bytes.entry(peer).or_default().tx += t.payload.len() as u64;
@@ -1062,6 +1158,7 @@ impl Loop {
                     self.paths.handle_tx(&peer, now);
                 }
             }
+            self.flush_udp().await;
             if !moved {
                 break;
             }
