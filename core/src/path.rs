@@ -346,6 +346,42 @@ impl Paths {
         }
     }
 
+    /// A fresh handshake initiation from `key` authenticated, arriving directly from `from`: the peer
+    /// (re)started its session from there (a restart gets a new socket, a new NAT mapping). Follow it
+    /// at once, as WireGuard roaming would, while the probes prove it; the old path is forgotten. While
+    /// we use the relay, the relay stays until `from` is proven.
+    pub fn handle_initiation(&mut self, key: &[u8; 32], from: SocketAddr, now: Instant) {
+        self.now = self.now.max(now);
+        let Some(st) = self.peers.get_mut(key) else { return };
+        match st.current {
+            Some(Via::Direct(a)) if a == from => return,
+            Some(Via::Relay) => {
+                start_punch(st, now);
+                return;
+            }
+            Some(Via::Direct(old)) => {
+                st.proven.remove(&old);
+            }
+            None => {}
+        }
+        let known = st.candidates.iter().any(|c| c.0 == from) || st.learned.contains(&from);
+        if !known {
+            if st.learned.len() >= LEARNED_MAX {
+                if let Some(old) = st.learned.pop_front() {
+                    st.proven.remove(&old);
+                }
+            }
+            st.learned.push_back(from);
+        }
+        st.current = Some(Via::Direct(from));
+        st.current_proven = false;
+        st.confirm_since = None;
+        st.stats.path_changes += 1;
+        start_punch(st, now);
+        self.events.push_back(PathEvent { key: *key, via: Some(Via::Direct(from)), proven: false });
+        self.reselect(key, now);
+    }
+
     /// We sent traffic to `key`: its path is in use and must be confirmed quickly.
     pub fn handle_tx(&mut self, key: &[u8; 32], now: Instant) {
         self.now = self.now.max(now);
@@ -484,8 +520,14 @@ impl Paths {
             }
             (Some((addr, _)), _) => (Some(Via::Direct(addr)), true),
             (None, _) if relay_up => (Some(Via::Relay), true),
-            // No proof and no relay: try the best candidate; a WireGuard handshake may still get through
-            // (a peer that does not answer probes).
+            // No proof and no relay: keep a guess that is still a candidate (or where the peer's last
+            // initiation came from), else try the best candidate; a WireGuard handshake may still get
+            // through (a peer that does not answer probes).
+            (None, Some(Via::Direct(cur)))
+                if st.learned.contains(&cur) || st.candidates.iter().any(|c| c.0 == cur) =>
+            {
+                (Some(Via::Direct(cur)), false)
+            }
             (None, _) => (st.candidates.iter().max_by_key(|c| c.1).map(|c| Via::Direct(c.0)), false),
         };
         if want != st.current || proven != st.current_proven {

@@ -58,6 +58,20 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
+/// What authenticated an inbound datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The peer whose session accepted it.
+    pub peer: [u8; 32],
+    /// It was a fresh handshake initiation: the peer (re)started a session from where it came from.
+    pub initiation: bool,
+}
+
+/// Handshake initiations from keys that are not peers yet, kept briefly: a client that joins sends its
+/// first initiation as soon as it has the map, often before the site has applied the map that names
+/// it; answering once the key arrives saves the initiator WireGuard's 5 s retry.
+const PENDING_INITS: usize = 16;
+
 /// A decrypted inner packet.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Inbound {
@@ -118,6 +132,7 @@ pub struct Device {
     limiter: Arc<RateLimiter>,
     transmits: VecDeque<Transmit>,
     inbound: VecDeque<Inbound>,
+    pending_inits: VecDeque<([u8; 32], Via, Vec<u8>)>,
     next_tick: Option<Instant>,
     buf: Vec<u8>,
     /// Dropped packets, by reason.
@@ -145,6 +160,7 @@ impl Device {
             next_index: index_seed & 0x00FF_FFFF,
             transmits: VecDeque::new(),
             inbound: VecDeque::new(),
+            pending_inits: VecDeque::new(),
             next_tick: None,
             buf: vec![0; BUF],
             drops: DropCounts::default(),
@@ -202,6 +218,15 @@ impl Device {
         if self.next_tick.is_none() {
             self.next_tick = Some(now);
         }
+        // Initiations that arrived before their key: answer them now.
+        let pending: Vec<([u8; 32], Via, Vec<u8>)> = self.pending_inits.drain(..).collect();
+        for (key, from, data) in pending {
+            if self.peers.contains_key(&key) {
+                self.handle_datagram(from, &data);
+            } else {
+                self.pending_inits.push_back((key, from, data));
+            }
+        }
     }
 
     /// Keys of the installed peers.
@@ -231,9 +256,9 @@ impl Device {
         }
     }
 
-    /// A datagram arrived on the node's socket (or from the relay). Returns the peer whose session
+    /// A datagram arrived on the node's socket (or from the relay). Says which peer's session
     /// authenticated it, if one did.
-    pub fn handle_datagram(&mut self, from: Via, data: &[u8]) -> Option<[u8; 32]> {
+    pub fn handle_datagram(&mut self, from: Via, data: &[u8]) -> Option<Authenticated> {
         let src_ip = match from {
             Via::Direct(a) => Some(a.ip()),
             Via::Relay => None,
@@ -256,12 +281,14 @@ impl Device {
                 return None;
             }
         }
+        let mut is_init = false;
         let key = match Tunn::parse_incoming_packet(data) {
             Err(_) => {
                 self.drops.malformed += 1;
                 return None;
             }
             Ok(Packet::HandshakeInit(init)) => {
+                is_init = true;
                 match parse_handshake_anon(&self.secret, &self.public, &init) {
                     Ok(half) => half.peer_static_public,
                     Err(_) => {
@@ -294,6 +321,13 @@ impl Device {
         };
         let Some(peer) = self.peers.get_mut(&key) else {
             self.drops.unknown_peer += 1;
+            if is_init {
+                if self.pending_inits.len() >= PENDING_INITS {
+                    self.pending_inits.pop_front();
+                }
+                self.pending_inits.retain(|(k, _, _)| *k != key);
+                self.pending_inits.push_back((key, from, data.to_vec()));
+            }
             return None;
         };
         let mut first = true;
@@ -350,7 +384,7 @@ impl Device {
         if peer.endpoint.is_none() || peer.roaming {
             peer.endpoint = Some(from);
         }
-        Some(key)
+        Some(Authenticated { peer: key, initiation: is_init })
     }
 
     /// An inner IPv4 packet to send to whichever peer owns its destination.

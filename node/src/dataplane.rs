@@ -658,8 +658,11 @@ impl Loop {
             }
         } else if stun::is_stun(data) {
             self.stun_answer(data, now);
-        } else if let Some(key) = self.device.handle_datagram(Via::Direct(from), data) {
-            self.paths.handle_rx(&key, from, now);
+        } else if let Some(auth) = self.device.handle_datagram(Via::Direct(from), data) {
+            if auth.initiation {
+                self.paths.handle_initiation(&auth.peer, from, now);
+            }
+            self.paths.handle_rx(&auth.peer, from, now);
         }
     }
 

@@ -200,3 +200,38 @@ fn idle_direct_paths_are_confirmed_at_the_keepalive_not_faster() {
     let via: Vec<(Option<Via>, bool)> = sim.events_a.iter().map(|e| (e.via, e.proven)).collect();
     assert_eq!(via, vec![(Some(Via::Direct(b_pub)), false), (Some(Via::Direct(b_pub)), true)]);
 }
+
+#[test]
+fn a_peer_that_restarts_from_a_new_port_is_followed_at_once() {
+    let b_old = addr("203.0.113.2:51820");
+    let b_new = addr("203.0.113.2:51999");
+    let a_pub = addr("203.0.113.3:40000");
+    let mut sim = Sim::new(vec![(b_old, CandidateKind::Reflexive)], vec![(a_pub, CandidateKind::Reflexive)]);
+    sim.deliver = Box::new(move |from_a, dst| match (from_a, dst) {
+        (true, d) if d == b_old => Some(a_pub),
+        (false, d) if d == a_pub => Some(b_old),
+        _ => None,
+    });
+    sim.run(Duration::from_millis(300));
+    assert_eq!(sim.a_path(), Some(Via::Direct(b_old)));
+    // B restarts: its socket (and NAT mapping) is new; its first handshake initiation authenticates.
+    sim.deliver = Box::new(move |from_a, dst| match (from_a, dst) {
+        (true, d) if d == b_new => Some(a_pub),
+        (false, d) if d == a_pub => Some(b_new),
+        _ => None,
+    });
+    let kb = crate::wg::public_key(KB);
+    sim.a.handle_initiation(&kb, b_new, sim.now);
+    assert_eq!(sim.a_path(), Some(Via::Direct(b_new)), "followed at once");
+    sim.run(Duration::from_millis(300));
+    assert_eq!(sim.a_path(), Some(Via::Direct(b_new)));
+    assert!(sim.a.is_direct(&kb), "and proven by probes");
+    // Over the relay, an initiation from elsewhere does not pull a relayed peer off the relay unproven.
+    sim.a.set_relay(true, sim.now);
+    sim.deliver = Box::new(|_, _| None);
+    // Idle: the dead path is noticed at the next keepalive check (5 s) plus DEAD_AFTER.
+    sim.run(Duration::from_secs(8));
+    assert_eq!(sim.a_path(), Some(Via::Relay));
+    sim.a.handle_initiation(&kb, addr("198.51.100.7:1"), sim.now);
+    assert_eq!(sim.a_path(), Some(Via::Relay));
+}

@@ -180,3 +180,33 @@ fn routes_pick_the_longest_prefix() {
     assert_eq!(d.route("10.0.0.1".parse().unwrap()), None);
     let _ = summarize(&[]);
 }
+
+#[test]
+fn an_initiation_that_arrives_before_its_key_is_answered_once_the_key_is_installed() {
+    let (mut a, mut b, now) = pair();
+    // B does not know A yet (its map has not caught up).
+    b.set_peers(vec![], now);
+    let p = udp("100.96.0.2:5000", "100.96.0.10:53", b"early");
+    a.handle_outbound(&p);
+    while let Some(t) = a.poll_transmit() {
+        assert_eq!(b.handle_datagram(Via::Direct(A_ADDR.parse().unwrap()), &t.payload), None);
+    }
+    assert!(b.poll_transmit().is_none());
+    // The map arrives: B answers the initiation it kept, and A's queued packet follows.
+    b.set_peers(
+        vec![PeerConfig {
+            key: a.public_key(),
+            allowed: vec!["100.96.0.2/32".parse().unwrap()],
+            endpoint: None,
+            keepalive: None,
+        }],
+        now,
+    );
+    let resp = b.poll_transmit().expect("a handshake response without waiting for a retry");
+    assert_eq!(resp.dst, Via::Direct(A_ADDR.parse().unwrap()));
+    let auth = a.handle_datagram(Via::Direct(B_ADDR.parse().unwrap()), &resp.payload).unwrap();
+    assert!(!auth.initiation);
+    let (_, got_b) = run(&mut a, &mut b);
+    assert_eq!(got_b.len(), 1);
+    assert_eq!(got_b[0].packet, p);
+}
