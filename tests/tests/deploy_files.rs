@@ -542,11 +542,11 @@ fn docker_run(stage: &Stage) -> Option<(Option<String>, Vec<Setting>)> {
 
 /// `TUNNEL_X=VALUE` options a stage's comments offer outside its `docker run` example.
 fn documented_options(stage: &Stage) -> Vec<Setting> {
-    let mut in_run = false;
-    let mut out = vec![];
+    let (mut continued, mut out) = (false, vec![]);
     for (c, n) in &stage.notes {
-        in_run = c.starts_with("docker run ") || (in_run && c.ends_with('\\'));
-        if in_run || c.starts_with("-e ") {
+        let in_run = continued || c.starts_with("docker run ");
+        continued = in_run && c.ends_with('\\');
+        if in_run {
             continue;
         }
         for w in c.split_whitespace().filter(|w| w.starts_with("TUNNEL_") && w.contains('=')) {
@@ -566,7 +566,6 @@ struct Files {
 impl Files {
     fn new() -> Files {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
-        let root = std::env::var("XXX_DEPLOY_ROOT").map(PathBuf::from).unwrap_or(root); // XXX temporary
         let stages = dockerfile(&std::fs::read_to_string(root.join(DOCKERFILE)).unwrap());
         Files { root, stages }
     }
@@ -985,6 +984,10 @@ fn start(
     argv.push(program);
     argv.extend(l.args.iter().map(|a| sub.apply(a)));
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let written: Vec<String> = l.env.values().map(|s| format!("{}={}", s.key, s.value)).collect();
+    let cmd: Vec<&str> =
+        std::iter::once(l.program.as_str()).chain(l.args.iter().map(String::as_str)).collect();
+    eprintln!("{}: `{}` {} with {}", l.name, cmd.join(" "), privileges(l), written.join(" "));
     let idx = lab.spawn(ns, l.name, &refs, &[]);
     Running { launch: l.clone(), ns: ns.to_owned(), env, idx }
 }
@@ -1006,8 +1009,8 @@ fn rejected(lab: &Lab, r: &Running, what: &str) -> String {
         .filter(|s| {
             let flag = format!("--{}", s.key.trim_start_matches("TUNNEL_").to_lowercase().replace('_', "-"));
             let got = &r.env[&s.key];
-            log.contains(&s.key)
-                || log.contains(&format!("{flag} "))
+            mentions(&log, &s.key)
+                || mentions(&log, &flag)
                 || log.contains(&format!("'{}'", s.value))
                 || (got != &s.value && log.contains(got.as_str()))
         })
@@ -1020,9 +1023,33 @@ fn rejected(lab: &Lab, r: &Running, what: &str) -> String {
         format!("It rejects a setting: its output names\n{named}")
     };
     format!(
-        "{} ({}) {what}.\n{verdict}\nEverything it was given:\n{all}Its output:\n{log}",
-        r.launch.name, r.launch.from
+        "{} ({}) {what}.\n{verdict}\nEverything it was given:\n{all}It ran {}.\nIts output:\n{log}",
+        r.launch.name,
+        r.launch.from,
+        privileges(&r.launch)
     )
+}
+
+/// Whether `text` names `word` (not as part of a longer name).
+fn mentions(text: &str, word: &str) -> bool {
+    let name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(word).any(|(i, _)| !text[i + word.len()..].starts_with(name))
+}
+
+/// Who a process runs as, with which capabilities and sysctls.
+fn privileges(l: &Launch) -> String {
+    let u = &l.user;
+    let mut s = u.uid.map_or("as root".into(), |u| format!("as uid {u}"));
+    if !u.ambient.is_empty() {
+        let _ = write!(s, ", ambient capabilities {}", u.ambient.join(" "));
+    }
+    if let Some(b) = &u.bounding {
+        let _ = write!(s, ", bounding set {{{}}}", b.join(" "));
+    }
+    for (k, v) in &l.sysctls {
+        let _ = write!(s, ", sysctl {k}={v}");
+    }
+    s
 }
 
 /// Polls `cond` for a started process, failing with [`rejected`] if it exits first.
