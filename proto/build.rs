@@ -7,7 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/tunnel.proto");
     let mut config = tonic_prost_build::Config::new();
     // These messages carry secrets: their Debug impls are written by hand in lib.rs and redact them.
-    config.skip_debug(["tunnel.v1.Hello", "tunnel.v1.Welcome", "tunnel.v1.JoinTokenReply"]);
+    config.skip_debug([
+        "tunnel.v1.Hello",
+        "tunnel.v1.Welcome",
+        "tunnel.v1.JoinTokenReply",
+        "tunnel.v1.NewToken",
+    ]);
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

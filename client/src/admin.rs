@@ -16,7 +16,8 @@ use tunnel_proto::v1::admin_client::AdminClient;
 
 use crate::table::Table;
 
-type Client = AdminClient<InterceptedService<Channel, Auth>>;
+/// An admin API client that sends the admin secret with every call.
+pub type Client = AdminClient<InterceptedService<Channel, Auth>>;
 
 /// Adds the admin secret to every call.
 #[derive(Clone)]

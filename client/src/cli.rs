@@ -93,6 +93,10 @@ pub enum Cmd {
         #[arg(long)]
         resource: String,
     },
+    /// Make the server match a config file (YAML: sites, clients, resources, grants), all or nothing.
+    ///
+    /// Prints the plan, then applies it in one transaction. Running it again changes nothing.
+    Apply(ApplyArgs),
     /// Run the machine client: bring up the tunnel to the resources this client was granted.
     Up(UpArgs),
     /// Show the local client's tunnels (from the `up` daemon found through its state dir).
@@ -150,6 +154,28 @@ pub struct UpArgs {
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = tunnel_node::process::LogFormat::Text)]
     pub log_format: tunnel_node::process::LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The config file (YAML); `-` reads standard input.
+    pub file: PathBuf,
+    /// Print the plan only; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also delete the sites, clients, resources and grants the file does not name.
+    #[arg(long)]
+    pub prune: bool,
+    /// Write the join tokens of new sites and clients to DIR/site-NAME.token and
+    /// DIR/client-NAME.token (mode 0600) instead of printing them.
+    #[arg(long, env = "TUNNEL_TOKENS_DIR")]
+    pub tokens_dir: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Join limits for the tokens of new sites and clients.
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +363,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Apply(a) => crate::apply::run(&mut c, &a, out).await,
         Cmd::Up(_) | Cmd::Status { .. } => Ok(()),
     }
 }

@@ -1,6 +1,6 @@
 //! The `tunnel.v1` protobuf contract and the tonic/prost code generated from it. No logic lives here.
 //!
-//! Messages that carry secrets (`Hello`, `Welcome`, `JoinTokenReply`) have hand-written `Debug` impls that
+//! Messages that carry secrets (`Hello`, `Welcome`, `JoinTokenReply`, `NewToken`) have hand-written `Debug` impls that
 //! redact them, so a stray `?msg` in a log line cannot leak a credential.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -46,6 +46,16 @@ pub mod v1 {
         }
     }
 
+    impl fmt::Debug for NewToken {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("NewToken")
+                .field("kind", &self.kind)
+                .field("name", &self.name)
+                .field("join_token", &redact(!self.join_token.is_empty()))
+                .finish()
+        }
+    }
+
     fn redact(present: bool) -> &'static str {
         if present {
             "<redacted>"
@@ -69,7 +79,11 @@ mod tests {
         };
         let reply = JoinTokenReply { node: None, join_token: "tjn1.secret-token".into() };
         let welcome = Welcome { session_ticket: b"tkt".to_vec(), ..Default::default() };
-        let all = format!("{hello:?} {reply:?} {welcome:?}");
+        let applied = ApplyReply {
+            tokens: vec![NewToken { kind: 1, name: "home".into(), join_token: "tjn1.apply-token".into() }],
+            ..Default::default()
+        };
+        let all = format!("{hello:?} {reply:?} {welcome:?} {applied:?}");
         assert!(!all.contains("s3cr3t"), "{all}");
         assert!(!all.contains("ticket-bytes"), "{all}");
         assert!(!all.contains("tjn1"), "{all}");

@@ -12,7 +12,8 @@ use tunnel_proto::v1 as pb;
 use tunnel_proto::v1::admin_server::Admin;
 
 use crate::convert::kind_from_pb;
-use crate::state::{JoinLimits, OpError, Shared};
+use crate::state::{now_ms, JoinLimits, OpError, Shared};
+use crate::store::AuditRow;
 
 /// The Admin service.
 #[derive(Debug, Clone)]
@@ -67,6 +68,26 @@ impl AdminService {
         };
         self.shared.audit("admin", action, target, &c.source, &outcome).await;
         r.map_err(OpError::into_status)
+    }
+}
+
+fn plan_kind(k: pb::PlanKind) -> &'static str {
+    match k {
+        pb::PlanKind::Site => "site",
+        pb::PlanKind::Client => "client",
+        pb::PlanKind::Resource => "resource",
+        pb::PlanKind::Grant => "grant",
+        pb::PlanKind::Unspecified => "?",
+    }
+}
+
+fn plan_action(a: pb::PlanAction) -> &'static str {
+    match a {
+        pb::PlanAction::Create => "create",
+        pb::PlanAction::Update => "update",
+        pb::PlanAction::Delete => "delete",
+        pb::PlanAction::Unchanged => "unchanged",
+        pb::PlanAction::Unspecified => "?",
     }
 }
 
@@ -180,6 +201,61 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListGrantsReply>, Status> {
         self.check(&req)?;
         Ok(Response::new(pb::ListGrantsReply { grants: self.shared.list_grants() }))
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyReply>, Status> {
+        let c = self.check(&req)?;
+        let r = req.into_inner();
+        let out = self.shared.apply(&r).await;
+        if r.dry_run && out.is_ok() {
+            // A dry run reads; like the list calls it leaves no trace. A refused one is logged, since
+            // tunnelctl sends its dry run first and a refused config never gets further.
+            return out.map(Response::new).map_err(OpError::into_status);
+        }
+        let action = if r.dry_run { "apply --dry-run" } else { "apply" };
+        // One entry for the call, and one per change, so the log answers "who removed site X".
+        let target = format!(
+            "config of {} sites, {} clients, {} resources, {} grants{}",
+            r.sites.len(),
+            r.clients.len(),
+            r.resources.len(),
+            r.grants.len(),
+            if r.prune { ", prune" } else { "" }
+        );
+        let now = now_ms();
+        let row = |action: String, target: String, outcome: String| AuditRow {
+            at_ms: now,
+            actor: "admin".into(),
+            action,
+            target,
+            source: c.source.clone(),
+            outcome,
+        };
+        let mut rows = Vec::new();
+        match &out {
+            Ok(reply) => {
+                let changes: Vec<&pb::PlanStep> =
+                    reply.steps.iter().filter(|s| s.action() != pb::PlanAction::Unchanged).collect();
+                let count = |a| changes.iter().filter(|s| s.action() == a).count();
+                rows.push(row(
+                    "apply".into(),
+                    target,
+                    format!(
+                        "ok: {} created, {} updated, {} deleted",
+                        count(pb::PlanAction::Create),
+                        count(pb::PlanAction::Update),
+                        count(pb::PlanAction::Delete)
+                    ),
+                ));
+                for s in changes {
+                    let action = format!("apply: {} {}", plan_kind(s.kind()), plan_action(s.action()));
+                    rows.push(row(action, s.name.clone(), "ok".into()));
+                }
+            }
+            Err(e) => rows.push(row(action.into(), target, format!("refused: {e}"))),
+        }
+        self.shared.audit_many(&rows).await;
+        out.map(Response::new).map_err(OpError::into_status)
     }
 
     async fn list_audit(

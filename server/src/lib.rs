@@ -6,6 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
+pub mod apply;
 pub mod auth;
 pub mod control;
 pub mod convert;

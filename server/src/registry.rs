@@ -61,7 +61,7 @@ pub enum Entry {
 
 /// Overlay address pool: every node and resource gets one address, kept for life; a released address
 /// rests in quarantine before it is handed out again (cached DNS answers may still point at it).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AddressPool {
     net: Ipv4Net,
     used: BTreeSet<Ipv4Addr>,

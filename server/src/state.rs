@@ -58,7 +58,7 @@ impl OpError {
     }
 }
 
-type OpResult<T> = Result<T, OpError>;
+pub(crate) type OpResult<T> = Result<T, OpError>;
 
 /// The model and the sessions, locked together so a change and its distribution are one step.
 #[derive(Debug)]
@@ -147,13 +147,24 @@ impl Shared {
         }
     }
 
-    fn new_secret() -> Secret {
+    /// Records several audit events at once (one transaction), e.g. every change of an apply.
+    pub async fn audit_many(&self, rows: &[AuditRow]) {
+        for r in rows {
+            tracing::info!(target: "audit", actor = %r.actor, action = %r.action, target = %r.target,
+                source = %r.source, outcome = %r.outcome, "audit");
+        }
+        if let Err(e) = self.store.audit_many(rows).await {
+            tracing::warn!(error = %e, "could not write the audit log");
+        }
+    }
+
+    pub(crate) fn new_secret() -> Secret {
         let mut b = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut b);
         Secret::from_random(b)
     }
 
-    fn token(&self, id: &NodeId, secret: Secret) -> JoinToken {
+    pub(crate) fn token(&self, id: &NodeId, secret: Secret) -> JoinToken {
         JoinToken { server: self.facts.public_addr.clone(), node_id: id.clone(), secret, pin: self.facts.pin }
     }
 
@@ -474,7 +485,7 @@ impl Shared {
     }
 }
 
-fn expiry(now: i64, ttl_seconds: u64) -> i64 {
+pub(crate) fn expiry(now: i64, ttl_seconds: u64) -> i64 {
     if ttl_seconds == 0 {
         0
     } else {

@@ -13,6 +13,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Row};
 
+mod writes;
+use writes::*;
+
 /// A storage failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -117,6 +120,35 @@ pub struct Snapshot {
 pub struct Removed {
     pub resources: Vec<String>,
     pub grants: u64,
+}
+
+/// Every change of one `Admin.Apply`, written in one transaction by [`Store::apply`].
+#[derive(Debug, Default)]
+pub struct ApplyBatch {
+    /// (client id, resource name).
+    pub delete_grants: Vec<(String, String)>,
+    /// Resource names; their grants go too (the batch lists them anyway).
+    pub delete_resources: Vec<String>,
+    pub insert_nodes: Vec<NodeRow>,
+    /// Resources whose site, target or alias changed, as they should be now (same name).
+    pub update_resources: Vec<ResourceRow>,
+    /// Node ids; the batch has already moved or deleted everything that refers to them.
+    pub delete_nodes: Vec<String>,
+    pub insert_resources: Vec<ResourceRow>,
+    pub insert_grants: Vec<GrantRow>,
+}
+
+impl ApplyBatch {
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.delete_grants.is_empty()
+            && self.delete_resources.is_empty()
+            && self.insert_nodes.is_empty()
+            && self.update_resources.is_empty()
+            && self.delete_nodes.is_empty()
+            && self.insert_resources.is_empty()
+            && self.insert_grants.is_empty()
+    }
 }
 
 /// The database handle. Cheap to clone.
@@ -325,32 +357,7 @@ impl Store {
     /// Adds a node.
     pub async fn insert_node(&self, n: &NodeRow) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(q("adding a node"))?;
-        sqlx::query("DELETE FROM released_addresses WHERE addr = $1")
-            .bind(n.overlay_addr.clone())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("adding a node"))?;
-        sqlx::query(
-            "INSERT INTO nodes (id, kind, name, overlay_addr, public_key, secret_hash, generation, \
-             join_expires_ms, join_once, join_used, created_ms, last_seen_ms, version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(n.id.clone())
-        .bind(n.kind.clone())
-        .bind(n.name.clone())
-        .bind(n.overlay_addr.clone())
-        .bind(n.public_key.clone())
-        .bind(n.secret_hash.clone())
-        .bind(n.generation)
-        .bind(n.join_expires_ms)
-        .bind(i64::from(n.join_once))
-        .bind(i64::from(n.join_used))
-        .bind(n.created_ms)
-        .bind(n.last_seen_ms)
-        .bind(n.version.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(q("adding a node"))?;
+        insert_node(&mut tx, n).await?;
         tx.commit().await.map_err(q("adding a node"))
     }
 
@@ -423,149 +430,90 @@ impl Store {
     /// overlay address freed goes into quarantine. All in one transaction.
     pub async fn delete_node(&self, id: &str, now_ms: i64) -> Result<Removed> {
         let mut tx = self.pool.begin().await.map_err(q("removing a node"))?;
-        let resources: Vec<(String, String)> =
-            sqlx::query("SELECT name, overlay_addr FROM resources WHERE site_id = $1")
-                .bind(id.to_owned())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("removing a node"))?
-                .into_iter()
-                .map(|r| Ok((r.try_get("name")?, r.try_get("overlay_addr")?)))
-                .collect::<std::result::Result<_, sqlx::Error>>()
-                .map_err(q("removing a node"))?;
-        let mut grants = 0;
-        for (name, addr) in &resources {
-            grants += sqlx::query("DELETE FROM grants WHERE resource_name = $1")
-                .bind(name.clone())
-                .execute(&mut *tx)
-                .await
-                .map_err(q("removing a node"))?
-                .rows_affected();
-            sqlx::query("DELETE FROM resources WHERE name = $1")
-                .bind(name.clone())
-                .execute(&mut *tx)
-                .await
-                .map_err(q("removing a node"))?;
-            release(&mut tx, addr, now_ms).await?;
-        }
-        grants += sqlx::query("DELETE FROM grants WHERE client_id = $1")
-            .bind(id.to_owned())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("removing a node"))?
-            .rows_affected();
-        let addr: Option<String> = sqlx::query("SELECT overlay_addr FROM nodes WHERE id = $1")
-            .bind(id.to_owned())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(q("removing a node"))?
-            .map(|r| r.try_get("overlay_addr"))
-            .transpose()
-            .map_err(q("removing a node"))?;
-        sqlx::query("DELETE FROM nodes WHERE id = $1")
-            .bind(id.to_owned())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("removing a node"))?;
-        if let Some(addr) = addr {
-            release(&mut tx, &addr, now_ms).await?;
-        }
+        let removed = delete_node(&mut tx, id, now_ms).await?;
         tx.commit().await.map_err(q("removing a node"))?;
-        Ok(Removed { resources: resources.into_iter().map(|(n, _)| n).collect(), grants })
+        Ok(removed)
     }
 
     /// Adds a resource.
     pub async fn insert_resource(&self, r: &ResourceRow) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(q("adding a resource"))?;
-        sqlx::query("DELETE FROM released_addresses WHERE addr = $1")
-            .bind(r.overlay_addr.clone())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("adding a resource"))?;
-        sqlx::query(
-            "INSERT INTO resources (name, site_id, target, alias, overlay_addr, created_ms, health_check) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(r.name.clone())
-        .bind(r.site_id.clone())
-        .bind(r.target.clone())
-        .bind(r.alias.clone())
-        .bind(r.overlay_addr.clone())
-        .bind(r.created_ms)
-        .bind(r.health_check.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(q("adding a resource"))?;
+        insert_resource(&mut tx, r).await?;
         tx.commit().await.map_err(q("adding a resource"))
     }
 
     /// Removes a resource and its grants; its address goes into quarantine.
     pub async fn delete_resource(&self, name: &str, now_ms: i64) -> Result<u64> {
         let mut tx = self.pool.begin().await.map_err(q("removing a resource"))?;
-        let grants = sqlx::query("DELETE FROM grants WHERE resource_name = $1")
-            .bind(name.to_owned())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("removing a resource"))?
-            .rows_affected();
-        let addr: Option<String> = sqlx::query("SELECT overlay_addr FROM resources WHERE name = $1")
-            .bind(name.to_owned())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(q("removing a resource"))?
-            .map(|r| r.try_get("overlay_addr"))
-            .transpose()
-            .map_err(q("removing a resource"))?;
-        sqlx::query("DELETE FROM resources WHERE name = $1")
-            .bind(name.to_owned())
-            .execute(&mut *tx)
-            .await
-            .map_err(q("removing a resource"))?;
-        if let Some(addr) = addr {
-            release(&mut tx, &addr, now_ms).await?;
-        }
+        let grants = delete_resource(&mut tx, name, now_ms).await?;
         tx.commit().await.map_err(q("removing a resource"))?;
         Ok(grants)
     }
 
     /// Adds a grant.
     pub async fn insert_grant(&self, g: &GrantRow) -> Result<()> {
-        sqlx::query("INSERT INTO grants (client_id, resource_name, created_ms) VALUES ($1, $2, $3)")
-            .bind(g.client_id.clone())
-            .bind(g.resource_name.clone())
-            .bind(g.created_ms)
-            .execute(&self.pool)
-            .await
-            .map_err(q("adding a grant"))?;
-        Ok(())
+        let mut tx = self.pool.begin().await.map_err(q("adding a grant"))?;
+        insert_grant(&mut tx, g).await?;
+        tx.commit().await.map_err(q("adding a grant"))
     }
 
     /// Removes a grant.
     pub async fn delete_grant(&self, client_id: &str, resource_name: &str) -> Result<()> {
-        sqlx::query("DELETE FROM grants WHERE client_id = $1 AND resource_name = $2")
-            .bind(client_id.to_owned())
-            .bind(resource_name.to_owned())
-            .execute(&self.pool)
-            .await
-            .map_err(q("removing a grant"))?;
-        Ok(())
+        let mut tx = self.pool.begin().await.map_err(q("removing a grant"))?;
+        delete_grant(&mut tx, client_id, resource_name).await?;
+        tx.commit().await.map_err(q("removing a grant"))
+    }
+
+    /// Writes a whole [`ApplyBatch`] in one transaction: every change lands, or (on any failure,
+    /// wherever it happens) none does.
+    pub async fn apply(&self, b: &ApplyBatch, now_ms: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(q("applying a config"))?;
+        // Order matters for the constraints: dependents go before what they depend on, and names and
+        // aliases are freed before they are taken again.
+        for (client_id, resource) in &b.delete_grants {
+            delete_grant(&mut tx, client_id, resource).await?;
+        }
+        for name in &b.delete_resources {
+            delete_resource(&mut tx, name, now_ms).await?;
+        }
+        for n in &b.insert_nodes {
+            insert_node(&mut tx, n).await?;
+        }
+        // Aliases may move between updated resources (even swap): free them all first.
+        for r in &b.update_resources {
+            sqlx::query("UPDATE resources SET alias = NULL WHERE name = $1")
+                .bind(r.name.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("updating a resource"))?;
+        }
+        for r in &b.update_resources {
+            update_resource(&mut tx, r, now_ms).await?;
+        }
+        for id in &b.delete_nodes {
+            delete_node(&mut tx, id, now_ms).await?;
+        }
+        for r in &b.insert_resources {
+            insert_resource(&mut tx, r).await?;
+        }
+        for g in &b.insert_grants {
+            insert_grant(&mut tx, g).await?;
+        }
+        tx.commit().await.map_err(q("applying a config"))
     }
 
     /// Appends to the audit log.
     pub async fn audit(&self, e: &AuditRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO audit_log (at_ms, actor, action, target, source, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(e.at_ms)
-        .bind(e.actor.clone())
-        .bind(e.action.clone())
-        .bind(e.target.clone())
-        .bind(e.source.clone())
-        .bind(e.outcome.clone())
-        .execute(&self.pool)
-        .await
-        .map_err(q("writing the audit log"))?;
-        Ok(())
+        self.audit_many(std::slice::from_ref(e)).await
+    }
+
+    /// Appends several entries to the audit log in one transaction.
+    pub async fn audit_many(&self, rows: &[AuditRow]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(q("writing the audit log"))?;
+        for e in rows {
+            insert_audit(&mut tx, e).await?;
+        }
+        tx.commit().await.map_err(q("writing the audit log"))
     }
 
     /// The newest `limit` audit entries, newest first.
@@ -596,21 +544,6 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-async fn release(tx: &mut sqlx::Transaction<'_, sqlx::Any>, addr: &str, now_ms: i64) -> Result<()> {
-    sqlx::query("DELETE FROM released_addresses WHERE addr = $1")
-        .bind(addr.to_owned())
-        .execute(&mut **tx)
-        .await
-        .map_err(q("releasing an address"))?;
-    sqlx::query("INSERT INTO released_addresses (addr, released_ms) VALUES ($1, $2)")
-        .bind(addr.to_owned())
-        .bind(now_ms)
-        .execute(&mut **tx)
-        .await
-        .map_err(q("releasing an address"))?;
-    Ok(())
 }
 
 /// Drops the password from a database URL.

@@ -161,6 +161,102 @@ async fn rotation_resets_join_limits_and_audit_keeps_order() {
     }
 }
 
+fn resource(name: &str, site: &str, alias: Option<&str>, addr: &str) -> ResourceRow {
+    ResourceRow {
+        name: name.into(),
+        site_id: site.into(),
+        target: "h:1".into(),
+        alias: alias.map(str::to_owned),
+        overlay_addr: addr.into(),
+        created_ms: 1,
+        health_check: None,
+    }
+}
+
+#[tokio::test]
+async fn an_apply_batch_lands_whole_with_moves_and_alias_swaps() {
+    for (s, _dir) in stores().await {
+        s.insert_node(&node("n1", "site", "home", "100.96.0.1")).await.unwrap();
+        s.insert_node(&node("n2", "client", "laptop", "100.96.0.2")).await.unwrap();
+        s.insert_resource(&resource("a", "n1", Some("a.example.com"), "100.96.0.3")).await.unwrap();
+        s.insert_resource(&resource("b", "n1", Some("b.example.com"), "100.96.0.4")).await.unwrap();
+        s.insert_resource(&resource("gone", "n1", None, "100.96.0.5")).await.unwrap();
+        s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: "a".into(), created_ms: 1 })
+            .await
+            .unwrap();
+        s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: "gone".into(), created_ms: 1 })
+            .await
+            .unwrap();
+        let b = ApplyBatch {
+            delete_grants: vec![("n2".into(), "gone".into())],
+            delete_resources: vec!["gone".into()],
+            insert_nodes: vec![node("n3", "site", "k8s", "100.96.0.6")],
+            // a and b swap aliases; a moves to the new site with a new address; the old site goes.
+            update_resources: vec![
+                resource("a", "n3", Some("b.example.com"), "100.96.0.7"),
+                resource("b", "n3", Some("a.example.com"), "100.96.0.4"),
+            ],
+            delete_nodes: vec!["n1".into()],
+            insert_resources: vec![resource("c", "n3", None, "100.96.0.8")],
+            insert_grants: vec![GrantRow {
+                client_id: "n2".into(),
+                resource_name: "c".into(),
+                created_ms: 9,
+            }],
+        };
+        s.apply(&b, 1000).await.unwrap();
+        let snap = s.load(0).await.unwrap();
+        let names: Vec<&str> = snap.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, vec!["laptop", "k8s"], "{:?}", s.backend());
+        let res: Vec<(&str, &str, Option<&str>, &str)> = snap
+            .resources
+            .iter()
+            .map(|r| (r.name.as_str(), r.site_id.as_str(), r.alias.as_deref(), r.overlay_addr.as_str()))
+            .collect();
+        assert_eq!(
+            res,
+            vec![
+                ("a", "n3", Some("b.example.com"), "100.96.0.7"),
+                ("b", "n3", Some("a.example.com"), "100.96.0.4"),
+                ("c", "n3", None, "100.96.0.8"),
+            ]
+        );
+        let mut grants: Vec<&str> = snap.grants.iter().map(|g| g.resource_name.as_str()).collect();
+        grants.sort();
+        assert_eq!(grants, vec!["a", "c"], "a's grant survived its move");
+        let mut released: Vec<&str> = snap.released.iter().map(|(a, _)| a.as_str()).collect();
+        released.sort();
+        assert_eq!(released, vec!["100.96.0.1", "100.96.0.3", "100.96.0.5"]);
+    }
+}
+
+#[tokio::test]
+async fn a_failure_midway_through_an_apply_batch_changes_nothing() {
+    for (s, _dir) in stores().await {
+        s.insert_node(&node("n1", "site", "home", "100.96.0.1")).await.unwrap();
+        s.insert_resource(&resource("a", "n1", None, "100.96.0.3")).await.unwrap();
+        let before = s.load(0).await.unwrap();
+        let b = ApplyBatch {
+            delete_resources: vec!["a".into()],
+            insert_nodes: vec![node("n2", "client", "laptop", "100.96.0.2")],
+            update_resources: vec![],
+            delete_nodes: vec![],
+            // The last statement breaks a constraint: everything before it must roll back.
+            insert_resources: vec![
+                resource("b", "n1", None, "100.96.0.4"),
+                resource("b", "n1", None, "100.96.0.5"),
+            ],
+            ..Default::default()
+        };
+        let e = s.apply(&b, 1000).await.unwrap_err().to_string();
+        assert!(e.contains("adding a resource"), "{e}");
+        let after = s.load(0).await.unwrap();
+        assert_eq!(after.nodes, before.nodes, "{:?}", s.backend());
+        assert_eq!(after.resources, before.resources);
+        assert!(after.released.is_empty(), "the deletion's quarantine record rolled back too");
+    }
+}
+
 #[test]
 fn urls_are_redacted() {
     assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
