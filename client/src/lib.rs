@@ -7,5 +7,6 @@
 
 pub mod admin;
 pub mod cli;
+pub mod doctor;
 pub mod table;
 pub mod up;
