@@ -99,6 +99,9 @@ pub enum Cmd {
     Apply(ApplyArgs),
     /// Run the machine client: bring up the tunnel to the resources this client was granted.
     Up(UpArgs),
+    /// Check the whole chain (token, server DNS, reachability, TLS pin, credentials, tunnels, resources,
+    /// names) and say where it breaks and how to fix it. Exit code: 0 ok, 1 failed, 2 degraded.
+    Doctor(DoctorArgs),
     /// Show the local client's tunnels (from the `up` daemon found through its state dir).
     Status {
         /// Print JSON.
@@ -177,6 +180,41 @@ pub struct ApplyArgs {
     #[command(flatten)]
     pub limits: Limits,
 }
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The client's join token (prefer --token-file or TUNNEL_TOKEN: flags show in the process list).
+    #[arg(long, env = "TUNNEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, env = "TUNNEL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The state dir `tunnelctl up` uses (its key, ticket, cached map and status address).
+    #[arg(long, env = "TUNNEL_STATE_DIR", default_value = DEFAULT_CLIENT_STATE)]
+    pub state_dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for each network check.
+    #[arg(long, env = "TUNNEL_DOCTOR_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout: u64,
+}
+
+/// A command's verdict that is not a plain success, with the process exit code it maps to
+/// (`tunnelctl doctor`: 1 failed, 2 degraded). Its report is already printed.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -272,6 +310,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
     match cli.cmd {
         Cmd::Up(a) => return up(a, out).await,
         Cmd::Status { json, state_dir } => return status(&state_dir, json, out).await,
+        Cmd::Doctor(a) => return doctor(a, out).await,
         _ => {}
     }
     let token = admin::resolve_token(cli.admin_token.as_deref(), cli.admin_token_file.as_deref())?;
@@ -364,7 +403,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             Ok(())
         }
         Cmd::Apply(a) => crate::apply::run(&mut c, &a, out).await,
-        Cmd::Up(_) | Cmd::Status { .. } => Ok(()),
+        Cmd::Up(_) | Cmd::Status { .. } | Cmd::Doctor(_) => Ok(()),
     }
 }
 
@@ -416,6 +455,20 @@ async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     tunnel_node::process::shutdown_signal().await;
     drop(client);
     Ok(())
+}
+
+async fn doctor(a: DoctorArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+    let cfg = crate::doctor::DoctorConfig {
+        token: a.token,
+        token_file: a.token_file,
+        state_dir: a.state_dir,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    let r = crate::doctor::report(&cfg, a.json, out).await?;
+    match r.status.exit_code() {
+        0 => Ok(()),
+        code => Err(Exit { code, message: format!("{}: {}", r.status.as_str(), r.summary) }.into()),
+    }
 }
 
 async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Write + Send)) -> Result<()> {

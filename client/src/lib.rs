@@ -8,5 +8,6 @@
 pub mod admin;
 pub mod apply;
 pub mod cli;
+pub mod doctor;
 pub mod table;
 pub mod up;

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -12,11 +13,28 @@ use tokio::sync::watch;
 use crate::control::LinkState;
 use crate::dataplane::Dataplane;
 
+/// Top-level fields the program around the node adds to `/status` (the client's mode and listeners,
+/// which `tunnelctl doctor` needs to test the tunnel the way applications use it).
+#[derive(Clone, Debug, Default)]
+pub struct StatusExtra(Arc<Mutex<serde_json::Map<String, serde_json::Value>>>);
+
+impl StatusExtra {
+    /// Sets (or replaces) the field `key` of the status document.
+    pub fn set(&self, key: &str, value: serde_json::Value) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_owned(), value);
+    }
+
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 #[derive(Clone)]
 struct Ctx {
     dp: Dataplane,
     link: watch::Receiver<LinkState>,
     health: Option<watch::Receiver<Vec<tunnel_core::map::TargetHealth>>>,
+    extra: StatusExtra,
 }
 
 /// Serves the status routes on `addr`; returns the bound address.
@@ -25,6 +43,7 @@ pub async fn serve(
     dp: Dataplane,
     link: watch::Receiver<LinkState>,
     health: Option<watch::Receiver<Vec<tunnel_core::map::TargetHealth>>>,
+    extra: StatusExtra,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -34,7 +53,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(Ctx { dp, link, health });
+        .with_state(Ctx { dp, link, health, extra });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "status listener failed");
@@ -50,6 +69,7 @@ async fn document(ctx: &Ctx) -> serde_json::Value {
         if let Some(h) = &ctx.health {
             o.insert("resources".into(), serde_json::to_value(&*h.borrow()).unwrap_or_default());
         }
+        o.extend(ctx.extra.fields());
     }
     v
 }

@@ -43,6 +43,8 @@ pub struct RunningNode {
     pub maps: watch::Receiver<Option<Arc<NetworkMap>>>,
     pub link: watch::Receiver<LinkState>,
     pub status_addr: Option<SocketAddr>,
+    /// Fields the caller adds to `/status`.
+    pub status_extra: crate::http::StatusExtra,
     pub state: StateDir,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -124,9 +126,12 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
     maps.mark_unchanged();
     let mut tasks = vec![dp_task, control_task, forward];
     tasks.extend(health_task);
+    let status_extra = crate::http::StatusExtra::default();
     let status_addr = match cfg.metrics_listen {
         Some(a) => {
-            let (bound, t) = crate::http::serve(a, dp.clone(), link.clone(), health_rx.clone()).await?;
+            let (bound, t) =
+                crate::http::serve(a, dp.clone(), link.clone(), health_rx.clone(), status_extra.clone())
+                    .await?;
             state.save_status_addr(bound)?;
             tasks.push(t);
             Some(bound)
@@ -134,5 +139,5 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
         None => None,
     };
     tracing::info!(kind = cfg.kind.as_str(), udp = %dp.local_addr, status = ?status_addr, "node started");
-    Ok(RunningNode { dataplane: dp, maps, link, status_addr, state, tasks })
+    Ok(RunningNode { dataplane: dp, maps, link, status_addr, status_extra, state, tasks })
 }

@@ -83,19 +83,32 @@ impl StateDir {
     /// The node's WireGuard private key, made on first use and kept 0600. It never leaves this disk.
     pub fn private_key(&self) -> Result<[u8; 32]> {
         use base64::Engine as _;
-        let path = self.dir.join("private.key");
-        if let Ok(text) = fs::read_to_string(&path) {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text.trim())
-                .with_context(|| format!("{} is damaged", path.display()))?;
-            return bytes
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("{} is damaged (expected 32 bytes)", path.display()));
+        if let Some(key) = self.load_private_key()? {
+            return Ok(key);
         }
+        let path = self.dir.join("private.key");
         let mut key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
         write_private(&path, base64::engine::general_purpose::STANDARD.encode(key).as_bytes())?;
         Ok(key)
+    }
+
+    /// The node's private key if one was made already (never makes one).
+    pub fn load_private_key(&self) -> Result<Option<[u8; 32]>> {
+        use base64::Engine as _;
+        let path = self.dir.join("private.key");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{} is damaged (expected 32 bytes)", path.display()))?;
+        Ok(Some(key))
     }
 
     /// Records where this node's status listener is, for `tunnelctl status`.

@@ -104,6 +104,10 @@ pub async fn start(cfg: UpConfig) -> Result<Client> {
     let (dns_addr, dns_task) = dns::serve(cfg.dns_listen, zone_rx.clone(), upstreams).await?;
     let (socks_addr, socks_task) =
         socks::serve(cfg.socks5, node.dataplane.clone(), node.maps.clone(), zone_rx).await?;
+    node.status_extra.set(
+        "client",
+        serde_json::json!({"mode": "userspace", "socks5": socks_addr.to_string(), "dns": dns_addr.to_string()}),
+    );
     Ok(Client {
         node,
         socks5: socks_addr,
@@ -169,6 +173,15 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
         &backup,
     )?;
     tracing::info!(device = %cfg.tun_name, %addr, dns = %dns_addr, mode = ?applied, "TUN up");
+    node.status_extra.set(
+        "client",
+        serde_json::json!({
+            "mode": "tun",
+            "device": cfg.tun_name,
+            "dns": dns_addr.to_string(),
+            "dns_mode": applied.mode_name(),
+        }),
+    );
     let domains_applied = matches!(applied, resolv::Applied::Resolved { .. });
     let link = cfg.tun_name.clone();
     let zone_task = tokio::spawn(async move {

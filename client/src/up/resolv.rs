@@ -35,6 +35,17 @@ pub enum Applied {
     ResolvConf { path: PathBuf, backup: PathBuf },
 }
 
+impl Applied {
+    /// The `--dns-mode` this amounts to (`off`, `resolved`, `resolv-conf`), as `/status` shows it.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Applied::Nothing => "off",
+            Applied::Resolved { .. } => "resolved",
+            Applied::ResolvConf { .. } => "resolv-conf",
+        }
+    }
+}
+
 /// Whether systemd-resolved is running here.
 pub fn resolved_running() -> bool {
     Path::new("/run/systemd/resolve/io.systemd.Resolve").exists()
