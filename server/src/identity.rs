@@ -41,8 +41,7 @@ impl Identity {
         let key_pair = if key_path.exists() {
             let pem = fs::read_to_string(&key_path)
                 .with_context(|| format!("cannot read TLS key {}", key_path.display()))?;
-            rcgen::KeyPair::from_pem(&pem)
-                .with_context(|| format!("TLS key {} is damaged", key_path.display()))?
+            parse_tls_key(&pem).with_context(|| format!("TLS key {} is damaged", key_path.display()))?
         } else {
             let kp = rcgen::KeyPair::generate().context("cannot generate the TLS key")?;
             write_secret_file(&key_path, kp.serialize_pem().as_bytes())?;
@@ -102,6 +101,75 @@ impl Identity {
     }
 }
 
+/// Reads a PEM TLS key as the server keeps it in `DATA_DIR/tls.key`.
+pub fn parse_tls_key(pem: &str) -> Result<rcgen::KeyPair> {
+    Ok(rcgen::KeyPair::from_pem(pem)?)
+}
+
+/// The pin (SHA-256 of the SubjectPublicKeyInfo) of a PEM TLS key: what every token carries.
+pub fn pin_of_tls_key(pem: &str) -> Result<KeyPin> {
+    Ok(KeyPin::of_spki(&parse_tls_key(pem)?.public_key_der()))
+}
+
+/// `DATA_DIR/server.lock`, held while a server runs on the data dir (and while a restore writes into
+/// it), so neither can pull files from under the other. It is an advisory `flock`: the kernel drops it
+/// when the process ends, so a crashed server leaves no stale lock behind. The file holds the pid of the
+/// holder, for the error message of whoever finds it taken.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
+/// The lock file's name inside the data dir.
+pub const LOCK_FILE: &str = "server.lock";
+
+impl DataDirLock {
+    /// Takes the lock, creating the data dir and the file if needed. `Ok(Err(holder))` when someone
+    /// else holds it; `holder` is what the file says about them (a pid), possibly empty.
+    pub fn acquire(dir: &Path) -> Result<std::result::Result<DataDirLock, String>> {
+        create_private_dir(dir)?;
+        let path = dir.join(LOCK_FILE);
+        let mut opts = fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut file = opts.open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use rustix::fs::{flock, FlockOperation};
+            if let Err(e) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                if e == rustix::io::Errno::WOULDBLOCK {
+                    let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_owned();
+                    return Ok(Err(holder));
+                }
+                return Err(std::io::Error::from(e))
+                    .with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        // Only the holder writes: a reader that finds the lock taken sees the holder's pid.
+        let _ = file.set_len(0).and_then(|()| writeln!(file, "pid {}", std::process::id()));
+        Ok(Ok(DataDirLock { _file: file }))
+    }
+}
+
+/// Creates `dir` (and its parents) if missing; a dir this makes is private to its owner (0700).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).with_context(|| format!("cannot create data dir {}", dir.display()))
+}
+
 /// Where the admin token is written.
 pub fn admin_token_path(dir: &Path) -> PathBuf {
     dir.join("admin.token")
@@ -145,5 +213,22 @@ mod tests {
         }
         let c = Identity::load_or_create(tempfile::tempdir().unwrap().path(), "localhost").unwrap();
         assert_ne!(a.pin, c.pin);
+        assert_eq!(pin_of_tls_key(&fs::read_to_string(dir.path().join("tls.key")).unwrap()).unwrap(), a.pin);
+    }
+
+    #[test]
+    fn one_holder_of_the_data_dir_lock_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = DataDirLock::acquire(&data).unwrap().unwrap();
+        let holder = DataDirLock::acquire(&data).unwrap().unwrap_err();
+        assert_eq!(holder, format!("pid {}", std::process::id()));
+        drop(first);
+        DataDirLock::acquire(&data).unwrap().unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+        }
     }
 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod apply;
 pub mod auth;
+pub mod backup;
 pub mod control;
 pub mod convert;
 pub mod hub;
@@ -139,6 +140,8 @@ pub struct RunningServer {
     /// The admin token (also written to `DATA_DIR/admin.token`).
     pub admin_token: AdminToken,
     pub shared: Arc<Shared>,
+    /// Held until the server is dropped: no second server, and no restore, on the same data dir.
+    _lock: identity::DataDirLock,
     stop: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     serve: Option<JoinHandle<()>>,
@@ -189,6 +192,15 @@ impl Drop for RunningServer {
 /// Opens the data dir and database, loads the model, and starts serving.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let lock = match identity::DataDirLock::acquire(&cfg.data_dir)? {
+        Ok(lock) => lock,
+        Err(holder) => bail!(
+            "another tunnel-server ({}) is using the data dir {}: {} is locked",
+            if holder.is_empty() { "or a restore" } else { holder.as_str() },
+            cfg.data_dir.display(),
+            identity::LOCK_FILE
+        ),
+    };
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (gRPC)", cfg.listen))?;
@@ -307,6 +319,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         relay,
         admin_token,
         shared,
+        _lock: lock,
         stop: Some(stop_tx),
         tasks,
         serve: Some(serve),

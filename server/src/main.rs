@@ -22,6 +22,40 @@ enum Cmd {
     /// Run a relay alone (no control plane, no database): it trusts capabilities signed by the server
     /// whose relay bundle it is given, so restarting the server does not cut relayed tunnels.
     Relay(RelayArgs),
+    /// Back up the data dir while the server runs: its keys and a consistent snapshot of its SQLite
+    /// database, in one file (gzip-compressed tar, mode 0600). With PostgreSQL: the keys only.
+    Backup(BackupArgs),
+    /// Restore a backup into an empty data dir (or, with --force, over the files of a stopped server);
+    /// a server started on it keeps every token valid.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    /// The server's data dir.
+    #[arg(long, env = "TUNNEL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// The backup file to write; replaced atomically if it exists.
+    #[arg(long, env = "TUNNEL_BACKUP_TO")]
+    to: PathBuf,
+    /// The server's database URL, if it was started with one. A PostgreSQL database is not backed up:
+    /// use pg_dump for it.
+    #[arg(long, env = "TUNNEL_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The backup file.
+    #[arg(long, env = "TUNNEL_RESTORE_FROM")]
+    from: PathBuf,
+    /// The data dir to restore into: empty or missing, unless --force.
+    #[arg(long, env = "TUNNEL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Restore into a data dir that has files (those the backup holds are replaced). The server on it
+    /// must be stopped.
+    #[arg(long, env = "TUNNEL_RESTORE_FORCE")]
+    force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,7 +115,7 @@ impl std::str::FromStr for Listen {
 #[derive(Debug, clap::Args)]
 struct Args {
     /// Where the server keeps its key, admin token and (by default) its SQLite database.
-    #[arg(long, env = "TUNNEL_DATA_DIR", default_value = "/var/lib/tunnel-server")]
+    #[arg(long, env = "TUNNEL_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// gRPC listener (TLS).
     #[arg(long, env = "TUNNEL_LISTEN", default_value = "0.0.0.0:8443")]
@@ -146,6 +180,7 @@ fn init_logs(format: LogFormat) {
 }
 
 const DEFAULT_RELAY_TCP: &str = "0.0.0.0:443";
+const DEFAULT_DATA_DIR: &str = "/var/lib/tunnel-server";
 
 #[tokio::main]
 async fn main() {
@@ -155,6 +190,8 @@ async fn main() {
             init_logs(r.log_format);
             run_relay(r).await
         }
+        Some(Cmd::Backup(b)) => run_backup(b).await,
+        Some(Cmd::Restore(r)) => run_restore(r).await,
         None => {
             init_logs(cli.server.log_format);
             run(cli.server).await
@@ -232,6 +269,52 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("relay shutting down");
     drop(relay);
+    Ok(())
+}
+
+async fn run_backup(args: BackupArgs) -> Result<()> {
+    use tunnel_server::backup;
+    let opts = backup::BackupOptions { data_dir: args.data_dir, database: args.database, to: args.to };
+    let report = backup::backup(&opts).await?;
+    let m = &report.manifest;
+    println!("backup written to {} ({} bytes)", report.path.display(), report.bytes);
+    println!("pin: {}", m.pin);
+    let keys: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).filter(|n| *n != backup::DB_FILE).collect();
+    println!("keys: {}", keys.join(", "));
+    match report.counts {
+        Some(c) => println!("database: SQLite snapshot ({c})"),
+        None => {
+            println!("database: not included (PostgreSQL)");
+            eprintln!(
+                "note: the PostgreSQL database is not in this backup: back it up with pg_dump and keep it with this file"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_restore(args: RestoreArgs) -> Result<()> {
+    use tunnel_server::backup;
+    let opts = backup::RestoreOptions { from: args.from, data_dir: args.data_dir, force: args.force };
+    let report = backup::restore(&opts).await?;
+    let m = &report.manifest;
+    let dir = report.data_dir.display();
+    println!("restored a backup made {} by tunnel-server {} into {dir}", m.created, m.server_version);
+    println!("pin: {} (the same as before: tokens issued by the old server stay valid)", m.pin);
+    println!("files: {}", report.files.join(", "));
+    match report.counts {
+        Some(c) => {
+            println!("database: {dir}/{} ({c})", backup::DB_FILE);
+            println!("next: tunnel-server --data-dir {dir}, reachable at the address the tokens name");
+        }
+        None => {
+            println!("database: not in the backup (PostgreSQL)");
+            eprintln!(
+                "note: restore the PostgreSQL database with pg_restore, then start tunnel-server --data-dir {dir} \
+                 --database postgres://..."
+            );
+        }
+    }
     Ok(())
 }
 

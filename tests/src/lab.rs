@@ -160,7 +160,26 @@ impl Drop for Lab {
 pub fn binaries() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
+    let mut cmd = Command::new(cargo);
+    // `cargo test` gives the test its package's CARGO_PKG_* (and similar) variables; build scripts that
+    // watch them (ring's) would see a change and rebuild half the tree. Build as from a plain shell.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    let st = cmd
         .current_dir(&root)
         // The same feature set as `cargo test --workspace`, so this is a no-op after it.
         .args(["build", "-q", "--workspace", "--bins"])
