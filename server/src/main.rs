@@ -141,10 +141,11 @@ struct Args {
     /// The embedded relay's QUIC listener (UDP), or `off`.
     #[arg(long, env = "TUNNEL_RELAY_LISTEN", default_value = "0.0.0.0:21820")]
     relay_listen: Listen,
-    /// The embedded relay over TLS, for networks that block UDP (TCP), or `off`. If the default port
-    /// cannot be bound (not root), the server starts without it and says so.
-    #[arg(long, env = "TUNNEL_RELAY_TCP_LISTEN", default_value = DEFAULT_RELAY_TCP)]
-    relay_tcp_listen: Listen,
+    /// The embedded relay over TLS, for networks that block UDP (TCP), or `off` [default:
+    /// 0.0.0.0:443]. If the default cannot be bound (not root), the server starts without it and says
+    /// so; an address given explicitly must be bound.
+    #[arg(long, env = "TUNNEL_RELAY_TCP_LISTEN")]
+    relay_tcp_listen: Option<Listen>,
     /// A relay running elsewhere (`tunnel-server relay`): HOST:UDPPORT[,HOST:TCPPORT]. Repeat for several;
     /// nodes prefer them in order, after the embedded relay.
     #[arg(long, env = "TUNNEL_EXTERNAL_RELAYS", value_delimiter = ';')]
@@ -214,17 +215,21 @@ async fn run(args: Args) -> Result<()> {
     cfg.kdf.m_cost = args.argon2_memory_kib.max(8);
     cfg.stun_listen = args.stun_listen.0;
     cfg.relay_listen = args.relay_listen.0;
-    cfg.relay_tcp_listen = args.relay_tcp_listen.0;
-    if let Some(a) = cfg.relay_tcp_listen {
-        // Port 443 needs privileges a test or a home install may not have: without an explicit choice,
-        // start without the TCP relay rather than not at all.
-        if Some(a) == DEFAULT_RELAY_TCP.parse().ok() {
-            if let Err(e) = std::net::TcpListener::bind(a) {
-                tracing::warn!(addr = %a, error = %e, "relay over TCP not started (set --relay-tcp-listen to a free port, or off)");
-                cfg.relay_tcp_listen = None;
+    cfg.relay_tcp_listen = match args.relay_tcp_listen {
+        Some(explicit) => explicit.0,
+        None => {
+            // Port 443 needs privileges a test or a home install may not have: without an explicit
+            // choice, start without the TCP relay rather than not at all.
+            let a: std::net::SocketAddr = DEFAULT_RELAY_TCP.parse()?;
+            match std::net::TcpListener::bind(a) {
+                Ok(_) => Some(a),
+                Err(e) => {
+                    tracing::warn!(addr = %a, error = %e, "relay over TCP not started (set --relay-tcp-listen to a free port, or off)");
+                    None
+                }
             }
         }
-    }
+    };
     cfg.external_relays = args.external_relay;
     cfg.capability_ttl = args.capability_ttl;
     cfg.relay_limits = args.limits.limits();
