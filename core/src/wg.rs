@@ -120,6 +120,9 @@ struct PeerState {
     endpoint: Option<Via>,
     /// The endpoint is a guess: follow authenticated packets.
     roaming: bool,
+    /// Something (a handshake initiation, most likely) was dropped for want of an endpoint: send a
+    /// fresh initiation as soon as there is one, rather than after WireGuard's 5 s retry.
+    starved: bool,
 }
 
 /// Every WireGuard session of one node.
@@ -213,7 +216,7 @@ impl Device {
             );
             self.by_index.insert(index, key);
             let endpoint = cfg.endpoint.map(Via::Direct);
-            self.peers.insert(key, PeerState { tunn, index, cfg, endpoint, roaming: true });
+            self.peers.insert(key, PeerState { tunn, index, cfg, endpoint, roaming: true, starved: false });
         }
         if self.next_tick.is_none() {
             self.next_tick = Some(now);
@@ -253,6 +256,13 @@ impl Device {
         if let Some(p) = self.peers.get_mut(key) {
             p.endpoint = via;
             p.roaming = roaming;
+            if let (Some(dst), true) = (via, p.starved) {
+                p.starved = false;
+                if let TunnResult::WriteToNetwork(b) = p.tunn.format_handshake_initiation(&mut self.buf, true)
+                {
+                    self.transmits.push_back(Transmit { dst, peer: Some(*key), payload: b.to_vec() });
+                }
+            }
         }
     }
 
@@ -411,7 +421,10 @@ impl Device {
                 Some(dst) => {
                     self.transmits.push_back(Transmit { dst, peer: Some(*key), payload: b.to_vec() })
                 }
-                None => self.drops.no_endpoint += 1,
+                None => {
+                    self.drops.no_endpoint += 1;
+                    peer.starved = true;
+                }
             },
             TunnResult::Err(_) => self.drops.crypto += 1,
             // Queued inside boringtun until the handshake completes.
@@ -450,6 +463,8 @@ impl Device {
                 TunnResult::WriteToNetwork(b) => {
                     if let Some(dst) = peer.endpoint {
                         self.transmits.push_back(Transmit { dst, peer: Some(*key), payload: b.to_vec() });
+                    } else {
+                        peer.starved = true;
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}

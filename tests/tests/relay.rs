@@ -87,8 +87,10 @@ async fn recv(l: &mut RelayLink) -> Option<([u8; 32], Vec<u8>)> {
 async fn relays_only_between_peers_whose_capabilities_name_each_other() {
     let r = relay().await;
     let mut a = connect(r.info(1, &[2, 3], 60_000, true, false)).await;
-    let mut b = connect(r.info(2, &[1], 60_000, true, false)).await;
+    // B's capability is the newest word of the server: it does not name C.
+    let mut b = connect(r.info(2, &[1], 120_000, true, false)).await;
     let mut c = connect(r.info(3, &[2], 60_000, true, false)).await;
+    let d = connect(r.info(4, &[2], 180_000, true, false)).await;
     for l in [&a, &b, &c] {
         assert!(l.state.borrow().up, "{:?}", l.state.borrow());
     }
@@ -101,7 +103,8 @@ async fn relays_only_between_peers_whose_capabilities_name_each_other() {
     b.out.send(encode_packet(&[1; 32], b"back")).await.unwrap();
     assert_eq!(recv(&mut a).await, Some(([2; 32], b"back".to_vec())));
 
-    // C may name B, but B's capability does not name C: refused. A may name C, C does not name A.
+    // C may name B, but B's newer capability does not name C: refused. A may name C, C's capability
+    // (as new as A's) does not name A: refused.
     let refused = r.stats.refused_not_allowed.load(Ordering::Relaxed);
     c.out.send(encode_packet(&[2; 32], b"let me in")).await.unwrap();
     a.out.send(encode_packet(&[3; 32], b"hi c")).await.unwrap();
@@ -113,7 +116,10 @@ async fn relays_only_between_peers_whose_capabilities_name_each_other() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 3);
     assert!(r.stats.packets.load(Ordering::Relaxed) >= 2);
-    assert_eq!(r.stats.sessions.load(Ordering::Relaxed), 3);
+    assert_eq!(r.stats.sessions.load(Ordering::Relaxed), 4);
+    // D's capability is newer than B's and names B: a grant B has not heard of yet. It goes through.
+    d.out.send(encode_packet(&[2; 32], b"new grant")).await.unwrap();
+    assert_eq!(recv(&mut b).await, Some(([4; 32], b"new grant".to_vec())));
 }
 
 #[tokio::test]

@@ -210,3 +210,20 @@ fn an_initiation_that_arrives_before_its_key_is_answered_once_the_key_is_install
     assert_eq!(got_b.len(), 1);
     assert_eq!(got_b[0].packet, p);
 }
+
+#[test]
+fn an_initiation_dropped_for_want_of_an_endpoint_goes_out_once_there_is_one() {
+    let (mut a, mut b, _) = pair();
+    let bk = b.public_key();
+    a.set_endpoint(&bk, None, true);
+    a.handle_outbound(&udp("100.96.0.2:5000", "100.96.0.10:53", b"first"));
+    assert!(a.poll_transmit().is_none());
+    assert_eq!(a.drops.no_endpoint, 1);
+    // The path logic finds a way (the relay came up): the initiation goes now, not 5 s later.
+    a.set_endpoint(&bk, Some(Via::Relay), false);
+    let t = a.poll_transmit().expect("an initiation at once");
+    assert_eq!((t.dst, t.peer), (Via::Relay, Some(bk)));
+    assert_eq!(t.payload[0], 1, "a handshake initiation");
+    let auth = b.handle_datagram(Via::Relay, &t.payload).unwrap();
+    assert!(auth.initiation);
+}

@@ -5,7 +5,9 @@
 //! The relay holds no WireGuard key and no database. A node registers by presenting a capability the
 //! control server signed (its key, the peers it may reach, an expiry); the relay checks the signature
 //! with the server's public key and then forwards a packet only when the sender's capability names the
-//! destination *and* the destination's names the sender. A registration lives as long as its connection:
+//! destination *and* the destination's names the sender, unless the destination's capability is the
+//! older of the two (the newest word of the server wins: a grant made a moment ago reaches the relay
+//! first through whichever node renews first, and a revocation through the node that lost the peer). A registration lives as long as its connection:
 //! an established pair keeps flowing while the control server is away and capabilities cannot be
 //! renewed; only a new registration needs a capability that has not expired. Per node, bytes are
 //! rate-limited and the number of peers it relays to at once is capped.
@@ -134,6 +136,8 @@ struct Registration {
     conn_id: u64,
     handle: Handle,
     allowed: Arc<HashSet<[u8; 32]>>,
+    /// Expiry of the capability it registered with: a later expiry is a newer capability.
+    expires_ms: u64,
 }
 
 #[derive(Default)]
@@ -146,6 +150,7 @@ struct Table {
 struct Sender {
     node: [u8; 32],
     allowed: Arc<HashSet<[u8; 32]>>,
+    expires_ms: u64,
     tokens: f64,
     last_refill: Instant,
     flows: HashMap<[u8; 32], Instant>,
@@ -168,7 +173,10 @@ impl Relay {
         let allowed: Arc<HashSet<[u8; 32]>> = Arc::new(cap.peers.iter().copied().collect());
         let mut nodes = self.table.nodes.write().unwrap_or_else(|e| e.into_inner());
         let fresh = nodes
-            .insert(cap.node, Registration { conn_id, handle, allowed: allowed.clone() })
+            .insert(
+                cap.node,
+                Registration { conn_id, handle, allowed: allowed.clone(), expires_ms: cap.expires_unix_ms },
+            )
             .is_none_or(|old| old.conn_id != conn_id);
         drop(nodes);
         self.stats.registrations.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +187,7 @@ impl Relay {
         Ok(Sender {
             node: cap.node,
             allowed,
+            expires_ms: cap.expires_unix_ms,
             tokens: self.limits.bytes_per_sec as f64,
             last_refill: Instant::now(),
             flows: HashMap::new(),
@@ -229,7 +238,7 @@ impl Relay {
             self.stats.refused_no_peer.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if !reg.allowed.contains(&s.node) {
+        if !reg.allowed.contains(&s.node) && reg.expires_ms >= s.expires_ms {
             self.stats.refused_not_allowed.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -395,6 +404,7 @@ async fn quic_conn(relay: Arc<Relay>, conn: quinn::Connection) {
                         let mut cur = sender.lock().unwrap_or_else(|e| e.into_inner());
                         if s.node == cur.node {
                             cur.allowed = s.allowed;
+                            cur.expires_ms = s.expires_ms;
                         }
                     }
                     None => {
