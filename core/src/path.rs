@@ -291,15 +291,7 @@ impl Paths {
                 self.transmits.push_back((from, probe::encode(ProbeKind::Pong, &me, p.txid, &st.pair_key)));
                 // The peer is reachable from `from` as far as it knows: learn the address, and prove it
                 // from our side unless we are already direct.
-                let known = st.candidates.iter().any(|c| c.0 == from) || st.learned.contains(&from);
-                if !known {
-                    if st.learned.len() >= LEARNED_MAX {
-                        if let Some(old) = st.learned.pop_front() {
-                            st.proven.remove(&old);
-                        }
-                    }
-                    st.learned.push_back(from);
-                }
+                learn(st, from);
                 if !matches!(st.current, Some(Via::Direct(a)) if st.proven.contains_key(&a)) {
                     start_punch(st, now);
                 }
@@ -364,15 +356,7 @@ impl Paths {
             }
             None => {}
         }
-        let known = st.candidates.iter().any(|c| c.0 == from) || st.learned.contains(&from);
-        if !known {
-            if st.learned.len() >= LEARNED_MAX {
-                if let Some(old) = st.learned.pop_front() {
-                    st.proven.remove(&old);
-                }
-            }
-            st.learned.push_back(from);
-        }
+        learn(st, from);
         st.current = Some(Via::Direct(from));
         st.current_proven = false;
         st.confirm_since = None;
@@ -570,6 +554,20 @@ impl Paths {
 
 fn is_direct(st: &PeerPath) -> bool {
     matches!(st.current, Some(Via::Direct(a)) if st.proven.contains_key(&a))
+}
+
+/// Remembers `from` as a peer-reflexive candidate unless it is known already (at most
+/// [`LEARNED_MAX`]; the oldest goes first).
+fn learn(st: &mut PeerPath, from: SocketAddr) {
+    if st.candidates.iter().any(|c| c.0 == from) || st.learned.contains(&from) {
+        return;
+    }
+    if st.learned.len() >= LEARNED_MAX {
+        if let Some(old) = st.learned.pop_front() {
+            st.proven.remove(&old);
+        }
+    }
+    st.learned.push_back(from);
 }
 
 fn start_punch(st: &mut PeerPath, now: Instant) {

@@ -26,14 +26,19 @@ pub async fn serve(
     shared: Arc<Shared>,
     extra: Extra,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
-    let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state((shared, extra));
+    listen(addr, app).await
+}
+
+/// Serves `app` on `addr`; returns the bound address.
+async fn listen(addr: SocketAddr, app: Router) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener failed");
@@ -78,10 +83,6 @@ pub async fn serve_relay(
     addr: SocketAddr,
     stats: Arc<crate::relay::RelayStats>,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
-    let bound = listener.local_addr()?;
     let app = Router::new()
         .route(
             "/metrics",
@@ -93,10 +94,5 @@ pub async fn serve_relay(
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(stats);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    });
-    Ok((bound, task))
+    listen(addr, app).await
 }
