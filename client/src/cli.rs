@@ -22,6 +22,9 @@ pub struct Cli {
     /// File holding the admin token.
     #[arg(long, global = true, env = "TUNNEL_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Log format (logs go to stderr; `TUNNEL_LOG` filters them).
+    #[arg(long, global = true, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = tunnel_node::process::LogFormat::Text)]
+    pub log_format: tunnel_node::process::LogFormat,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -154,9 +157,6 @@ pub struct UpArgs {
     /// TUN mode: the device name.
     #[arg(long, env = "TUNNEL_TUN_NAME", default_value = "tunnel0")]
     pub tun_name: String,
-    /// Log format.
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = tunnel_node::process::LogFormat::Text)]
-    pub log_format: tunnel_node::process::LogFormat,
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +286,10 @@ where
             std::process::exit(2);
         }
     };
+    // `up` is a daemon and logs what it does; the other commands print their result and log only
+    // warnings.
+    let level = if matches!(cli.cmd, Cmd::Up(_)) { "info" } else { "warn" };
+    tunnel_node::process::init_logs_at(cli.log_format, level);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run(cli, out))
 }
@@ -420,7 +424,6 @@ pub fn join_token(token: Option<&str>, file: Option<&std::path::Path>) -> Result
 }
 
 async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
-    tunnel_node::process::init_logs(a.log_format);
     let token = join_token(a.token.as_deref(), a.token_file.as_deref())?;
     let client = crate::up::start(crate::up::UpConfig {
         token,
@@ -477,15 +480,19 @@ async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Writ
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
+    let mut control = v["control"]["state"].as_str().unwrap_or("?").to_owned();
+    if let Some(reason) = v["control"]["reason"].as_str().filter(|r| !r.is_empty()) {
+        control.push_str(&format!(" ({reason})"));
+    }
     writeln!(
         out,
-        "node {} ({}) {}  control: {}  map version {}",
+        "node {} ({}) {}  control: {control}  map version {}",
         v["node"].as_str().unwrap_or("?"),
         v["kind"].as_str().unwrap_or("?"),
         v["overlay_addr"].as_str().unwrap_or("-"),
-        v["control"]["state"].as_str().unwrap_or("?"),
         v["map_version"]
     )?;
+    writeln!(out, "{}", underlay_line(&v))?;
     let mut t = crate::table::Table::new(&["PEER", "PATH", "ENDPOINT", "HANDSHAKE", "RTT", "TX", "RX"]);
     for p in v["peers"].as_array().into_iter().flatten() {
         t.row(vec![
@@ -499,6 +506,25 @@ async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Writ
         ]);
     }
     t.write(out)
+}
+
+/// The second line of `tunnelctl status`: the node's public address as the server's STUN responder
+/// sees it, and the relay link (what an operator checks when hole punching fails or a relay is down).
+fn underlay_line(v: &serde_json::Value) -> String {
+    let public = match v["reflexive_addr"].as_str() {
+        Some(a) => format!("public address {a} (STUN)"),
+        None => "public address unknown (no STUN answer yet)".to_owned(),
+    };
+    let r = &v["relay"];
+    let relay = match (r["up"].as_bool(), r["relay"].as_str(), r["last_error"].as_str()) {
+        (Some(true), Some(addr), _) => {
+            format!("relay {addr} over {}: up", r["transport"].as_str().unwrap_or("?"))
+        }
+        (_, _, Some(err)) => format!("relay: down ({err})"),
+        (Some(false), _, None) => "relay: none (not connected yet, or the map names no relay)".to_owned(),
+        _ => "relay: ?".to_owned(),
+    };
+    format!("{public}  {relay}")
 }
 
 async fn node_op<S>(

@@ -772,8 +772,7 @@ impl Loop {
             let path = match self.paths.current(key) {
                 Some(Via::Direct(_)) if alive && self.paths.is_direct(key) => "direct",
                 Some(Via::Relay) if alive && self.relay_state.up => "relay",
-                // A guessed endpoint that carries a live session (a peer that does not answer probes).
-                Some(Via::Direct(_)) if alive && st.as_ref().is_some_and(|s| s.rx_bytes > 0) => "direct",
+                // A guessed, unproven endpoint is not a path yet.
                 _ => "down",
             };
             let ps = self.paths.stats(key).unwrap_or_default();

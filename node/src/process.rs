@@ -11,9 +11,16 @@ pub enum LogFormat {
 
 /// Logs to stderr, filtered by `TUNNEL_LOG` (default `info`).
 pub fn init_logs(format: LogFormat) {
+    init_logs_at(format, "info");
+}
+
+/// Logs to stderr, filtered by `TUNNEL_LOG` (default `default`).
+pub fn init_logs_at(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: journald and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().try_init(),

@@ -163,10 +163,11 @@ impl Control for ControlService {
         if auth.used_secret || auth.key_changed {
             // Persist before the session opens: peers must never learn a key the database lacks.
             let _w = shared.write_lock().await;
-            shared
+            let current = shared
                 .store
                 .record_join(
                     auth.id.as_str(),
+                    auth.generation,
                     &encode_key(&auth.public_key),
                     auth.join_used,
                     &hello.version,
@@ -174,6 +175,13 @@ impl Control for ControlService {
                 )
                 .await
                 .map_err(|e| Status::unavailable(format!("{e}; try again")))?;
+            if !current {
+                // Rotated (or removed) while this login was in flight: its credentials are void, and its
+                // key must not replace the cleared one.
+                return Err(Status::unauthenticated(
+                    "the node's secret was rotated during login; join with the new token",
+                ));
+            }
         }
         shared
             .audit(
@@ -199,17 +207,18 @@ impl Control for ControlService {
             let mut guard = shared.model();
             let m = &mut *guard;
             if let Some(n) = m.reg.nodes.get_mut(&auth.id) {
+                if n.generation != auth.generation {
+                    // Rotated while this login was in flight: the credentials it used are void, and
+                    // nothing of it (key, presence) may stick.
+                    return Err(Status::unauthenticated(
+                        "the node's secret was rotated during login; join with the new token",
+                    ));
+                }
                 n.public_key = Some(auth.public_key);
                 n.candidates = candidates;
                 n.online = true;
                 n.version = hello.version.clone();
                 n.last_seen_ms = now;
-                if n.generation != auth.generation {
-                    // Rotated while this login was in flight: the credentials it used are void.
-                    return Err(Status::unauthenticated(
-                        "the node's secret was rotated during login; join with the new token",
-                    ));
-                }
                 n.join_used = auth.join_used;
             } else {
                 return Err(Status::unauthenticated("node was removed while joining"));

@@ -151,6 +151,9 @@ impl RunningServer {
     /// Stops the server: ends every session (nodes will reconnect), stops listening, flushes state.
     pub async fn shutdown(mut self) {
         self.shared.model().hub.close_all();
+        if let Some(r) = self.relay.take() {
+            r.shutdown().await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

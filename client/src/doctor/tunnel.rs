@@ -259,7 +259,14 @@ fn site_step(site: &PeerInfo, peer: Option<&serde_json::Value>) -> Step {
     let endpoint = p["endpoint"].as_str().map(|e| format!(" via {e}")).unwrap_or_default();
     if path != "down" {
         let hs = hs.map(|s| format!(", last handshake {s}s ago")).unwrap_or_default();
-        return Step::ok("site", format!("tunnel up: {path}{endpoint}{hs}")).about(&site.name);
+        // The tunnel may still work (a site cut off from the server keeps its tunnels), but if it does
+        // not, an agent that is down is the likely reason: say so here, where the operator looks first.
+        let offline = if site.online {
+            ""
+        } else {
+            "; but the server last saw the site offline (its agent is not connected to the server)"
+        };
+        return Step::ok("site", format!("tunnel up: {path}{endpoint}{hs}{offline}")).about(&site.name);
     }
     let when = match hs {
         Some(s) => format!("the last WireGuard handshake was {s}s ago"),
@@ -362,8 +369,10 @@ async fn resources(via: Via, map: &NetworkMap, sites_down: &[String], timeout: D
             continue;
         }
         let name = r.name.clone();
+        let site_online = map.peers.get(&r.site_id).is_none_or(|p| p.online);
         set.spawn(async move {
-            (i, resource_step(&name, &site, to, connect_through(via, to, timeout).await, timeout))
+            let r = connect_through(via, to, timeout).await;
+            (i, resource_step(&name, &site, site_online, to, r, timeout))
         });
     }
     while let Some(r) = set.join_next().await {
@@ -377,6 +386,7 @@ async fn resources(via: Via, map: &NetworkMap, sites_down: &[String], timeout: D
 fn resource_step(
     name: &str,
     site: &str,
+    site_online: bool,
     to: SocketAddrV4,
     r: Result<Duration, Reach>,
     timeout: Duration,
@@ -390,6 +400,14 @@ fn resource_step(
             format!(
                 "the service behind {name} is down or does not listen on its target: check it on site {site} \
                  (`tunnelctl resources` shows the target the site dials)"
+            ),
+        ),
+        Err(Reach::Timeout) if !site_online => (
+            format!("no answer from {name} ({to}) through the tunnel within {}s", timeout.as_secs()),
+            format!(
+                "the server last saw site {site} offline: its agent is probably down or cut off (on the site's \
+                 host: `systemctl status tunnel-agent`, `journalctl -u tunnel-agent`; `tunnelctl sites` shows \
+                 when it was last seen)"
             ),
         ),
         Err(Reach::Timeout) => (
@@ -418,6 +436,15 @@ fn resource_step(
         ),
     };
     Step::failed("resource", detail, fix).about(name)
+}
+
+/// "1 name resolves", "3 names resolve".
+fn count_names(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 name {one}")
+    } else {
+        format!("{n} names {many}")
+    }
 }
 
 /// Asks one DNS server for the A records of `name`.
@@ -520,10 +547,10 @@ async fn names(d: &Daemon, via: Via, map: &NetworkMap, timeout: Duration) -> Ste
         return Step::ok(
             "names",
             format!(
-                "{} names answer from the client's DNS listener at {dns} ({}); in userspace mode the system \
+                "{} from the client's DNS listener at {dns} ({}); in userspace mode the system \
                  resolver is not expected to know them: use the SOCKS5 proxy with remote names (`curl \
                  --socks5-hostname {socks}`) or ask {dns}",
-                want.len(),
+                count_names(want.len(), "answers", "answer"),
                 listed(&all)
             ),
         );
@@ -544,8 +571,12 @@ async fn names(d: &Daemon, via: Via, map: &NetworkMap, timeout: Duration) -> Ste
         return Step::ok(
             "names",
             format!(
-                "{} names resolve to their tunnel addresses through the system resolver ({})",
-                want.len(),
+                "{} through the system resolver ({})",
+                count_names(
+                    want.len(),
+                    "resolves to its tunnel address",
+                    "resolve to their tunnel addresses"
+                ),
                 listed(&all)
             ),
         );

@@ -49,9 +49,13 @@ pub async fn serve(
                     let sock = sock.clone();
                     let upstreams = upstreams.clone();
                     tokio::spawn(async move {
-                        if let Some(r) = forward(&query, &upstreams).await {
-                            let _ = sock.send_to(&r, from).await;
-                        }
+                        // No upstream answered: say so at once (SERVFAIL), so the stub resolver moves
+                        // on instead of waiting out its own timeout for every query.
+                        let r = match forward(&query, &upstreams).await {
+                            Some(r) => r,
+                            None => servfail(&query),
+                        };
+                        let _ = sock.send_to(&r, from).await;
                     });
                 }
             }
@@ -65,12 +69,14 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
         let bind: SocketAddr =
             if up.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
         let Ok(s) = UdpSocket::bind(bind).await else { continue };
-        if s.send_to(query, up).await.is_err() {
+        // Connected: only the upstream's answers arrive, and an ICMP "port unreachable" (nothing
+        // listens there) ends the wait at once instead of after the timeout.
+        if s.connect(up).await.is_err() || s.send(query).await.is_err() {
             continue;
         }
         let mut buf = vec![0u8; 4096];
-        if let Ok(Ok((n, from))) = tokio::time::timeout(Duration::from_secs(3), s.recv_from(&mut buf)).await {
-            if from == *up && n >= 2 && buf[..2] == query[..2] {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf)).await {
+            if n >= 2 && buf[..2] == query[..2] {
                 return Some(buf[..n].to_vec());
             }
         }
@@ -78,8 +84,27 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
     None
 }
 
+/// A SERVFAIL answer to `query` (its header and question, echoed).
+fn servfail(query: &[u8]) -> Vec<u8> {
+    let mut r = query.to_vec();
+    if r.len() >= 4 {
+        r[2] = (r[2] & 0x79) | 0x80; // QR, the query's opcode and RD
+        r[3] = 0x82; // RA, RCODE 2 (SERVFAIL)
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn servfail_answers_the_query() {
+        // id 0x1234, RD, one question (a.): the answer keeps id, opcode, RD and the question.
+        let q = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1];
+        let r = super::servfail(&q);
+        assert_eq!(&r[..4], &[0x12, 0x34, 0x81, 0x82]);
+        assert_eq!(&r[4..], &q[4..]);
+    }
+
     #[test]
     fn reads_nameservers() {
         let conf =

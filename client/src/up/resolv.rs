@@ -154,8 +154,18 @@ pub fn undo(applied: &Applied) -> Result<()> {
         Applied::Nothing => Ok(()),
         Applied::Resolved { link } => run("resolvectl", &["revert", link]),
         Applied::ResolvConf { path, backup } => {
-            let orig = std::fs::read(backup).context("cannot read the saved resolv.conf")?;
-            write_in_place(path, &orig)?;
+            // Put the original back only over our own edit: if something else (dhclient,
+            // NetworkManager, an operator) rewrote the file since, its version is newer than ours.
+            let current = std::fs::read_to_string(path).unwrap_or_default();
+            if current.contains(MARKER) || current.trim().is_empty() {
+                let orig = std::fs::read(backup).context("cannot read the saved resolv.conf")?;
+                write_in_place(path, &orig)?;
+            } else {
+                tracing::warn!(
+                    path = %path.display(),
+                    "resolv.conf was rewritten by something else while the client ran; leaving that version"
+                );
+            }
             let _ = std::fs::remove_file(backup);
             Ok(())
         }
@@ -195,6 +205,13 @@ mod tests {
             apply(DnsMode::ResolvConf, "tun0", "100.96.0.2".parse().unwrap(), &[], &resolv, &backup).unwrap();
         undo(&applied).unwrap();
         assert_eq!(std::fs::read_to_string(&resolv).unwrap(), orig);
+        assert!(!backup.exists());
+        // Rewritten by something else (a DHCP client) while the client ran: that version stays.
+        let applied =
+            apply(DnsMode::ResolvConf, "tun0", "100.96.0.2".parse().unwrap(), &[], &resolv, &backup).unwrap();
+        std::fs::write(&resolv, "nameserver 192.0.2.99\n").unwrap();
+        undo(&applied).unwrap();
+        assert_eq!(std::fs::read_to_string(&resolv).unwrap(), "nameserver 192.0.2.99\n");
         assert!(!backup.exists());
     }
 }

@@ -272,6 +272,20 @@ pub struct RunningRelay {
     endpoint: Option<quinn::Endpoint>,
 }
 
+impl RunningRelay {
+    /// Stops: tells every connected node the relay is going away (so they fail over at once instead of
+    /// after their idle timeout), then waits briefly for those goodbyes to be sent.
+    pub async fn shutdown(mut self) {
+        if let Some(e) = self.endpoint.take() {
+            e.close(0u32.into(), b"relay stopping");
+            let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 impl Drop for RunningRelay {
     fn drop(&mut self) {
         if let Some(e) = &self.endpoint {

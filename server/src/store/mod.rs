@@ -387,26 +387,31 @@ impl Store {
 
     /// Records a successful join: the node's public key, whether the join secret is now used up, and
     /// the software version it runs.
+    /// Records a login's key, only if the node's secret generation is still `generation`. Returns
+    /// false when it is not (the node was rotated or removed while the login was in flight).
     pub async fn record_join(
         &self,
         id: &str,
+        generation: i64,
         public_key: &str,
         join_used: bool,
         version: &str,
         now_ms: i64,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE nodes SET public_key = $1, join_used = $2, version = $3, last_seen_ms = $4 WHERE id = $5",
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE nodes SET public_key = $1, join_used = $2, version = $3, last_seen_ms = $4 \
+             WHERE id = $5 AND generation = $6",
         )
         .bind(public_key.to_owned())
         .bind(i64::from(join_used))
         .bind(version.to_owned())
         .bind(now_ms)
         .bind(id.to_owned())
+        .bind(generation)
         .execute(&self.pool)
         .await
         .map_err(q("recording a join"))?;
-        Ok(())
+        Ok(r.rows_affected() > 0)
     }
 
     /// Writes last-seen times in one transaction (they are batched: a reconnect storm is one write).

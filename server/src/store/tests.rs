@@ -67,7 +67,11 @@ async fn nodes_resources_grants_round_trip() {
         s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: "prom".into(), created_ms: 12 })
             .await
             .unwrap();
-        s.record_join("n2", "a2V5", true, "0.1.0", 99).await.unwrap();
+        assert!(s.record_join("n2", 1, "a2V5", true, "0.1.0", 99).await.unwrap());
+        assert!(
+            !s.record_join("n2", 7, "b3Zz", true, "0.1.0", 99).await.unwrap(),
+            "a stale generation writes nothing"
+        );
         let snap = s.load(0).await.unwrap();
         assert_eq!(snap.nodes.len(), 2, "{:?}", s.backend());
         let laptop = snap.nodes.iter().find(|n| n.id == "n2").unwrap();
