@@ -190,3 +190,57 @@ pub fn binaries() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     exe.parent().and_then(Path::parent).expect("target dir").to_owned()
 }
+
+/// A control server running in a lab namespace, and `tunnelctl` admin calls against it.
+#[derive(Debug)]
+pub struct LabServer {
+    ns: String,
+    tunnelctl: String,
+    admin: String,
+}
+
+impl Lab {
+    /// Starts the `tunnel-server` from `bin` in namespace `ns`, gRPC on `IP:8443` (STUN and the relay on
+    /// their default ports), metrics on 127.0.0.1:9180, and waits until it answers admin calls.
+    pub fn start_server(&mut self, bin: &Path, ns: &str, ip: &str) -> LabServer {
+        let data = self.dir.path().join("server");
+        let server = bin.join("tunnel-server").to_string_lossy().into_owned();
+        let data_s = data.to_string_lossy().into_owned();
+        let listen = format!("{ip}:8443");
+        let args = [
+            server.as_str(),
+            "--data-dir",
+            &data_s,
+            "--listen",
+            &listen,
+            "--public-addr",
+            ip,
+            "--metrics-listen",
+            "127.0.0.1:9180",
+        ];
+        self.spawn(ns, "server", &args, &[]);
+        let admin = data.join("admin.token");
+        self.wait("the server's admin token", 30, || admin.exists());
+        let s = LabServer {
+            ns: ns.to_owned(),
+            tunnelctl: bin.join("tunnelctl").to_string_lossy().into_owned(),
+            admin: admin.to_string_lossy().into_owned(),
+        };
+        self.wait("the server to answer", 30, || {
+            self.exec(ns, &[&s.tunnelctl, "--admin-token-file", &s.admin, "info"]).status.success()
+        });
+        s
+    }
+}
+
+impl LabServer {
+    /// `tunnelctl --admin-token-file ADMIN ARGS` in the server's namespace; its stdout. Panics (the
+    /// test fails) when the command fails.
+    pub fn ctl(&self, lab: &Lab, args: &[&str]) -> String {
+        let mut full = vec![self.tunnelctl.as_str(), "--admin-token-file", self.admin.as_str()];
+        full.extend_from_slice(args);
+        let out = lab.exec(&self.ns, &full);
+        assert!(out.status.success(), "tunnelctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}

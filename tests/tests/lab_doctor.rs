@@ -35,39 +35,9 @@ fn doctor_finds_a_system_resolver_that_does_not_point_at_the_tun_client() {
 
     // The service, on the site's own loopback.
     lab.spawn(&a, "http", &["python3", "-m", "http.server", "8080", "--bind", "127.0.0.1"], &[]);
-    let data = lab.dir.path().join("server");
-    let data_s = data.to_string_lossy().into_owned();
-    lab.spawn(
-        &a,
-        "server",
-        &[
-            &b("tunnel-server"),
-            "--data-dir",
-            &data_s,
-            "--listen",
-            "192.0.2.1:8443",
-            "--public-addr",
-            "192.0.2.1",
-            "--metrics-listen",
-            "127.0.0.1:9180",
-        ],
-        &[],
-    );
     step_done("server spawned");
-    let admin = data.join("admin.token");
-    lab.wait("the server's admin token", 30, || admin.exists());
-    let admin_s = admin.to_string_lossy().into_owned();
-    lab.wait("the server to answer", 30, || {
-        lab.exec(&a, &[&b("tunnelctl"), "--admin-token-file", &admin_s, "info"]).status.success()
-    });
-    let ctl = |lab: &Lab, args: &[&str]| -> String {
-        let mut full = vec![b("tunnelctl"), "--admin-token-file".into(), admin_s.clone()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        let out = lab.exec(&a, &refs);
-        assert!(out.status.success(), "tunnelctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let srv = lab.start_server(&bin, &a, "192.0.2.1");
+    let ctl = |lab: &Lab, args: &[&str]| srv.ctl(lab, args);
     step_done("server answers");
     let site_file = lab.dir.path().join("site.token");
     let client_file = lab.dir.path().join("client.token");

@@ -85,38 +85,8 @@ fn tun_client_reaches_a_lan_service_by_name_through_the_system_resolver() {
 
     step("services started");
     // The control server (in the agent's namespace, on its public side).
-    let data = lab.dir.path().join("server");
-    let data_s = data.to_string_lossy().into_owned();
-    lab.spawn(
-        &a,
-        "server",
-        &[
-            &b("tunnel-server"),
-            "--data-dir",
-            &data_s,
-            "--listen",
-            "192.0.2.1:8443",
-            "--public-addr",
-            "192.0.2.1",
-            "--metrics-listen",
-            "127.0.0.1:9180",
-        ],
-        &[],
-    );
-    let admin = data.join("admin.token");
-    lab.wait("the server's admin token", 30, || admin.exists());
-    let admin_s = admin.to_string_lossy().into_owned();
-    let ctl = |lab: &Lab, args: &[&str]| -> String {
-        let mut full = vec![b("tunnelctl"), "--admin-token-file".into(), admin_s.clone()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        let out = lab.exec(&a, &refs);
-        assert!(out.status.success(), "tunnelctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    lab.wait("the server to answer", 30, || {
-        lab.exec(&a, &[&b("tunnelctl"), "--admin-token-file", &admin_s, "info"]).status.success()
-    });
+    let srv = lab.start_server(&bin, &a, "192.0.2.1");
+    let ctl = |lab: &Lab, args: &[&str]| srv.ctl(lab, args);
     let site_tok = ctl(&lab, &["site", "add", "lan"]);
     let client_tok = ctl(&lab, &["client", "add", "laptop"]);
     ctl(&lab, &["add-resource", "--site", "lan", "--name", "web", "--target", "10.9.0.2:8080"]);
