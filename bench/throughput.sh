@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# Throughput benchmark (root): iperf3 from a TUN client through the tunnel to an iperf3 server on the
-# site's LAN, beside the same topology over wireguard-go with kernel forwarding, in one run.
+# Throughput benchmark (root): one TCP stream (iperf3) from a client through the tunnel to an iperf3
+# server on the site's LAN, beside the same topology over wireguard-go with kernel forwarding, in one
+# run, on a clean link and on lossy ones, in both directions.
 #
 #   client ns --(veth, 192.0.2.0/24)-- agent ns --(veth, 10.9.0.0/24)-- service ns (iperf3 -s)
 #
-#   bench/throughput.sh [SECONDS]
-# Prints Gbit/s for both and the ratio. Every namespace is removed on exit, pass or fail.
+#   bench/throughput.sh [SECONDS] [LOSS% ...]        e.g. bench/throughput.sh 10 0 1 3
+#   MODES="tun socks relay" bench/throughput.sh ...   which tunnel modes to run (default: all three)
+#   BENCH_BIN=DIR bench/throughput.sh ...             binaries from DIR (e.g. another commit's build)
+#
+# Loss: an nftables `numgen random` drop of LOSS% of the UDP packets in each direction on the
+# client's link (eth0 of the client namespace), so both tunnels lose alike; this kernel has no netem.
+# "up" is client -> site (the client sends), "down" is site -> client (iperf3 -R: the site's
+# userspace TCP stack sends; with wireguard-go the LAN server's kernel TCP does).
+# Modes: tun = `tunnelctl up` with a TUN device, beside wireguard-go at the same loss;
+# socks = `tunnelctl up --userspace`, iperf3 through its SOCKS5 listener (proxychains4), so the
+# client's userspace stack is the sender on uploads; relay = TUN with --force-relay (QUIC relay).
+# Prints a table in Gbit/s with ratios against wireguard-go. Every namespace is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-10}"
+shift || true
+LOSSES=("$@")
+[ "${#LOSSES[@]}" -gt 0 ] || LOSSES=(0 1 3)
+MODES="${MODES:-tun socks relay}"
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 1; }
-for cmd_pkg in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2; do
-    command -v "${cmd_pkg%%:*}" >/dev/null || need="${need:-} ${cmd_pkg#*:}"
+need=""
+for cmd_pkg in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 nft:nftables proxychains4:proxychains4 ping:iputils-ping; do
+    command -v "${cmd_pkg%%:*}" >/dev/null || need="$need ${cmd_pkg#*:}"
 done
-if [ -n "${need:-}" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; fi
+# shellcheck disable=SC2086
+if [ -n "$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; fi
 
-cargo build --release -q --workspace --bins
-BIN="$PWD/target/release"
+# BENCH_BIN=DIR runs binaries built elsewhere (another commit) instead of building these.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release -q --workspace --bins; fi
+BIN="${BENCH_BIN:-$PWD/target/release}"
 P="tb$$"
 C="${P}c"; A="${P}a"; S="${P}s"
 WORK="$(mktemp -d)"
@@ -40,35 +58,75 @@ ip -n "$S" addr add 10.9.0.2/24 dev eth0; ip -n "$S" link set eth0 up
 ip netns exec "$S" iperf3 -s -B 10.9.0.2 -D --logfile "$WORK/iperf-s.log"
 mkdir -p "/etc/netns/$C"; echo "nameserver 198.51.100.53" > "/etc/netns/$C/resolv.conf"
 
-gbps() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1"; }
+# Loss on the client's link, UDP only, each way.
+set_loss() { # percent
+    ip netns exec "$C" nft delete table inet benchloss 2>/dev/null || true
+    local permille
+    permille=$(python3 -c 'import sys; print(round(float(sys.argv[1]) * 10))' "$1")
+    [ "$permille" -gt 0 ] || return 0
+    ip netns exec "$C" nft -f - <<EOF
+table inet benchloss {
+    chain in { type filter hook input priority 0; iifname "eth0" meta l4proto udp numgen random mod 1000 < $permille drop; }
+    chain out { type filter hook output priority 0; oifname "eth0" meta l4proto udp numgen random mod 1000 < $permille drop; }
+}
+EOF
+}
 
-# --- tunnel ---
+gbps() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null || echo 0; }
+# The site agent's userspace TCP counters (loss recovery), to show what each run cost it.
+agent_tcp() { ip netns exec "$A" curl -s --max-time 2 http://127.0.0.1:9181/status | python3 -c 'import json,sys; t=json.load(sys.stdin).get("tcp") or {}; print(" ".join("%s=%s" % (k, t.get(k, 0)) for k in ("retransmitted_segments","recoveries","tail_loss_probes","timeouts")))' 2>/dev/null || true; }
+# iperf3 NAME HOST DIR [wrapper...]: one run, prints Gbit/s (0 if it failed). With BENCH_STATS=1 the
+# agent's loss-recovery counters before and after go to stderr.
+iperf() {
+    local name=$1 host=$2 dir=$3; shift 3
+    local rev=(); [ "$dir" = down ] && rev=(-R)
+    [ -z "${BENCH_STATS:-}" ] || echo "$name before: $(agent_tcp)" >&2
+    if ip netns exec "$C" "$@" iperf3 -c "$host" -t "$SECS" "${rev[@]}" -J >"$WORK/$name.json" 2>"$WORK/$name.err"; then
+        gbps "$WORK/$name.json"
+    else
+        echo 0
+    fi
+    [ -z "${BENCH_STATS:-}" ] || echo "$name after:  $(agent_tcp) retransmits(iperf3 sender)=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_sent"].get("retransmits","-"))' "$WORK/$name.json" 2>/dev/null)" >&2
+}
+
+# --- control server, site agent ---
 ip netns exec "$A" "$BIN/tunnel-server" --data-dir "$WORK/server" --listen 192.0.2.1:8443 --public-addr 192.0.2.1 >"$WORK/server.log" 2>&1 &
 for _ in $(seq 100); do [ -f "$WORK/server/admin.token" ] && break; sleep 0.1; done
 ctl() { ip netns exec "$A" "$BIN/tunnelctl" --admin-token-file "$WORK/server/admin.token" "$@"; }
 for _ in $(seq 100); do ctl info >/dev/null 2>&1 && break; sleep 0.1; done
 ctl site add lan >"$WORK/site.token"
-ctl client add bench >"$WORK/client.token"
 ctl add-resource --site lan --name iperf --target 10.9.0.2:5201 >/dev/null
-ctl grant --client bench --resource iperf >/dev/null
+for c in bench benchsocks benchrelay; do
+    ctl client add "$c" >"$WORK/$c.token"
+    ctl grant --client "$c" --resource iperf >/dev/null
+done
 ip netns exec "$A" "$BIN/tunnel-agent" --token-file "$WORK/site.token" --state-dir "$WORK/agent" >"$WORK/agent.log" 2>&1 &
-ip netns exec "$C" "$BIN/tunnelctl" up --token-file "$WORK/client.token" --state-dir "$WORK/client" --dns-mode resolv-conf >"$WORK/client.log" 2>&1 &
-for _ in $(seq 100); do grep -q "managed by tunnelctl" "/etc/netns/$C/resolv.conf" && break; sleep 0.1; done
-ip netns exec "$C" ping -c 1 -W 2 iperf.tunnel.internal >/dev/null
-ip netns exec "$C" iperf3 -c iperf.tunnel.internal -t "$SECS" -J >"$WORK/tunnel.json"
-RTT_T=$(ip netns exec "$C" ping -n -c 20 -i 0.05 iperf.tunnel.internal | awk -F/ '/^rtt/ {print $5}')
-T=$(gbps "$WORK/tunnel.json")
-for pid in $(ip netns pids "$C"); do kill "$pid" 2>/dev/null || true; done
-sleep 1
 
-# --- wireguard-go, kernel forwarding ---
+stop_clients() {
+    for pid in $(pgrep -f "tunnelctl up" || true); do
+        if [ "$(ip netns identify "$pid" 2>/dev/null)" = "$C" ]; then kill "$pid" 2>/dev/null || true; fi
+    done
+    for _ in $(seq 50); do
+        pgrep -f "tunnelctl up" >/dev/null || break
+        sleep 0.1
+    done
+}
+start_tun_client() { # token-name [flags...]
+    local c=$1; shift
+    ip netns exec "$C" "$BIN/tunnelctl" up --token-file "$WORK/$c.token" --state-dir "$WORK/$c" --dns-mode resolv-conf "$@" >"$WORK/$c.log" 2>&1 &
+    for _ in $(seq 100); do grep -q "managed by tunnelctl" "/etc/netns/$C/resolv.conf" && break; sleep 0.1; done
+    for _ in $(seq 50); do ip netns exec "$C" ping -c 1 -W 1 iperf.tunnel.internal >/dev/null 2>&1 && break; done
+}
+rtt() { ip netns exec "$C" ping -n -c 20 -i 0.05 "$1" | awk -F/ '/^rtt/ {print $5}'; }
+
+# --- wireguard-go, kernel forwarding (up for the whole run, beside the TUN client) ---
 umask 077; wg genkey >"$WORK/c.key"; wg pubkey <"$WORK/c.key" >"$WORK/c.pub"
 wg genkey >"$WORK/a.key"; wg pubkey <"$WORK/a.key" >"$WORK/a.pub"
+umask 022
 start_wg() { # ns
     ip netns exec "$1" unshare -m sh -c 'mount -t tmpfs none /run && exec wireguard-go -f wg0' >"$WORK/wg-$1.log" 2>&1 &
-    echo $!
 }
-PC=$(start_wg "$C"); PA=$(start_wg "$A")
+start_wg "$C"; start_wg "$A"
 for _ in $(seq 50); do ip -n "$C" link show wg0 >/dev/null 2>&1 && ip -n "$A" link show wg0 >/dev/null 2>&1 && break; sleep 0.1; done
 # wireguard-go runs under `sh` in its own mount namespace; find it to reach its socket.
 wgpid() {
@@ -85,12 +143,70 @@ ip -n "$C" route add 10.9.0.0/24 dev wg0
 ip -n "$S" route add 10.200.0.0/24 via 10.9.0.1
 ip netns exec "$A" sysctl -qw net.ipv4.ip_forward=1
 ip netns exec "$C" ping -c 1 -W 2 10.9.0.2 >/dev/null
-ip netns exec "$C" iperf3 -c 10.9.0.2 -t "$SECS" -J >"$WORK/wg.json"
-RTT_W=$(ip netns exec "$C" ping -n -c 20 -i 0.05 10.9.0.2 | awk -F/ '/^rtt/ {print $5}')
-W=$(gbps "$WORK/wg.json")
-kill "$PC" "$PA" 2>/dev/null || true
 
-echo "iperf3 TCP, ${SECS}s, one stream, TUN client -> site LAN service:"
-echo "  tunnel (boringtun + userspace agent): ${T} Gbit/s, ping RTT ${RTT_T} ms"
-echo "  wireguard-go + kernel forwarding:     ${W} Gbit/s, ping RTT ${RTT_W} ms"
-python3 -c "import sys; t,w=float(sys.argv[1]),float(sys.argv[2]); print('  ratio tunnel / wireguard-go: %.2fx' % (t/w if w else 0))" "$T" "$W"
+declare -A R
+RTT_W=$(rtt 10.9.0.2)
+if [[ " $MODES " == *" tun "* ]]; then
+    start_tun_client bench
+    RTT_T=$(rtt iperf.tunnel.internal)
+    for loss in "${LOSSES[@]}"; do
+        set_loss "$loss"
+        for dir in up down; do
+            R[tun,$loss,$dir]=$(iperf "tun-$loss-$dir" iperf.tunnel.internal "$dir")
+            R[wg,$loss,$dir]=$(iperf "wg-$loss-$dir" 10.9.0.2 "$dir")
+        done
+    done
+    set_loss 0
+    stop_clients
+fi
+if [[ " $MODES " == *" socks "* ]]; then
+    ip netns exec "$C" "$BIN/tunnelctl" up --userspace --token-file "$WORK/benchsocks.token" --state-dir "$WORK/benchsocks" \
+        --socks5 127.0.0.1:1080 --dns-listen 127.0.0.1:5353 --metrics-listen 127.0.0.1:9183 >"$WORK/benchsocks.log" 2>&1 &
+    cat >"$WORK/proxychains.conf" <<EOF
+strict_chain
+proxy_dns
+remote_dns_subnet 224
+tcp_read_time_out 15000
+tcp_connect_time_out 8000
+[ProxyList]
+socks5 127.0.0.1 1080
+EOF
+    for _ in $(seq 100); do
+        r=0
+        ip netns exec "$C" curl -s -o /dev/null --max-time 1 --socks5-hostname 127.0.0.1:1080 telnet://iperf.tunnel.internal:5201 2>/dev/null || r=$?
+        # 28 (timeout) means connected and waiting for data: the path works.
+        [ "$r" = 28 ] && break; sleep 0.1
+    done
+    for loss in "${LOSSES[@]}"; do
+        set_loss "$loss"
+        for dir in up down; do
+            R[socks,$loss,$dir]=$(iperf "socks-$loss-$dir" iperf.tunnel.internal "$dir" proxychains4 -q -f "$WORK/proxychains.conf")
+        done
+    done
+    set_loss 0
+    stop_clients
+fi
+if [[ " $MODES " == *" relay "* ]]; then
+    start_tun_client benchrelay --force-relay --metrics-listen 127.0.0.1:9184
+    for loss in "${LOSSES[@]}"; do
+        set_loss "$loss"
+        for dir in up down; do
+            R[relay,$loss,$dir]=$(iperf "relay-$loss-$dir" iperf.tunnel.internal "$dir")
+        done
+    done
+    set_loss 0
+    stop_clients
+fi
+
+echo "iperf3, one TCP stream, ${SECS}s per figure, Gbit/s; loss = UDP dropped each way on the client's link"
+echo "  ping RTT: wireguard-go ${RTT_W} ms${RTT_T:+, tunnel ${RTT_T} ms}"
+printf '  %-6s %-5s %-10s %-10s %-8s %-10s %-10s\n' dir loss% tunnel wg-go ratio socks relay
+for loss in "${LOSSES[@]}"; do
+    for dir in up down; do
+        t=${R[tun,$loss,$dir]:--}; w=${R[wg,$loss,$dir]:--}
+        ratio=$(python3 -c 'import sys
+try: print("%.2fx" % (float(sys.argv[1]) / float(sys.argv[2])))
+except Exception: print("-")' "$t" "$w")
+        printf '  %-6s %-5s %-10s %-10s %-8s %-10s %-10s\n' "$dir" "$loss" "$t" "$w" "$ratio" "${R[socks,$loss,$dir]:--}" "${R[relay,$loss,$dir]:--}"
+    done
+done

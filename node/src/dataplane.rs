@@ -738,9 +738,13 @@ impl Loop {
                     let _ = reply.send(Err("no network map yet".into()));
                     return;
                 };
-                let Some(h) = stack.connect(own, remote) else {
-                    let _ = reply.send(Err(format!("cannot open a connection to {remote}")));
-                    return;
+                let owner = self.device.route(*remote.ip());
+                let h = match stack.connect(own, remote, owner.as_ref()) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("cannot open a connection to {remote}: {e}")));
+                        return;
+                    }
                 };
                 let (mut flow, ends) = Flow::new(None, self.wake.clone());
                 flow.connect_reply = Some((reply, ends));
@@ -804,6 +808,7 @@ impl Loop {
             "peers": peers,
             "flows": self.flows.len(),
             "udp_flows": self.udp_flows.len(),
+            "tcp": self.stack.as_ref().map(|s| s.stats()).unwrap_or_default(),
             "drops": self.device.drops,
             "counters": self.counters,
             "bad_probes": self.paths.bad_probes,
@@ -1073,7 +1078,18 @@ impl Loop {
         match result {
             Ok(stream) => {
                 let Some(stack) = self.stack.as_mut() else { return };
-                let Some(h) = stack.listen(tuple.dst) else { return };
+                let h = match stack.listen(tuple.dst, Some(&peer)) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        // The target accepted, but this flow would overrun a buffer budget: the
+                        // client hears a reset, as from a full server.
+                        tracing::debug!(target_flow = ?tuple, error = %e, "refusing a flow");
+                        if let Some(rst) = packet::rst_for_syn(&syn) {
+                            self.device.send_to_peer(&peer, &rst);
+                        }
+                        return;
+                    }
+                };
                 let (flow, ends) = Flow::new(Some(peer), self.wake.clone());
                 self.flows.insert(h, flow);
                 stack.push_inbound(syn);

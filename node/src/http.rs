@@ -115,6 +115,35 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
             n(&v["counters"][reason])
         );
     }
+    let _ = writeln!(
+        out,
+        "tunnel_node_dropped_packets_total{{reason=\"stack_queue_full\"}} {}",
+        n(&v["tcp"]["rx_dropped"])
+    );
+    let tcp = [
+        ("retransmitted_segments", "Segments the userspace TCP stack sent again."),
+        ("lost_segments", "Segments the userspace TCP stack found lost."),
+        ("recoveries", "Loss recovery episodes of the userspace TCP stack."),
+        ("tail_loss_probes", "Tail loss probes the userspace TCP stack sent."),
+        ("timeouts", "Retransmission timeouts in the userspace TCP stack."),
+    ];
+    for (key, help) in tcp {
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_node_tcp_{key}_total {help}\n# TYPE tunnel_node_tcp_{key}_total counter\ntunnel_node_tcp_{key}_total {}",
+            n(&v["tcp"][key])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_tcp_buffer_bytes Socket buffer capacity the open flows hold.\n# TYPE tunnel_node_tcp_buffer_bytes gauge\ntunnel_node_tcp_buffer_bytes {}",
+        n(&v["tcp"]["buffer_bytes"])
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_tcp_refused_total New flows refused, by reason.\n# TYPE tunnel_node_tcp_refused_total counter\ntunnel_node_tcp_refused_total{{reason=\"memory\"}} {}",
+        n(&v["tcp"]["refused_budget"])
+    );
     // One family at a time (Prometheus text wants each family's samples together).
     let peers: Vec<&serde_json::Value> = v["peers"].as_array().into_iter().flatten().collect();
     let name = |p: &serde_json::Value| p["name"].as_str().unwrap_or("?").replace(['"', '\\', '\n'], "_");

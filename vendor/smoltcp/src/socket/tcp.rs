@@ -19,6 +19,10 @@ use crate::wire::{
 };
 
 mod congestion;
+#[cfg(feature = "socket-tcp-rack")]
+mod recovery;
+#[cfg(feature = "socket-tcp-rack")]
+pub use recovery::RecoveryStats;
 
 macro_rules! tcp_trace {
     ($($arg:expr),*) => (net_log!(trace, $($arg),*));
@@ -173,6 +177,8 @@ struct RttEstimator {
     timestamp: Option<(Instant, TcpSeqNumber)>,
     max_seq_sent: Option<TcpSeqNumber>,
     rto_count: u8,
+    /// Lower bound of the RTO in milliseconds (patch: upstream fixes it at RTTE_MIN_RTO).
+    min_rto: u32,
 }
 
 impl Default for RttEstimator {
@@ -185,6 +191,7 @@ impl Default for RttEstimator {
             timestamp: None,
             max_seq_sent: None,
             rto_count: 0,
+            min_rto: RTTE_MIN_RTO,
         }
     }
 }
@@ -214,7 +221,7 @@ impl RttEstimator {
 
         // RFC 6298 (2.2), (2.3)
         let margin = RTTE_MIN_MARGIN.max(self.rttvar * RTTE_K);
-        self.rto = (self.srtt + margin).clamp(RTTE_MIN_RTO, RTTE_MAX_RTO);
+        self.rto = (self.srtt + margin).clamp(self.min_rto, RTTE_MAX_RTO);
 
         self.rto_count = 0;
 
@@ -503,6 +510,10 @@ pub struct Socket<'a> {
     /// The sending window scaling factor advertised to remotes which support RFC 1323.
     /// It is zero if the window <= 64KiB and/or the remote does not support it.
     remote_win_shift: u8,
+    /// The receive buffer may grow to this size: it sets `remote_win_shift` (patch).
+    rx_buffer_max: usize,
+    /// Segments that reached the right edge of the receive window we advertised (patch).
+    rx_window_filled: u32,
     /// The remote window size, relative to local_seq_no
     /// I.e. we're allowed to send octets until local_seq_no+remote_win_len
     remote_win_len: usize,
@@ -538,6 +549,10 @@ pub struct Socket<'a> {
 
     /// The congestion control algorithm.
     congestion_controller: congestion::AnyController,
+
+    /// SACK scoreboard and RACK-TLP loss detection (patch).
+    #[cfg(feature = "socket-tcp-rack")]
+    recovery: recovery::Recovery,
 
     /// tsval generator - if some, tcp timestamp is enabled
     tsval_generator: Option<TcpTimestampGenerator>,
@@ -606,6 +621,8 @@ impl<'a> Socket<'a> {
             remote_last_win: 0,
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
+            rx_buffer_max: 0,
+            rx_window_filled: 0,
             remote_win_scale: None,
             remote_has_sack: false,
             remote_mss: DEFAULT_MSS,
@@ -621,6 +638,8 @@ impl<'a> Socket<'a> {
             tsval_generator: None,
             last_remote_tsval: 0,
             congestion_controller: congestion::AnyController::new(),
+            #[cfg(feature = "socket-tcp-rack")]
+            recovery: recovery::Recovery::new(),
 
             #[cfg(feature = "async")]
             rx_waker: WakerRegistration::new(),
@@ -799,6 +818,63 @@ impl<'a> Socket<'a> {
         self.timeout = duration
     }
 
+    /// Set the lower bound of the retransmission timeout (patch).
+    ///
+    /// RFC 6298 (2.4) says one second; Linux uses 200 ms, which suits links whose RTT is far below
+    /// it. The bound is kept in whole milliseconds and at least 1 ms.
+    pub fn set_rto_min(&mut self, min: Duration) {
+        self.rtte.min_rto = (min.total_millis() as u32).clamp(1, RTTE_MAX_RTO);
+    }
+
+    /// Sizes the receive window scale for a receive buffer that may grow to `max` bytes (at most
+    /// 1 GiB) with [`Self::grow_rx_buffer`] (patch). The scale is announced in the SYN: call this
+    /// before `listen` or `connect`.
+    pub fn set_rx_buffer_max(&mut self, max: usize) {
+        let cap = max.min(1 << 30).max(self.rx_buffer.capacity());
+        self.rx_buffer_max = cap;
+        if matches!(self.state, State::Closed | State::Listen) {
+            let log2 = mem::size_of::<usize>() * 8 - cap.leading_zeros() as usize;
+            self.remote_win_shift = log2.saturating_sub(16) as u8;
+        }
+    }
+
+    /// Replaces the receive buffer with a larger one, keeping what it holds, in order and out of
+    /// order (patch). Returns false, changing nothing, if `storage` is not larger.
+    pub fn grow_rx_buffer<S: Into<managed::ManagedSlice<'a, u8>>>(&mut self, storage: S) -> bool {
+        let storage = storage.into();
+        if storage.len() <= self.rx_buffer.capacity() {
+            return false;
+        }
+        self.rx_buffer.grow(storage).is_ok()
+    }
+
+    /// Replaces the transmit buffer with a larger one, keeping what it holds (patch). Returns
+    /// false, changing nothing, if `storage` is not larger.
+    pub fn grow_tx_buffer<S: Into<managed::ManagedSlice<'a, u8>>>(&mut self, storage: S) -> bool {
+        let storage = storage.into();
+        if storage.len() <= self.tx_buffer.capacity() {
+            return false;
+        }
+        self.tx_buffer.grow(storage).is_ok()
+    }
+
+    /// Counts segments that reached the right edge of the advertised receive window: the sender
+    /// is limited by our buffer, so a larger one would be used (patch; wraps).
+    pub fn rx_window_filled(&self) -> u32 {
+        self.rx_window_filled
+    }
+
+    /// The congestion window in bytes (patch: for buffer sizing and diagnostics).
+    pub fn congestion_window(&self) -> usize {
+        self.congestion_controller.inner().window()
+    }
+
+    /// What loss recovery has done on this connection (patch).
+    #[cfg(feature = "socket-tcp-rack")]
+    pub fn recovery_stats(&self) -> RecoveryStats {
+        self.recovery.stats()
+    }
+
     /// Set the ACK delay duration.
     ///
     /// By default, the ACK delay is set to 10ms.
@@ -902,12 +978,19 @@ impl<'a> Socket<'a> {
     }
 
     fn reset(&mut self) {
-        let rx_cap_log2 =
-            mem::size_of::<usize>() * 8 - self.rx_buffer.capacity().leading_zeros() as usize;
+        let rx_cap = self.rx_buffer.capacity().max(self.rx_buffer_max);
+        let rx_cap_log2 = mem::size_of::<usize>() * 8 - rx_cap.leading_zeros() as usize;
 
         self.state = State::Closed;
         self.timer = Timer::new();
-        self.rtte = RttEstimator::default();
+        self.rtte = RttEstimator {
+            min_rto: self.rtte.min_rto,
+            ..RttEstimator::default()
+        };
+        #[cfg(feature = "socket-tcp-rack")]
+        {
+            self.recovery = recovery::Recovery::new();
+        }
         self.assembler = Assembler::new();
         self.tx_buffer.clear();
         self.rx_buffer.clear();
@@ -1399,10 +1482,71 @@ impl<'a> Socket<'a> {
     }
 
     fn cwnd_remaining(&self) -> usize {
+        // With loss recovery, what SACKed segments and segments known lost occupied is free again.
+        #[cfg(feature = "socket-tcp-rack")]
+        let in_flight = self.recovery.pipe(self.flight_size());
+        #[cfg(not(feature = "socket-tcp-rack"))]
+        let in_flight = self.flight_size();
         self.congestion_controller
             .inner()
             .window()
-            .saturating_sub(self.flight_size())
+            .saturating_sub(in_flight)
+    }
+
+    /// A recovery episode starts: the congestion controller reduces its window, once per episode.
+    #[cfg(feature = "socket-tcp-rack")]
+    fn enter_recovery(&mut self, now: Instant) {
+        let in_flight = self.flight_size();
+        self.congestion_controller
+            .inner_mut()
+            .on_loss(now, in_flight);
+    }
+
+    /// (Re)starts the tail loss probe timer.
+    #[cfg(feature = "socket-tcp-rack")]
+    fn arm_probe(&mut self, now: Instant) {
+        let rto_at = match self.timer {
+            Timer::Retransmit { expires_at } => Some(expires_at),
+            _ => None,
+        };
+        let flight = self.flight_size();
+        self.recovery
+            .arm_probe(now, flight, self.remote_mss, self.remote_has_sack, rto_at);
+    }
+
+    /// What loss recovery wants sent now, as (sequence number, length, is a probe): a segment
+    /// marked lost while the congestion window has room, or a tail loss probe (new data if the
+    /// receive window allows, else the last segment again), which ignores the congestion window.
+    #[cfg(feature = "socket-tcp-rack")]
+    fn recovery_segment(&self) -> Option<(TcpSeqNumber, usize, bool)> {
+        if !matches!(
+            self.state,
+            State::Established
+                | State::FinWait1
+                | State::Closing
+                | State::CloseWait
+                | State::LastAck
+        ) {
+            return None;
+        }
+        if let Some((start, len)) = self.recovery.next_lost() {
+            if self.cwnd_remaining() == 0 {
+                return None;
+            }
+            return Some((TcpSeqNumber(start as i32), len as usize, false));
+        }
+        if !self.recovery.probe_pending() {
+            return None;
+        }
+        let unsent = self.tx_buffer.len().saturating_sub(self.flight_size());
+        let win_right_edge = self.local_seq_no + self.remote_win_len;
+        if unsent > 0 && self.remote_last_seq < win_right_edge {
+            let room = win_right_edge - self.remote_last_seq;
+            return Some((self.remote_last_seq, unsent.min(room).min(self.remote_mss), true));
+        }
+        self.recovery
+            .probe_segment()
+            .map(|(start, len)| (TcpSeqNumber(start as i32), len as usize, true))
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -1496,44 +1640,64 @@ impl<'a> Socket<'a> {
         // segment.
         if self.remote_has_sack {
             net_debug!("sending sACK option with current assembler ranges");
-
-            // RFC 2018: The first SACK block (i.e., the one immediately following the kind and
-            // length fields in the option) MUST specify the contiguous block of data containing
-            // the segment which triggered this ACK, unless that segment advanced the
-            // Acknowledgment Number field in the header.
-            reply_repr.sack_ranges[0] = None;
-
-            let ack = reply_repr.ack_number.unwrap_or(TcpSeqNumber(0));
-
-            if let Some(last_seg_seq) = self.local_rx_last_seq {
-                reply_repr.sack_ranges[0] = self
-                    .assembler
-                    .iter_data()
-                    .map(|(left, right)| (ack + left, ack + right))
-                    .find(|&(left, right)| left <= last_seg_seq && right >= last_seg_seq)
-                    .map(|(left, right)| (left.0 as u32, right.0 as u32));
-            }
-
-            if reply_repr.sack_ranges[0].is_none() {
-                // The matching segment was removed from the assembler, meaning the acknowledgement
-                // number has advanced, or there was no previous sACK.
-                //
-                // While the RFC says we SHOULD keep a list of reported sACK ranges, and iterate
-                // through those, that is currently infeasible. Instead, we offer the range with
-                // the lowest sequence number (if one exists) to hint at what segments would
-                // most quickly advance the acknowledgement number.
-                reply_repr.sack_ranges[0] = self
-                    .assembler
-                    .iter_data()
-                    .map(|(left, right)| (ack + left, ack + right))
-                    .next()
-                    .map(|(left, right)| (left.0 as u32, right.0 as u32));
-            }
+            reply_repr.sack_ranges = self.sack_blocks(reply_repr.ack_number.unwrap_or(TcpSeqNumber(0)));
         }
 
         // Since the sACK option may have changed the length of the payload, update that.
         ip_reply_repr.set_payload_len(reply_repr.buffer_len());
         (ip_reply_repr, reply_repr)
+    }
+
+    /// The SACK blocks to report with `ack`.
+    ///
+    /// RFC 2018: the first block MUST contain the segment that triggered this ACK, unless that
+    /// segment advanced the acknowledgment number. The others (patch: upstream sends one block)
+    /// repeat further ranges the assembler holds, highest first: those are the most recently
+    /// received, and repeating them lets the sender's scoreboard survive lost ACKs.
+    fn sack_blocks(&self, ack: TcpSeqNumber) -> [Option<(u32, u32)>; 3] {
+        let mut blocks = [None; 3];
+        let to_seq = |(left, right): (usize, usize)| ((ack + left).0 as u32, (ack + right).0 as u32);
+        if let Some(last_seg_seq) = self.local_rx_last_seq {
+            blocks[0] = self
+                .assembler
+                .iter_data()
+                .map(|(left, right)| (ack + left, ack + right))
+                .find(|&(left, right)| left <= last_seg_seq && right >= last_seg_seq)
+                .map(|(left, right)| (left.0 as u32, right.0 as u32));
+        }
+        if blocks[0].is_none() {
+            // The matching segment was removed from the assembler, meaning the acknowledgement
+            // number has advanced, or there was no previous sACK. Offer the range with the lowest
+            // sequence number (if one exists) to hint at what segments would most quickly advance
+            // the acknowledgement number.
+            blocks[0] = self.assembler.iter_data().next().map(to_seq);
+        }
+        let Some(first) = blocks[0] else {
+            return blocks;
+        };
+        let mut n = 1;
+        let mut ranges = [(0usize, 0usize); 3];
+        let mut kept = 0;
+        // The assembler iterates lowest first; keep the highest ranges other than the first block.
+        for range in self.assembler.iter_data() {
+            if to_seq(range) == first {
+                continue;
+            }
+            if kept < ranges.len() {
+                kept += 1;
+            } else {
+                ranges.rotate_left(1);
+            }
+            ranges[kept - 1] = range;
+        }
+        for range in ranges[..kept].iter().rev() {
+            if n == blocks.len() {
+                break;
+            }
+            blocks[n] = Some(to_seq(*range));
+            n += 1;
+        }
+        blocks
     }
 
     fn challenge_ack_reply(
@@ -1772,6 +1936,9 @@ impl<'a> Socket<'a> {
                 if segment_in_window {
                     let overlap_start = window_start.max(segment_start);
                     let overlap_end = window_end.min(segment_end);
+                    if segment_end >= window_end && segment_start != segment_end {
+                        self.rx_window_filled = self.rx_window_filled.wrapping_add(1);
+                    }
 
                     // the checks done above imply this.
                     debug_assert!(overlap_start <= overlap_end);
@@ -2088,6 +2255,8 @@ impl<'a> Socket<'a> {
             self.tx_waker.wake();
         }
 
+        #[cfg(feature = "socket-tcp-rack")]
+        let mut rack_ack_advanced = false;
         if let Some(ack_number) = repr.ack_number {
             // TODO: When flow control is implemented,
             // refractor the following block within that implementation
@@ -2116,18 +2285,30 @@ impl<'a> Socket<'a> {
                         }
                     );
 
-                    if self.local_rx_dup_acks == 3 {
-                        self.timer.set_for_fast_retransmit();
-                        net_debug!("started fast retransmit");
-                    }
+                    #[cfg(not(feature = "socket-tcp-rack"))]
+                    {
+                        if self.local_rx_dup_acks == 3 {
+                            self.timer.set_for_fast_retransmit();
+                            net_debug!("started fast retransmit");
+                        }
 
-                    // Notify of duplicate ACK
-                    let in_flight = self.flight_size();
-                    self.congestion_controller.inner_mut().on_dup_ack(
-                        cx.now(),
-                        self.remote_mss,
-                        in_flight,
-                    );
+                        // Notify of duplicate ACK
+                        let in_flight = self.flight_size();
+                        self.congestion_controller.inner_mut().on_dup_ack(
+                            cx.now(),
+                            self.remote_mss,
+                            in_flight,
+                        );
+                    }
+                    // With SACK the scoreboard decides; without it, NewReno counts to three.
+                    #[cfg(feature = "socket-tcp-rack")]
+                    if !self.remote_has_sack
+                        && self
+                            .recovery
+                            .on_duplicate_acks(self.local_rx_dup_acks, self.remote_last_seq)
+                    {
+                        self.enter_recovery(cx.now());
+                    }
                 }
 
                 // No duplicate ACK means we reset the duplicate ACK count
@@ -2140,6 +2321,7 @@ impl<'a> Socket<'a> {
                     self.local_rx_last_ack = Some(ack_number);
 
                     // Notify of fresh ACK
+                    #[cfg(not(feature = "socket-tcp-rack"))]
                     self.rtte.on_ack(cx.now(), ack_number);
                     let new_flight_size = self.flight_size().saturating_sub(ack_len);
                     self.congestion_controller.inner_mut().on_ack(
@@ -2162,6 +2344,31 @@ impl<'a> Socket<'a> {
             // deallocated from the buffer.
             if self.remote_last_seq < self.local_seq_no {
                 self.remote_last_seq = self.local_seq_no
+            }
+
+            #[cfg(feature = "socket-tcp-rack")]
+            if !matches!(self.state, State::SynSent | State::SynReceived) {
+                let sacks: &[Option<(u32, u32)>] = if self.remote_has_sack {
+                    &repr.sack_ranges
+                } else {
+                    &[]
+                };
+                let out = self.recovery.on_ack(
+                    ack_number,
+                    sacks,
+                    self.remote_last_seq,
+                    self.remote_has_sack,
+                    cx.now(),
+                );
+                if let Some(rtt) = out.rtt_sample {
+                    // Every ACK of a segment sent once is a valid sample (RFC 7323 appendix G
+                    // reasoning without timestamps: the log knows when each segment left).
+                    self.rtte.sample(rtt.total_millis() as u32);
+                }
+                if out.entered_recovery {
+                    self.enter_recovery(cx.now());
+                }
+                rack_ack_advanced = ack_len > 0;
             }
         }
 
@@ -2187,6 +2394,11 @@ impl<'a> Socket<'a> {
                 self.timer.set_for_idle(cx.now(), self.keep_alive);
             }
             _ => {}
+        }
+
+        #[cfg(feature = "socket-tcp-rack")]
+        if rack_ack_advanced {
+            self.arm_probe(cx.now());
         }
 
         // start/stop the Zero Window Probe timer.
@@ -2220,7 +2432,9 @@ impl<'a> Socket<'a> {
                 payload_len,
                 payload_offset
             );
-            return None;
+            // Patch: answer with a duplicate ACK (upstream stays silent), so the sender still
+            // learns that something is missing.
+            return Some(self.ack_reply(ip_repr, repr));
         };
 
         // Place payload octets into the buffer.
@@ -2299,6 +2513,11 @@ impl<'a> Socket<'a> {
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
         // Fast retransmits should always send, even if later congestion checks would disallow
         if self.pending_fast_retransmit && !self.tx_buffer.is_empty() {
+            return true;
+        }
+
+        #[cfg(feature = "socket-tcp-rack")]
+        if self.recovery_segment().is_some() {
             return true;
         }
 
@@ -2489,6 +2708,9 @@ impl<'a> Socket<'a> {
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
+
+                #[cfg(feature = "socket-tcp-rack")]
+                self.recovery.on_rto();
             } else {
                 // If a fast rentrasmit timer expired, we should resend only the earliest unAcked segment
                 net_debug!("retransmitting for fast-retransmit");
@@ -2516,6 +2738,14 @@ impl<'a> Socket<'a> {
         if matches!(self.state, State::SynReceived) && self.synack_paused {
             return Ok(());
         }
+
+        // Reordering window and tail loss probe timers.
+        #[cfg(feature = "socket-tcp-rack")]
+        if self.recovery.on_timers(cx.now(), self.remote_last_seq) {
+            self.enter_recovery(cx.now());
+        }
+        #[cfg(feature = "socket-tcp-rack")]
+        let rack_segment = self.recovery_segment();
 
         // Decide whether we're sending a packet.
         if self.seq_to_transmit(cx) {
@@ -2574,6 +2804,12 @@ impl<'a> Socket<'a> {
             payload: &[],
         };
 
+        // Patch: every ACK reports SACK blocks while the assembler holds out-of-order data, not only
+        // the immediate ACKs sent from process() (RFC 2018: SHOULD include them in all ACKs).
+        if self.remote_has_sack && !self.assembler.is_empty() && repr.ack_number.is_some() {
+            repr.sack_ranges = self.sack_blocks(repr.ack_number.unwrap_or_default());
+        }
+
         let mut is_zero_window_probe = false;
 
         #[cfg_attr(
@@ -2631,7 +2867,22 @@ impl<'a> Socket<'a> {
                 let local_mss = cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN;
                 let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
 
-                let offset = if self.pending_fast_retransmit {
+                #[cfg(feature = "socket-tcp-rack")]
+                let rack_offset = rack_segment.map(|(seq, len, _)| {
+                    // Recovery's segments lie between the cumulative ACK and the highest sent
+                    // (a probe of new data starts at the latter).
+                    let offset = seq - self.local_seq_no;
+                    let size = len.min(effective_mss);
+                    repr.seq_number = seq;
+                    repr.payload = self.tx_buffer.get_allocated(offset, size);
+                    offset
+                });
+                #[cfg(not(feature = "socket-tcp-rack"))]
+                let rack_offset: Option<usize> = None;
+
+                let offset = if let Some(offset) = rack_offset {
+                    offset
+                } else if self.pending_fast_retransmit {
                     let size = effective_mss.min(self.tx_buffer.len());
                     repr.seq_number = self.local_seq_no;
                     repr.payload = self.tx_buffer.get_allocated(0, size);
@@ -2819,6 +3070,8 @@ impl<'a> Socket<'a> {
         }
 
         // We've sent a packet successfully, so we can update the internal state now.
+        #[cfg(feature = "socket-tcp-rack")]
+        let old_remote_last_seq = self.remote_last_seq;
         // Use max() so a fast-retransmit segment (whose seq_number is local_seq_no, well
         // behind the current frontier) doesn't rewind the tracked "highest sent" sequence.
         self.remote_last_seq = self
@@ -2828,6 +3081,7 @@ impl<'a> Socket<'a> {
         self.remote_last_win = repr.window_len;
 
         if repr.segment_len() > 0 {
+            #[cfg(not(feature = "socket-tcp-rack"))]
             self.rtte
                 .on_send(cx.now(), repr.seq_number + repr.segment_len());
             self.congestion_controller
@@ -2841,6 +3095,19 @@ impl<'a> Socket<'a> {
             // so that it will expire after RTO seconds.
             let rto = self.rtte.retransmission_timeout();
             self.timer.set_for_retransmit(cx.now(), rto);
+        }
+
+        #[cfg(feature = "socket-tcp-rack")]
+        if repr.control != TcpControl::Syn {
+            let probe = matches!(rack_segment, Some((_, _, true)));
+            let retransmission = repr.seq_number + repr.segment_len() <= old_remote_last_seq;
+            self.recovery
+                .on_transmit(repr.seq_number, repr.segment_len(), cx.now());
+            if probe {
+                self.recovery.on_probe_sent(self.remote_last_seq);
+            } else if !retransmission && repr.segment_len() > 0 {
+                self.arm_probe(cx.now());
+            }
         }
 
         if self.state == State::Closed {
@@ -2892,11 +3159,25 @@ impl<'a> Socket<'a> {
                 (_, _) => PollAt::Ingress,
             };
 
+            #[cfg(feature = "socket-tcp-rack")]
+            let recovery_poll_at = self
+                .recovery
+                .poll_at()
+                .map(PollAt::Time)
+                .unwrap_or(PollAt::Ingress);
+            #[cfg(not(feature = "socket-tcp-rack"))]
+            let recovery_poll_at = PollAt::Ingress;
+
             // We wait for the earliest of our timers to fire.
-            *[self.timer.poll_at(), timeout_poll_at, delayed_ack_poll_at]
-                .iter()
-                .min()
-                .unwrap_or(&PollAt::Ingress)
+            *[
+                self.timer.poll_at(),
+                timeout_poll_at,
+                delayed_ack_poll_at,
+                recovery_poll_at,
+            ]
+            .iter()
+            .min()
+            .unwrap_or(&PollAt::Ingress)
         }
     }
 }

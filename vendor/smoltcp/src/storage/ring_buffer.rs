@@ -401,6 +401,30 @@ impl<'a, T: 'a> RingBuffer<'a, T> {
     }
 }
 
+impl<'a, T: 'a + Copy> RingBuffer<'a, T> {
+    /// Moves everything into `storage`, which must be at least as large as the current storage,
+    /// keeping every element at its offset from the read position: the allocated elements and the
+    /// unallocated ones after them (a TCP receive buffer keeps out-of-order data there). Returns
+    /// the old storage, or hands `storage` back unused if it is smaller.
+    ///
+    /// Patch (not upstream): lets a TCP socket's buffers grow while it is open.
+    pub fn grow<S>(&mut self, storage: S) -> Result<ManagedSlice<'a, T>, ManagedSlice<'a, T>>
+    where
+        S: Into<ManagedSlice<'a, T>>,
+    {
+        let mut new = storage.into();
+        let cap = self.capacity();
+        if new.len() < cap {
+            return Err(new);
+        }
+        let (head, tail) = self.storage.split_at(self.read_at);
+        new[..tail.len()].copy_from_slice(tail);
+        new[tail.len()..cap].copy_from_slice(head);
+        self.read_at = 0;
+        Ok(core::mem::replace(&mut self.storage, new))
+    }
+}
+
 impl<'a, T: 'a> From<ManagedSlice<'a, T>> for RingBuffer<'a, T> {
     fn from(slice: ManagedSlice<'a, T>) -> RingBuffer<'a, T> {
         RingBuffer::new(slice)
@@ -410,6 +434,24 @@ impl<'a, T: 'a> From<ManagedSlice<'a, T>> for RingBuffer<'a, T> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn test_buffer_grow_keeps_offsets_from_the_read_position() {
+        let mut ring = RingBuffer::new(vec![0u8; 8]);
+        ring.enqueue_slice(b"abcdef");
+        let mut out = [0u8; 4];
+        ring.dequeue_slice(&mut out);
+        ring.enqueue_slice(b"ghij"); // wraps: "efghij" allocated, read position 4
+        ring.write_unallocated(1, b"Z"); // out-of-order data after a one-byte hole
+        assert!(ring.grow(vec![0u8; 4]).is_err(), "smaller storage is refused");
+        assert!(ring.grow(vec![0u8; 16]).is_ok());
+        assert_eq!(ring.capacity(), 16);
+        let mut all = [0u8; 6];
+        assert_eq!(ring.read_allocated(0, &mut all), 6);
+        assert_eq!(&all, b"efghij");
+        assert_eq!(ring.get_unallocated(1, 1), b"Z");
+        assert_eq!(ring.enqueue_slice(b"0123456789"), 10, "all of the new room is usable");
+    }
 
     #[test]
     fn test_buffer_length_changes() {

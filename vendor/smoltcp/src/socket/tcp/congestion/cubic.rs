@@ -78,7 +78,15 @@ impl Controller for Cubic {
     }
 
     fn on_ack(&mut self, now: Instant, len: usize, in_flight: usize, rtt: &RttEstimator) {
-        let segment = len.min(self.mss);
+        // Patch: count the bytes acknowledged (RFC 3465). A receiver that acknowledges a whole
+        // burst at once (smoltcp does, when it processes a batch of segments in one poll) would
+        // otherwise hold slow start to one segment per RTT and the Reno-friendly region far below
+        // its rate.
+        let segment = if cfg!(feature = "socket-tcp-rack") {
+            len
+        } else {
+            len.min(self.mss)
+        };
 
         self.absorb_idle(now);
 

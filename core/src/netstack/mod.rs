@@ -1,0 +1,380 @@
+//! A userspace TCP stack (smoltcp) fed with inner IPv4 packets, without I/O.
+//!
+//! The site agent uses it to terminate the TCP flows clients open to resource addresses (it accepts
+//! on any address: resources are many and change with the map); the userspace client uses it to open
+//! flows to resources. Packets go in with [`NetStack::push_inbound`], out with
+//! [`NetStack::pop_outbound`]; [`NetStack::poll`] runs the stack until nothing moves. The MSS follows
+//! the device MTU, which is the tunnel MTU.
+//!
+//! smoltcp carries a loss-recovery patch (vendor/smoltcp/PATCHES.md): SACK with RACK-TLP, a 200 ms
+//! minimum RTO, and buffers that grow while a flow uses them, within the budgets of [`budget`].
+
+mod budget;
+
+pub use budget::{BufferLimits, Owner};
+pub use smoltcp::socket::tcp::RecoveryStats;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+
+/// How often buffer sizes are revisited.
+const TUNE_EVERY: Duration = Duration::from_millis(5);
+
+/// Upper bound on packets waiting to enter the stack; beyond it new packets are dropped (TCP
+/// retransmits), which is the backpressure a router gives.
+const RX_QUEUE: usize = 4096;
+
+#[derive(Debug)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _t: smoltcp::time::Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = self.mtu;
+        c
+    }
+}
+
+/// A socket's buffers as the budget sees them.
+#[derive(Debug)]
+struct Buffers {
+    owner: Option<Owner>,
+    rx: usize,
+    tx: usize,
+    /// The socket's `rx_window_filled` count when last looked at.
+    filled_seen: u32,
+}
+
+/// What the stack has done, for `/status` and `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StackStats {
+    /// Segments sent again by loss recovery, over all flows so far.
+    pub retransmitted_segments: u64,
+    /// Segments found lost (RACK or NewReno).
+    pub lost_segments: u64,
+    /// Recovery episodes (each reduces a congestion window once).
+    pub recoveries: u64,
+    /// Tail loss probes sent.
+    pub tail_loss_probes: u64,
+    /// Retransmission timeouts.
+    pub timeouts: u64,
+    /// Socket buffer capacity the open flows hold now.
+    pub buffer_bytes: u64,
+    /// New flows refused because a buffer budget was reached.
+    pub refused_budget: u64,
+    /// Inbound packets dropped because the stack's queue was full.
+    pub rx_dropped: u64,
+}
+
+/// Why a new socket was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SocketError {
+    /// The peer's or the node's buffer budget cannot hold another flow.
+    #[error("no buffer memory left for another connection (peer or node budget reached)")]
+    Budget,
+    /// smoltcp refused the endpoint.
+    #[error("the stack cannot use that address")]
+    Unaddressable,
+}
+
+/// The userspace TCP/IP stack of one node.
+pub struct NetStack {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: Queues,
+    epoch: Instant,
+    next_port: u16,
+    budget: budget::Budget,
+    buffers: HashMap<SocketHandle, Buffers>,
+    next_tune: Instant,
+    /// Inbound packets dropped because the stack's queue was full.
+    pub rx_dropped: u64,
+    /// New flows refused because a buffer budget was reached.
+    pub refused_budget: u64,
+    /// Loss recovery of the flows already removed.
+    closed: RecoveryStats,
+}
+
+impl std::fmt::Debug for NetStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetStack").field("rx_queue", &self.dev.rx.len()).finish_non_exhaustive()
+    }
+}
+
+impl NetStack {
+    /// A stack that owns `addr/prefix` and, with `any_ip`, accepts packets for any address (the agent).
+    pub fn new(addr: Ipv4Addr, prefix: u8, mtu: u16, any_ip: bool, seed: u64, now: Instant) -> Self {
+        Self::with_limits(addr, prefix, mtu, any_ip, seed, now, BufferLimits::default())
+    }
+
+    /// Like [`NetStack::new`], with buffer limits other than the defaults.
+    pub fn with_limits(
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u16,
+        any_ip: bool,
+        seed: u64,
+        now: Instant,
+        limits: BufferLimits,
+    ) -> Self {
+        let mut dev = Queues { rx: VecDeque::new(), tx: VecDeque::new(), mtu: usize::from(mtu) };
+        let mut cfg = Config::new(HardwareAddress::Ip);
+        cfg.random_seed = seed;
+        let epoch = now;
+        let mut iface = Interface::new(cfg, &mut dev, smoltcp::time::Instant::from_micros(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(addr), prefix));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(addr);
+        iface.set_any_ip(any_ip);
+        NetStack {
+            iface,
+            sockets: SocketSet::new(vec![]),
+            dev,
+            epoch,
+            next_port: 40000 + (seed % 20000) as u16,
+            budget: budget::Budget::new(limits),
+            buffers: HashMap::new(),
+            next_tune: now,
+            rx_dropped: 0,
+            refused_budget: 0,
+            closed: RecoveryStats::default(),
+        }
+    }
+
+    fn ts(&self, now: Instant) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    /// Queues an inbound IPv4 packet for the stack.
+    pub fn push_inbound(&mut self, packet: Vec<u8>) {
+        if self.dev.rx.len() >= RX_QUEUE {
+            self.rx_dropped += 1;
+            return;
+        }
+        self.dev.rx.push_back(packet);
+    }
+
+    /// Runs the stack until it has nothing more to do; returns whether any socket may have changed.
+    pub fn poll(&mut self, now: Instant) -> bool {
+        let ts = self.ts(now);
+        let mut changed = false;
+        loop {
+            let r = self.iface.poll(ts, &mut self.dev, &mut self.sockets);
+            if r == smoltcp::iface::PollResult::SocketStateChanged {
+                changed = true;
+            }
+            if self.dev.rx.is_empty() || r == smoltcp::iface::PollResult::None {
+                break;
+            }
+        }
+        if now >= self.next_tune {
+            self.next_tune = now + TUNE_EVERY;
+            self.grow_buffers();
+        }
+        changed
+    }
+
+    /// Doubles the buffers that limit their flow, as far as the budgets allow: a receive buffer
+    /// whose advertised window the sender filled, a send buffer the application keeps full while
+    /// the congestion window would take more than half of it.
+    fn grow_buffers(&mut self) {
+        let max = self.budget.limits().max;
+        for (h, b) in self.buffers.iter_mut() {
+            let s = self.sockets.get_mut::<tcp::Socket>(*h);
+            let filled = s.rx_window_filled();
+            if filled != b.filled_seen {
+                b.filled_seen = filled;
+                let want = (b.rx * 2).min(max);
+                if want > b.rx && self.budget.take(b.owner.as_ref(), want - b.rx) {
+                    if s.grow_rx_buffer(vec![0u8; want]) {
+                        b.rx = want;
+                    } else {
+                        self.budget.give_back(b.owner.as_ref(), want - b.rx);
+                    }
+                }
+            }
+            let full = s.send_queue() * 8 >= b.tx * 7;
+            if full && s.congestion_window() * 2 > b.tx && b.tx < max {
+                let want = (b.tx * 2).min(max);
+                if self.budget.take(b.owner.as_ref(), want - b.tx) {
+                    if s.grow_tx_buffer(vec![0u8; want]) {
+                        b.tx = want;
+                    } else {
+                        self.budget.give_back(b.owner.as_ref(), want - b.tx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next packet the stack wants sent.
+    pub fn pop_outbound(&mut self) -> Option<Vec<u8>> {
+        self.dev.tx.pop_front()
+    }
+
+    /// How long until the stack needs polling for its own timers.
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        let ts = self.ts(now);
+        self.iface.poll_delay(ts, &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    /// A socket with initial buffers charged to `owner`, or `None` when the budget is spent.
+    fn new_socket(&mut self, owner: Option<&Owner>) -> Option<tcp::Socket<'static>> {
+        let limits = self.budget.limits();
+        if !self.budget.take(owner, 2 * limits.initial) {
+            self.refused_budget += 1;
+            return None;
+        }
+        // vec![0; n] comes from calloc: pages are committed as data first reaches them.
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; limits.initial]),
+            tcp::SocketBuffer::new(vec![0; limits.initial]),
+        );
+        s.set_rx_buffer_max(limits.max);
+        s.set_nagle_enabled(false);
+        // Without congestion control a full window is sent at once and overruns the receiving socket.
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        // Linux's floor: a link with a sub-millisecond RTT must not wait a second for a timeout.
+        s.set_rto_min(smoltcp::time::Duration::from_millis(200));
+        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+        s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+        Some(s)
+    }
+
+    fn add(&mut self, s: tcp::Socket<'static>, owner: Option<&Owner>) -> SocketHandle {
+        let initial = self.budget.limits().initial;
+        let h = self.sockets.add(s);
+        self.buffers.insert(h, Buffers { owner: owner.copied(), rx: initial, tx: initial, filled_seen: 0 });
+        h
+    }
+
+    /// A socket listening on `local`, to accept exactly one connection there; its buffers are
+    /// charged to `owner`.
+    pub fn listen(
+        &mut self,
+        local: SocketAddrV4,
+        owner: Option<&Owner>,
+    ) -> Result<SocketHandle, SocketError> {
+        let mut s = self.new_socket(owner).ok_or(SocketError::Budget)?;
+        let endpoint = IpListenEndpoint { addr: Some(IpAddress::Ipv4(*local.ip())), port: local.port() };
+        if s.listen(endpoint).is_err() {
+            self.budget.give_back(owner, 2 * self.budget.limits().initial);
+            return Err(SocketError::Unaddressable);
+        }
+        Ok(self.add(s, owner))
+    }
+
+    /// A socket connecting from this stack's address to `remote`; its buffers are charged to
+    /// `owner`.
+    pub fn connect(
+        &mut self,
+        local_addr: Ipv4Addr,
+        remote: SocketAddrV4,
+        owner: Option<&Owner>,
+    ) -> Result<SocketHandle, SocketError> {
+        let mut s = self.new_socket(owner).ok_or(SocketError::Budget)?;
+        self.next_port = if self.next_port >= 65000 { 40000 } else { self.next_port + 1 };
+        let local = IpEndpoint::new(IpAddress::Ipv4(local_addr), self.next_port);
+        let remote = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
+        if s.connect(self.iface.context(), remote, local).is_err() {
+            self.budget.give_back(owner, 2 * self.budget.limits().initial);
+            return Err(SocketError::Unaddressable);
+        }
+        Ok(self.add(s, owner))
+    }
+
+    /// Bytes of socket buffer capacity the flows hold now.
+    pub fn buffer_bytes(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// A socket.
+    pub fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// What the stack did so far: loss recovery over every flow (removed ones included), buffers,
+    /// refusals and drops.
+    pub fn stats(&self) -> StackStats {
+        let mut t = self.closed;
+        for (h, _) in self.buffers.iter() {
+            add_stats(&mut t, &self.sockets.get::<tcp::Socket>(*h).recovery_stats());
+        }
+        StackStats {
+            retransmitted_segments: t.retransmitted_segments,
+            lost_segments: t.lost_segments,
+            recoveries: t.recoveries,
+            tail_loss_probes: t.tail_loss_probes,
+            timeouts: t.timeouts,
+            buffer_bytes: self.budget.used() as u64,
+            refused_budget: self.refused_budget,
+            rx_dropped: self.rx_dropped,
+        }
+    }
+
+    /// Drops a socket and gives its buffers back to the budget.
+    pub fn remove(&mut self, h: SocketHandle) {
+        let s = self.sockets.remove(h);
+        // Only TCP sockets exist here (smoltcp is built with TCP alone).
+        #[allow(irrefutable_let_patterns)]
+        if let smoltcp::socket::Socket::Tcp(s) = s {
+            add_stats(&mut self.closed, &s.recovery_stats());
+        }
+        if let Some(b) = self.buffers.remove(&h) {
+            self.budget.give_back(b.owner.as_ref(), b.rx + b.tx);
+        }
+    }
+}
+
+fn add_stats(total: &mut RecoveryStats, s: &RecoveryStats) {
+    total.retransmitted_segments += s.retransmitted_segments;
+    total.lost_segments += s.lost_segments;
+    total.recoveries += s.recoveries;
+    total.tail_loss_probes += s.tail_loss_probes;
+    total.timeouts += s.timeouts;
+}
+
+#[cfg(test)]
+mod tests;

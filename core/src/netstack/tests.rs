@@ -1,0 +1,335 @@
+use super::*;
+
+#[test]
+fn two_stacks_move_bytes_with_mss_from_the_mtu() {
+    let now = Instant::now();
+    let mut server = NetStack::new("100.96.0.1".parse().unwrap(), 16, 1280, true, 1, now);
+    let mut client = NetStack::new("100.96.0.2".parse().unwrap(), 16, 1280, false, 2, now);
+    let l = server.listen("100.96.0.10:80".parse().unwrap(), None).unwrap();
+    let c = client.connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), None).unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut sent, mut got) = (0, Vec::new());
+    let mut max_packet = 0;
+    for _ in 0..10_000 {
+        client.poll(now);
+        while let Some(p) = client.pop_outbound() {
+            max_packet = max_packet.max(p.len());
+            server.push_inbound(p);
+        }
+        server.poll(now);
+        while let Some(p) = server.pop_outbound() {
+            client.push_inbound(p);
+        }
+        let cs = client.socket(c);
+        if cs.can_send() && sent < data.len() {
+            sent += cs.send_slice(&data[sent..]).unwrap();
+        }
+        let ss = server.socket(l);
+        if ss.can_recv() {
+            ss.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        if got.len() == data.len() {
+            break;
+        }
+    }
+    assert_eq!(got, data);
+    assert_eq!(max_packet, 1280, "full-size packets, never more than the MTU");
+}
+
+/// One direction of a simulated link: a fixed delay, random loss, duplication, and reordering (a
+/// packet now and then held back by up to a quarter of the delay while later ones pass it), all
+/// drawn from a seeded generator so a run is exactly reproducible. Packets not held back keep
+/// their order, as on a real path.
+struct Link {
+    in_flight: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64, Vec<u8>)>>,
+    rng: rand::rngs::StdRng,
+    loss: f64,
+    duplicate: f64,
+    reorder: f64,
+    delay_us: u64,
+    last_arrival: u64,
+    sent: u64,
+    dropped: u64,
+}
+
+impl Link {
+    fn new(seed: u64, loss: f64, duplicate: f64, reorder: f64, delay_us: u64) -> Link {
+        use rand::SeedableRng;
+        Link {
+            in_flight: Default::default(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            loss,
+            duplicate,
+            reorder,
+            delay_us,
+            last_arrival: 0,
+            sent: 0,
+            dropped: 0,
+        }
+    }
+
+    fn send(&mut self, now_us: u64, packet: Vec<u8>) {
+        use rand::Rng;
+        self.sent += 1;
+        if self.rng.gen_bool(self.loss) {
+            self.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.gen_bool(self.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let mut at = (now_us + self.delay_us).max(self.last_arrival);
+            if self.rng.gen_bool(self.reorder) {
+                at += self.rng.gen_range(1..=self.delay_us / 4 + 1);
+            } else {
+                self.last_arrival = at;
+            }
+            self.in_flight.push(std::cmp::Reverse((at, self.sent, packet.clone())));
+        }
+    }
+    fn next_arrival(&self) -> Option<u64> {
+        self.in_flight.peek().map(|std::cmp::Reverse((at, _, _))| *at)
+    }
+
+    fn deliver(&mut self, now_us: u64) -> Vec<Vec<u8>> {
+        let mut out = vec![];
+        while self.next_arrival().is_some_and(|at| at <= now_us) {
+            if let Some(std::cmp::Reverse((_, _, p))) = self.in_flight.pop() {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// What a transfer over a lossy link did.
+#[derive(Debug)]
+struct Transfer {
+    /// Virtual time from the first SYN until both directions were received whole.
+    elapsed_ms: u64,
+    /// Loss recovery on the sender of each direction (client, site).
+    client: smoltcp::socket::tcp::RecoveryStats,
+    site: smoltcp::socket::tcp::RecoveryStats,
+    dropped: u64,
+    sent: u64,
+}
+
+/// Moves `size` bytes each way at once over one connection between a client stack and a site
+/// stack joined by two lossy links, in virtual time; asserts both directions arrive byte-exact.
+fn lossy_transfer(seed: u64, loss: f64, duplicate: f64, reorder: f64, rtt_ms: u64, size: usize) -> Transfer {
+    let base = Instant::now();
+    let at = |us: u64| base + Duration::from_micros(us);
+    let mut site = NetStack::new("100.96.0.1".parse().unwrap(), 16, 1280, true, seed, base);
+    let mut client = NetStack::new("100.96.0.2".parse().unwrap(), 16, 1280, false, seed + 1, base);
+    let one_way = rtt_ms * 1000 / 2;
+    let mut up = Link::new(seed + 2, loss, duplicate, reorder, one_way);
+    let mut down = Link::new(seed + 3, loss, duplicate, reorder, one_way);
+    let l = site.listen("100.96.0.10:80".parse().unwrap(), None).unwrap();
+    let c = client.connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), None).unwrap();
+    let upload: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let download: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
+    let (mut up_sent, mut down_sent) = (0, 0);
+    let (mut up_got, mut down_got) = (Vec::with_capacity(size), Vec::with_capacity(size));
+    let mut now_us = 0u64;
+    // Ten minutes of virtual time is far beyond any working transfer here.
+    while now_us < 600_000_000 {
+        let now = at(now_us);
+        for p in up.deliver(now_us) {
+            site.push_inbound(p);
+        }
+        for p in down.deliver(now_us) {
+            client.push_inbound(p);
+        }
+        client.poll(now);
+        site.poll(now);
+        let cs = client.socket(c);
+        if cs.can_send() && up_sent < size {
+            up_sent += cs.send_slice(&upload[up_sent..]).unwrap();
+        }
+        while cs.can_recv() {
+            cs.recv(|b| {
+                down_got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        let ss = site.socket(l);
+        if ss.can_send() && down_sent < size {
+            down_sent += ss.send_slice(&download[down_sent..]).unwrap();
+        }
+        while ss.can_recv() {
+            ss.recv(|b| {
+                up_got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        client.poll(now);
+        site.poll(now);
+        while let Some(p) = client.pop_outbound() {
+            up.send(now_us, p);
+        }
+        while let Some(p) = site.pop_outbound() {
+            down.send(now_us, p);
+        }
+        if up_got.len() == size && down_got.len() == size {
+            break;
+        }
+
+        // Next event: a packet arriving or a stack timer; never more than 1 ms of nothing, so the
+        // application sides are serviced as a real event loop would.
+        let mut next = now_us + 1000;
+        for t in [up.next_arrival(), down.next_arrival()].into_iter().flatten() {
+            next = next.min(t);
+        }
+        for d in [client.poll_delay(now), site.poll_delay(now)].into_iter().flatten() {
+            next = next.min(now_us + d.as_micros() as u64);
+        }
+        now_us = next.max(now_us + 1);
+    }
+    assert!(up_got == upload, "upload arrived byte-exact ({} of {size} bytes)", up_got.len());
+    assert!(download == down_got, "download arrived byte-exact ({} of {size} bytes)", down_got.len());
+    Transfer {
+        elapsed_ms: now_us / 1000,
+        client: client.socket(c).recovery_stats(),
+        site: site.socket(l).recovery_stats(),
+        dropped: up.dropped + down.dropped,
+        sent: up.sent + down.sent,
+    }
+}
+
+/// Virtual seconds each lossy transfer below may take. Upstream smoltcp (one fast retransmit, then
+/// a timeout of at least one second) took 14.7 s at 1%, 95.6 s at 5% and did not finish in 600 s at
+/// 20% (same seeds and link); with the loss-recovery patch they take 2.1, 3.4 and 8.1 s.
+const LOSSY_CASES: [(f64, u64); 3] = [(0.01, 6_000), (0.05, 12_000), (0.20, 60_000)];
+
+#[test]
+fn lossy_links_deliver_byte_exact_in_both_directions_without_timeouts_stalling_them() {
+    for (loss, limit_ms) in LOSSY_CASES {
+        for seed in [7, 21] {
+            // 2 MB each way at once, 20 ms RTT, 1% duplicated, 1% reordered.
+            let t = lossy_transfer(seed, loss, 0.01, 0.01, 20, 2_000_000);
+            assert!(t.dropped > 0 && t.dropped < t.sent, "the link lost packets: {t:?}");
+            assert!(
+                t.elapsed_ms <= limit_ms,
+                "loss {loss}, seed {seed}: {} ms of virtual time, more than {limit_ms}: {t:?}",
+                t.elapsed_ms
+            );
+            for s in [t.client, t.site] {
+                assert!(s.recoveries > 0 && s.retransmitted_segments > 0, "both senders recovered: {t:?}");
+            }
+            if loss < 0.1 {
+                assert!(t.client.timeouts + t.site.timeouts <= 1, "losses repaired without timeouts: {t:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_clean_link_sees_no_retransmission() {
+    let t = lossy_transfer(3, 0.0, 0.0, 0.0, 20, 2_000_000);
+    assert_eq!(t.client, RecoveryStats::default());
+    assert_eq!(t.site, RecoveryStats::default());
+}
+
+#[test]
+fn buffers_grow_to_fill_a_long_path() {
+    // 16 MB each way at 50 ms RTT. With the initial 128 KiB buffers a flow cannot pass 21 Mbit/s
+    // (6 s for this transfer); grown, it is limited by slow start only.
+    let t = lossy_transfer(5, 0.0, 0.0, 0.0, 50, 16_000_000);
+    assert!(t.elapsed_ms < 2_000, "{} ms: the buffers did not grow", t.elapsed_ms);
+}
+
+#[test]
+fn the_budget_refuses_flows_and_caps_growth() {
+    let now = Instant::now();
+    let limits =
+        BufferLimits { initial: 64 * 1024, max: 1024 * 1024, per_peer: 512 * 1024, per_node: 768 * 1024 };
+    let mut stack = NetStack::with_limits("100.96.0.2".parse().unwrap(), 16, 1280, false, 1, now, limits);
+    let (p, q) = ([1u8; 32], [2u8; 32]);
+    let remote: SocketAddrV4 = "100.96.0.10:80".parse().unwrap();
+    let own: Ipv4Addr = "100.96.0.2".parse().unwrap();
+    let mut mine = vec![];
+    for _ in 0..4 {
+        mine.push(stack.connect(own, remote, Some(&p)).unwrap());
+    }
+    assert_eq!(stack.connect(own, remote, Some(&p)), Err(SocketError::Budget), "peer budget: 4 x 128 KiB");
+    for _ in 0..2 {
+        stack.connect(own, remote, Some(&q)).unwrap();
+    }
+    assert_eq!(stack.connect(own, remote, Some(&q)), Err(SocketError::Budget), "node budget: 6 x 128 KiB");
+    assert_eq!(stack.refused_budget, 2);
+    assert_eq!(stack.buffer_bytes(), 768 * 1024);
+    stack.remove(mine.pop().unwrap());
+    assert!(stack.connect(own, remote, Some(&q)).is_ok(), "what a removed flow held is free again");
+}
+
+#[test]
+fn growth_stays_inside_the_budget() {
+    // One flow on a long path with a node budget of 1 MiB: it grows, but never past the budget.
+    let base = Instant::now();
+    let limits =
+        BufferLimits { initial: 128 * 1024, max: 8 * 1024 * 1024, per_peer: 1 << 20, per_node: 1 << 20 };
+    let mut site = NetStack::with_limits("100.96.0.1".parse().unwrap(), 16, 1280, true, 1, base, limits);
+    let mut client = NetStack::new("100.96.0.2".parse().unwrap(), 16, 1280, false, 2, base);
+    let mut down = Link::new(1, 0.0, 0.0, 0.0, 25_000);
+    let mut up = Link::new(2, 0.0, 0.0, 0.0, 25_000);
+    let owner = [9u8; 32];
+    let l = site.listen("100.96.0.10:80".parse().unwrap(), Some(&owner)).unwrap();
+    let c = client.connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), None).unwrap();
+    let data = vec![7u8; 1 << 20];
+    let mut got = 0usize;
+    let mut most = 0;
+    for step in 0..20_000u64 {
+        let now_us = step * 500;
+        let now = base + Duration::from_micros(now_us);
+        for p in up.deliver(now_us) {
+            site.push_inbound(p);
+        }
+        for p in down.deliver(now_us) {
+            client.push_inbound(p);
+        }
+        site.poll(now);
+        client.poll(now);
+        let ss = site.socket(l);
+        if ss.can_send() {
+            let _ = ss.send_slice(&data);
+        }
+        let cs = client.socket(c);
+        while cs.can_recv() {
+            got += cs.recv(|b| (b.len(), b.len())).unwrap();
+        }
+        site.poll(now);
+        client.poll(now);
+        while let Some(p) = site.pop_outbound() {
+            down.send(now_us, p);
+        }
+        while let Some(p) = client.pop_outbound() {
+            up.send(now_us, p);
+        }
+        most = most.max(site.buffer_bytes());
+    }
+    assert!(got > 10 << 20, "data moved: {got}");
+    assert!(most > 256 * 1024, "the send buffer grew: {most}");
+    assert!(most <= 1 << 20, "never past the node budget: {most}");
+}
+
+/// Prints what each lossy case did (cargo test -p tunnel-core lossy_link_report -- --ignored --nocapture).
+#[test]
+#[ignore]
+fn lossy_link_report() {
+    for (loss, dup, reorder) in [
+        (0.0, 0.0, 0.0),
+        (0.0, 0.0, 0.01),
+        (0.01, 0.0, 0.0),
+        (0.01, 0.01, 0.01),
+        (0.05, 0.01, 0.01),
+        (0.2, 0.01, 0.01),
+    ] {
+        let t = lossy_transfer(7, loss, dup, reorder, 20, 2_000_000);
+        eprintln!("loss {loss} dup {dup} reorder {reorder}: {t:?}");
+    }
+}
