@@ -8,9 +8,14 @@
 #   bench/throughput.sh [SECONDS] [LOSS% ...]        e.g. bench/throughput.sh 10 0 1 3
 #   MODES="tun socks relay" bench/throughput.sh ...   which tunnel modes to run (default: all three)
 #   BENCH_BIN=DIR bench/throughput.sh ...             binaries from DIR (e.g. another commit's build)
+#   BENCH_KEEP=DIR, BENCH_STATS=1, AGENT_LOG=FILTER   keep logs and results; print the agent's TCP
+#                                                     counters per run; the agent's TUNNEL_LOG
 #
 # Loss: an nftables `numgen random` drop of LOSS% of the UDP packets in each direction on the
-# client's link (eth0 of the client namespace), so both tunnels lose alike; this kernel has no netem.
+# client's link, so both tunnels lose alike (this kernel has no netem). It is applied where packets
+# arrive (input of the client and of the agent namespace), with UDP segmentation offload off on that
+# link: a hook on the sending side sees one GSO batch of up to 64 datagrams as one packet and would
+# drop them together (and fail the sendmsg with EPERM), which no real link does.
 # "up" is client -> site (the client sends), "down" is site -> client (iperf3 -R: the site's
 # userspace TCP stack sends; with wireguard-go the LAN server's kernel TCP does).
 # Modes: tun = `tunnelctl up` with a TUN device, beside wireguard-go at the same loss;
@@ -26,7 +31,7 @@ LOSSES=("$@")
 MODES="${MODES:-tun socks relay}"
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 1; }
 need=""
-for cmd_pkg in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 nft:nftables proxychains4:proxychains4 ping:iputils-ping; do
+for cmd_pkg in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 nft:nftables proxychains4:proxychains4 ping:iputils-ping ethtool:ethtool; do
     command -v "${cmd_pkg%%:*}" >/dev/null || need="$need ${cmd_pkg#*:}"
 done
 # shellcheck disable=SC2086
@@ -44,6 +49,7 @@ cleanup() {
         ip netns del "$ns" 2>/dev/null || true
         rm -rf "/etc/netns/$ns"
     done
+    if [ -n "${BENCH_KEEP:-}" ]; then mkdir -p "$BENCH_KEEP" && cp -r "$WORK"/. "$BENCH_KEEP"/; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -55,21 +61,26 @@ ip -n "$C" addr add 192.0.2.2/24 dev eth0; ip -n "$C" link set eth0 up
 ip -n "$A" addr add 192.0.2.1/24 dev pub0; ip -n "$A" link set pub0 up
 ip -n "$A" addr add 10.9.0.1/24 dev lan0; ip -n "$A" link set lan0 up
 ip -n "$S" addr add 10.9.0.2/24 dev eth0; ip -n "$S" link set eth0 up
+# Datagrams cross the client's link one by one (GSO batches are cut before the wire, as a NIC does).
+ip netns exec "$C" ethtool -K eth0 tx-udp-segmentation off gro off >/dev/null
+ip netns exec "$A" ethtool -K pub0 tx-udp-segmentation off gro off >/dev/null
 ip netns exec "$S" iperf3 -s -B 10.9.0.2 -D --logfile "$WORK/iperf-s.log"
 mkdir -p "/etc/netns/$C"; echo "nameserver 198.51.100.53" > "/etc/netns/$C/resolv.conf"
 
-# Loss on the client's link, UDP only, each way.
+# Loss on the client's link, UDP only, each way, where the datagrams arrive.
 set_loss() { # percent
-    ip netns exec "$C" nft delete table inet benchloss 2>/dev/null || true
-    local permille
+    local permille ns dev
     permille=$(python3 -c 'import sys; print(round(float(sys.argv[1]) * 10))' "$1")
-    [ "$permille" -gt 0 ] || return 0
-    ip netns exec "$C" nft -f - <<EOF
+    for ns_dev in "$C:eth0" "$A:pub0"; do
+        ns=${ns_dev%%:*}; dev=${ns_dev#*:}
+        ip netns exec "$ns" nft delete table inet benchloss 2>/dev/null || true
+        [ "$permille" -gt 0 ] || continue
+        ip netns exec "$ns" nft -f - <<EOF
 table inet benchloss {
-    chain in { type filter hook input priority 0; iifname "eth0" meta l4proto udp numgen random mod 1000 < $permille drop; }
-    chain out { type filter hook output priority 0; oifname "eth0" meta l4proto udp numgen random mod 1000 < $permille drop; }
+    chain in { type filter hook input priority 0; iifname "$dev" meta l4proto udp numgen random mod 1000 < $permille drop; }
 }
 EOF
+    done
 }
 
 gbps() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null || echo 0; }
@@ -81,12 +92,19 @@ iperf() {
     local name=$1 host=$2 dir=$3; shift 3
     local rev=(); [ "$dir" = down ] && rev=(-R)
     [ -z "${BENCH_STATS:-}" ] || echo "$name before: $(agent_tcp)" >&2
-    if ip netns exec "$C" "$@" iperf3 -c "$host" -t "$SECS" "${rev[@]}" -J >"$WORK/$name.json" 2>"$WORK/$name.err"; then
+    local pinger=""
+    if [ -n "${BENCH_STATS:-}" ] && [ "$#" = 0 ]; then
+        ip netns exec "$C" ping -n -i 0.1 -w "$SECS" "$host" >"$WORK/$name.ping" 2>&1 &
+        pinger=$!
+    fi
+    local cc=(); [ -n "${CC:-}" ] && cc=(-C "$CC")
+    if ip netns exec "$C" "$@" iperf3 -c "$host" -t "$SECS" "${rev[@]}" "${cc[@]}" -J >"$WORK/$name.json" 2>"$WORK/$name.err"; then
         gbps "$WORK/$name.json"
     else
         echo 0
     fi
-    [ -z "${BENCH_STATS:-}" ] || echo "$name after:  $(agent_tcp) retransmits(iperf3 sender)=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_sent"].get("retransmits","-"))' "$WORK/$name.json" 2>/dev/null)" >&2
+    if [ -n "$pinger" ]; then wait "$pinger" 2>/dev/null || true; fi
+    [ -z "${BENCH_STATS:-}" ] || echo "$name after:  $(agent_tcp) retransmits(iperf3 sender)=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_sent"].get("retransmits","-"))' "$WORK/$name.json" 2>/dev/null) ping-under-load(min/avg/max)=$(awk -F' = ' '/^rtt/ {print $2}' "$WORK/$name.ping" 2>/dev/null)" >&2
 }
 
 # --- control server, site agent ---
@@ -100,7 +118,7 @@ for c in bench benchsocks benchrelay; do
     ctl client add "$c" >"$WORK/$c.token"
     ctl grant --client "$c" --resource iperf >/dev/null
 done
-ip netns exec "$A" "$BIN/tunnel-agent" --token-file "$WORK/site.token" --state-dir "$WORK/agent" >"$WORK/agent.log" 2>&1 &
+ip netns exec "$A" env TUNNEL_LOG="${AGENT_LOG:-info}" ${AGENT_ENV:-} "$BIN/tunnel-agent" --token-file "$WORK/site.token" --state-dir "$WORK/agent" >"$WORK/agent.log" 2>&1 &
 
 stop_clients() {
     for pid in $(pgrep -f "tunnelctl up" || true); do
@@ -154,6 +172,9 @@ if [[ " $MODES " == *" tun "* ]]; then
         for dir in up down; do
             R[tun,$loss,$dir]=$(iperf "tun-$loss-$dir" iperf.tunnel.internal "$dir")
             R[wg,$loss,$dir]=$(iperf "wg-$loss-$dir" 10.9.0.2 "$dir")
+            if [ -n "${BENCH_CUBIC:-}" ]; then
+                R[wgc,$loss,$dir]=$(CC=cubic iperf "wgc-$loss-$dir" 10.9.0.2 "$dir")
+            fi
         done
     done
     set_loss 0

@@ -41,6 +41,8 @@ struct Args {
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    tcp: tunnel_node::tcp_args::TcpArgs,
 }
 
 #[tokio::main]
@@ -74,6 +76,7 @@ async fn run(args: Args) -> Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
         keepalive: std::time::Duration::from_secs(args.keepalive),
         force_relay: args.force_relay,
+        tcp: args.tcp.options(),
     })
     .await?;
     eprintln!(

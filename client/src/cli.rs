@@ -157,6 +157,9 @@ pub struct UpArgs {
     /// TUN mode: the device name.
     #[arg(long, env = "TUNNEL_TUN_NAME", default_value = "tunnel0")]
     pub tun_name: String,
+    /// Userspace mode: the TCP stack (in TUN mode the system's TCP carries the flows).
+    #[command(flatten)]
+    pub tcp: tunnel_node::tcp_args::TcpArgs,
 }
 
 #[derive(Debug, Args)]
@@ -438,6 +441,7 @@ async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
         dns_mode: a.dns_mode,
         tun_name: a.tun_name.clone(),
         resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        tcp: a.tcp.options(),
     })
     .await?;
     let status = client.node.status_addr.map(|a| a.to_string()).unwrap_or_default();

@@ -69,6 +69,8 @@ pub struct PathOptions {
     pub base_candidates: Vec<Candidate>,
     /// Where to report the node's candidates when they change (the control link).
     pub candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
+    /// The userspace TCP stack (it rides on the paths: its congestion control and buffers).
+    pub stack: tunnel_core::netstack::StackOptions,
 }
 
 impl Default for PathOptions {
@@ -78,6 +80,7 @@ impl Default for PathOptions {
             force_relay: false,
             base_candidates: vec![],
             candidates_tx: None,
+            stack: Default::default(),
         }
     }
 }
@@ -260,6 +263,8 @@ struct Loop {
     base_candidates: Vec<Candidate>,
     candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
     stun_resolve_tx: mpsc::Sender<(String, Option<SocketAddr>)>,
+    next_flow_trace: Instant,
+    stack_options: tunnel_core::netstack::StackOptions,
 }
 
 /// Learns the node's reflexive address over its WireGuard socket.
@@ -375,6 +380,8 @@ pub async fn start_on(
         base_candidates: opts.base_candidates,
         candidates_tx: opts.candidates_tx,
         stun_resolve_tx,
+        next_flow_trace: now,
+        stack_options: opts.stack,
     };
     let task = tokio::spawn(async move {
         // The relay link lives and dies with the loop.
@@ -526,8 +533,9 @@ impl Loop {
         if self.stack.is_none() || own != self.own_addr {
             if let Some(addr) = own {
                 let prefix = map.overlay_cidr.parse::<ipnet::Ipv4Net>().map(|n| n.prefix_len()).unwrap_or(16);
-                self.stack =
-                    Some(NetStack::new(addr, prefix, map.mtu, self.kind == NodeKind::Site, self.seed, now));
+                let any_ip = self.kind == NodeKind::Site;
+                let (seed, opts) = (self.seed, self.stack_options);
+                self.stack = Some(NetStack::with_options(addr, prefix, map.mtu, any_ip, seed, now, opts));
                 self.flows.clear();
                 self.own_addr = own;
             }
@@ -1133,6 +1141,21 @@ impl Loop {
         self.device.handle_timeout(now);
         self.paths.handle_timeout(now);
         self.stun_tick(now);
+        if tracing::enabled!(tracing::Level::TRACE) && now >= self.next_flow_trace {
+            self.next_flow_trace = now + Duration::from_millis(100);
+            if let Some(stack) = self.stack.as_mut() {
+                for h in self.flows.keys() {
+                    let s = stack.socket(*h);
+                    tracing::trace!(
+                        flow = ?s.remote_endpoint(),
+                        state = ?s.sender_state(),
+                        recovery = ?s.recovery_stats(),
+                        queued = s.send_queue(),
+                        "tcp flow"
+                    );
+                }
+            }
+        }
         for _ in 0..64 {
             let mut moved = false;
             while let Some(inb) = self.device.poll_inbound() {

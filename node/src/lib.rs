@@ -12,6 +12,7 @@ pub mod node;
 pub mod process;
 pub mod relay;
 pub mod state;
+pub mod tcp_args;
 pub mod tls;
 
 pub use control::{ControlConfig, ControlSession, LinkState, SessionError};

@@ -31,6 +31,8 @@ pub struct NodeConfig {
     /// Never use a direct path: every peer goes through the relay (for networks where punching
     /// misbehaves).
     pub force_relay: bool,
+    /// The userspace TCP stack: congestion control and buffer budgets.
+    pub tcp: tunnel_core::netstack::StackOptions,
 }
 
 /// TUN mode: the packet channels to the system, set up by the caller.
@@ -94,6 +96,7 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
         force_relay: cfg.force_relay,
         base_candidates: candidates.clone(),
         candidates_tx: Some(cand_tx),
+        stack: cfg.tcp,
     };
     let (dp, dp_task) = dataplane::start_on(cfg.kind, key, socket, map_rx, os, opts).await?;
     let control_cfg = ControlConfig {

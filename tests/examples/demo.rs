@@ -109,6 +109,7 @@ async fn main() -> Result<()> {
         version: "demo".into(),
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
+        tcp: Default::default(),
     })
     .await?;
     println!("6. site agent up: WireGuard on udp {}, no root, no TUN", agent.dataplane.local_addr);
@@ -122,6 +123,7 @@ async fn main() -> Result<()> {
         listen_port: 0,
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
+        tcp: Default::default(),
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),

@@ -446,6 +446,37 @@ impl Internet {
         range
     }
 
+    /// Random loss on every router's WAN side: `percent` of the UDP datagrams forwarded in or out
+    /// of `wan0` are dropped, in both directions (nftables `numgen random`; this kernel has no
+    /// netem). The hosts' interfaces stop offloading UDP segmentation first, so a GSO batch is cut
+    /// into datagrams before a router sees it, as on a real wire: otherwise the router would drop a
+    /// batch of up to 64 datagrams as one packet.
+    pub fn set_wan_loss(&self, percent: f64) {
+        let permille = (percent * 10.0).round() as u32;
+        let mut hosts =
+            vec![(self.agent.as_str(), "eth0"), (self.cli.as_str(), "eth0"), (self.srv.as_str(), "wan0")];
+        if let Some(rly) = &self.rly {
+            hosts.push((rly, "wan0"));
+        }
+        for (ns, dev) in hosts {
+            must(&self.lab, ns, &["ethtool", "-K", dev, "tx-udp-segmentation", "off"]);
+        }
+        let mut routers = vec![&self.site];
+        routers.extend(self.client_router.as_ref());
+        for r in routers {
+            let _ = self.lab.exec(&r.ns, &["nft", "delete", "table", "inet", "lossy"]);
+            if permille == 0 {
+                continue;
+            }
+            let rules = format!(
+                "table inet lossy {{\n  chain wanloss {{\n    type filter hook forward priority -10; policy accept;\n    \
+                 iifname \"wan0\" meta l4proto udp numgen random mod 1000 < {permille} drop\n    \
+                 oifname \"wan0\" meta l4proto udp numgen random mod 1000 < {permille} drop\n  }}\n}}\n"
+            );
+            nft_load(&self.lab, &r.ns, &format!("lossy-{permille}.nft"), &rules);
+        }
+    }
+
     /// The routers' rulesets and conntrack tables, for failure messages.
     pub fn diagnostics(&self) -> String {
         let mut s = String::new();

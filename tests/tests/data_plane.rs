@@ -88,6 +88,7 @@ async fn agent(token: &str) -> (RunningNode, tempfile::TempDir) {
         version: "test".into(),
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
+        tcp: Default::default(),
     })
     .await
     .unwrap();
@@ -109,6 +110,7 @@ async fn client_with(token: &str, dir: &std::path::Path, force_relay: bool) -> C
         listen_port: 0,
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay,
+        tcp: Default::default(),
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),

@@ -52,6 +52,7 @@ async fn start_client(token: &str, dir: &std::path::Path) -> Client {
         listen_port: 0,
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
+        tcp: Default::default(),
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),
@@ -101,6 +102,7 @@ async fn net() -> Net {
         version: "test".into(),
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
+        tcp: Default::default(),
     })
     .await
     .unwrap();

@@ -1174,7 +1174,9 @@ fn runbook_hole_punching_and_relay_down() {
     w.run_until("relay-down.verify-relay", 30);
     w.run_until("relay-down.verify-client", 30);
     w.finish(&f, 90, "the transfer across the relay's outage");
-    w.ran_exactly(NETWORK_IDS);
+    // Without coturn installed the STUN block is skipped above (CI installs it).
+    let ids: Vec<&str> = NETWORK_IDS.iter().copied().filter(|id| stun_tools || *id != "punch.stun").collect();
+    w.ran_exactly(&ids);
 }
 
 /// 5. Private names do not resolve, 3. A site unreachable, 6. A leaked token.

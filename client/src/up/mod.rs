@@ -38,6 +38,8 @@ pub struct UpConfig {
     pub tun_name: String,
     /// TUN mode: the resolv.conf to edit in `resolv-conf` mode.
     pub resolv_conf: PathBuf,
+    /// Userspace mode: the TCP stack's congestion control and buffer budgets.
+    pub tcp: tunnel_core::netstack::StackOptions,
 }
 
 /// A running client.
@@ -81,6 +83,7 @@ fn node_config(cfg: &UpConfig) -> NodeConfig {
         version: env!("CARGO_PKG_VERSION").into(),
         keepalive: cfg.keepalive,
         force_relay: cfg.force_relay,
+        tcp: cfg.tcp,
     }
 }
 

@@ -25,6 +25,12 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 
 /// How often buffer sizes are revisited.
 const TUNE_EVERY: Duration = Duration::from_millis(5);
+/// The receive rate is measured over this long.
+const RATE_PERIOD: Duration = Duration::from_millis(50);
+/// A receive buffer is sized to hold this long at the flow's receive rate: a path of up to half of
+/// it is then never limited by our window. The receiver cannot know the RTT, so it assumes a slow
+/// WAN path.
+const RX_BUFFER_TIME: Duration = Duration::from_millis(100);
 
 /// Upper bound on packets waiting to enter the stack; beyond it new packets are dropped (TCP
 /// retransmits), which is the backpressure a router gives.
@@ -82,8 +88,41 @@ struct Buffers {
     owner: Option<Owner>,
     rx: usize,
     tx: usize,
-    /// The socket's `rx_window_filled` count when last looked at.
-    filled_seen: u32,
+    /// The socket's `rx_delivered` at the start of the current rate period, and when that was.
+    rx_mark: u64,
+    rx_mark_at: Instant,
+}
+
+/// The congestion control of the stack's TCP senders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// BBR (v1, paced): follows the measured bottleneck rate, so random loss on a WAN or radio
+    /// link does not shrink the window.
+    #[default]
+    Bbr,
+    /// CUBIC: loss-based, as Linux's default elsewhere; halves its rate at a few percent loss.
+    Cubic,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            other => Err(format!("unknown congestion control {other:?} (bbr or cubic)")),
+        }
+    }
+}
+
+/// How a stack's TCP senders behave and how much buffer memory its flows may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StackOptions {
+    /// Congestion control of new flows.
+    pub congestion: Congestion,
+    /// Buffer sizes and budgets.
+    pub limits: BufferLimits,
 }
 
 /// What the stack has done, for `/status` and `/metrics`.
@@ -128,6 +167,7 @@ pub struct NetStack {
     budget: budget::Budget,
     buffers: HashMap<SocketHandle, Buffers>,
     next_tune: Instant,
+    congestion: Congestion,
     /// Inbound packets dropped because the stack's queue was full.
     pub rx_dropped: u64,
     /// New flows refused because a buffer budget was reached.
@@ -145,18 +185,18 @@ impl std::fmt::Debug for NetStack {
 impl NetStack {
     /// A stack that owns `addr/prefix` and, with `any_ip`, accepts packets for any address (the agent).
     pub fn new(addr: Ipv4Addr, prefix: u8, mtu: u16, any_ip: bool, seed: u64, now: Instant) -> Self {
-        Self::with_limits(addr, prefix, mtu, any_ip, seed, now, BufferLimits::default())
+        Self::with_options(addr, prefix, mtu, any_ip, seed, now, StackOptions::default())
     }
 
-    /// Like [`NetStack::new`], with buffer limits other than the defaults.
-    pub fn with_limits(
+    /// Like [`NetStack::new`], with options other than the defaults.
+    pub fn with_options(
         addr: Ipv4Addr,
         prefix: u8,
         mtu: u16,
         any_ip: bool,
         seed: u64,
         now: Instant,
-        limits: BufferLimits,
+        options: StackOptions,
     ) -> Self {
         let mut dev = Queues { rx: VecDeque::new(), tx: VecDeque::new(), mtu: usize::from(mtu) };
         let mut cfg = Config::new(HardwareAddress::Ip);
@@ -174,9 +214,10 @@ impl NetStack {
             dev,
             epoch,
             next_port: 40000 + (seed % 20000) as u16,
-            budget: budget::Budget::new(limits),
+            budget: budget::Budget::new(options.limits),
             buffers: HashMap::new(),
             next_tune: now,
+            congestion: options.congestion,
             rx_dropped: 0,
             refused_budget: 0,
             closed: RecoveryStats::default(),
@@ -211,27 +252,32 @@ impl NetStack {
         }
         if now >= self.next_tune {
             self.next_tune = now + TUNE_EVERY;
-            self.grow_buffers();
+            self.grow_buffers(now);
         }
         changed
     }
 
     /// Doubles the buffers that limit their flow, as far as the budgets allow: a receive buffer
-    /// whose advertised window the sender filled, a send buffer the application keeps full while
-    /// the congestion window would take more than half of it.
-    fn grow_buffers(&mut self) {
+    /// smaller than `RX_BUFFER_TIME` at the flow's receive rate, a send buffer the application keeps
+    /// full while the congestion window would take more than half of it.
+    fn grow_buffers(&mut self, now: Instant) {
         let max = self.budget.limits().max;
         for (h, b) in self.buffers.iter_mut() {
             let s = self.sockets.get_mut::<tcp::Socket>(*h);
-            let filled = s.rx_window_filled();
-            if filled != b.filled_seen {
-                b.filled_seen = filled;
-                let want = (b.rx * 2).min(max);
-                if want > b.rx && self.budget.take(b.owner.as_ref(), want - b.rx) {
-                    if s.grow_rx_buffer(vec![0u8; want]) {
-                        b.rx = want;
-                    } else {
-                        self.budget.give_back(b.owner.as_ref(), want - b.rx);
+            let elapsed = now.saturating_duration_since(b.rx_mark_at);
+            if elapsed >= RATE_PERIOD {
+                let received = s.rx_delivered() - b.rx_mark;
+                b.rx_mark = s.rx_delivered();
+                b.rx_mark_at = now;
+                let needed = received as u128 * RX_BUFFER_TIME.as_micros() / elapsed.as_micros().max(1);
+                if needed > b.rx as u128 && b.rx < max {
+                    let want = (b.rx * 2).min(max);
+                    if self.budget.take(b.owner.as_ref(), want - b.rx) {
+                        if s.grow_rx_buffer(vec![0u8; want]) {
+                            b.rx = want;
+                        } else {
+                            self.budget.give_back(b.owner.as_ref(), want - b.rx);
+                        }
                     }
                 }
             }
@@ -275,7 +321,10 @@ impl NetStack {
         s.set_rx_buffer_max(limits.max);
         s.set_nagle_enabled(false);
         // Without congestion control a full window is sent at once and overruns the receiving socket.
-        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        s.set_congestion_control(match self.congestion {
+            Congestion::Bbr => tcp::CongestionControl::Bbr,
+            Congestion::Cubic => tcp::CongestionControl::Cubic,
+        });
         // Linux's floor: a link with a sub-millisecond RTT must not wait a second for a timeout.
         s.set_rto_min(smoltcp::time::Duration::from_millis(200));
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
@@ -286,7 +335,14 @@ impl NetStack {
     fn add(&mut self, s: tcp::Socket<'static>, owner: Option<&Owner>) -> SocketHandle {
         let initial = self.budget.limits().initial;
         let h = self.sockets.add(s);
-        self.buffers.insert(h, Buffers { owner: owner.copied(), rx: initial, tx: initial, filled_seen: 0 });
+        let b = Buffers {
+            owner: owner.copied(),
+            rx: initial,
+            tx: initial,
+            rx_mark: 0,
+            rx_mark_at: self.next_tune,
+        };
+        self.buffers.insert(h, b);
         h
     }
 
@@ -323,6 +379,11 @@ impl NetStack {
             return Err(SocketError::Unaddressable);
         }
         Ok(self.add(s, owner))
+    }
+
+    /// The congestion control of sockets made from now on.
+    pub fn set_congestion(&mut self, c: Congestion) {
+        self.congestion = c;
     }
 
     /// Bytes of socket buffer capacity the flows hold now.

@@ -105,6 +105,28 @@ impl core::error::Error for RecvError {}
 /// A TCP socket ring buffer.
 pub type SocketBuffer<'a> = RingBuffer<'a, u8>;
 
+/// A snapshot of a sender's state (patch, for diagnostics).
+#[cfg(feature = "socket-tcp-rack")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderState {
+    /// Congestion window, bytes.
+    pub congestion_window: usize,
+    /// Sent and not cumulatively acknowledged, bytes.
+    pub flight_size: usize,
+    /// Of those, still in the network (RFC 6675), bytes.
+    pub pipe: usize,
+    /// What the receiver allows beyond the cumulative ACK, bytes.
+    pub remote_window: usize,
+    /// A loss recovery episode is under way.
+    pub in_recovery: bool,
+    /// The current retransmission timeout.
+    pub rto: Duration,
+    /// Bytes per second, when the congestion controller paces.
+    pub pacing_rate: Option<u64>,
+    /// A model-based controller's bottleneck bandwidth (bytes per second) and minimum RTT.
+    pub model: Option<(u64, Duration)>,
+}
+
 /// The state of a TCP socket, according to [RFC 793].
 ///
 /// [RFC 793]: https://tools.ietf.org/html/rfc793
@@ -465,6 +487,10 @@ pub enum CongestionControl {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic,
+
+    /// BBR v1 with pacing (patch; needs the `socket-tcp-bbr` feature).
+    #[cfg(feature = "socket-tcp-bbr")]
+    Bbr,
 }
 
 /// A Transmission Control Protocol socket.
@@ -512,8 +538,8 @@ pub struct Socket<'a> {
     remote_win_shift: u8,
     /// The receive buffer may grow to this size: it sets `remote_win_shift` (patch).
     rx_buffer_max: usize,
-    /// Segments that reached the right edge of the receive window we advertised (patch).
-    rx_window_filled: u32,
+    /// Bytes received in order so far (patch).
+    rx_delivered: u64,
     /// The remote window size, relative to local_seq_no
     /// I.e. we're allowed to send octets until local_seq_no+remote_win_len
     remote_win_len: usize,
@@ -553,6 +579,9 @@ pub struct Socket<'a> {
     /// SACK scoreboard and RACK-TLP loss detection (patch).
     #[cfg(feature = "socket-tcp-rack")]
     recovery: recovery::Recovery,
+    /// With a pacing congestion controller, data may not leave before this (patch).
+    #[cfg(feature = "socket-tcp-rack")]
+    pacing_next: Instant,
 
     /// tsval generator - if some, tcp timestamp is enabled
     tsval_generator: Option<TcpTimestampGenerator>,
@@ -622,7 +651,7 @@ impl<'a> Socket<'a> {
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
             rx_buffer_max: 0,
-            rx_window_filled: 0,
+            rx_delivered: 0,
             remote_win_scale: None,
             remote_has_sack: false,
             remote_mss: DEFAULT_MSS,
@@ -640,6 +669,8 @@ impl<'a> Socket<'a> {
             congestion_controller: congestion::AnyController::new(),
             #[cfg(feature = "socket-tcp-rack")]
             recovery: recovery::Recovery::new(),
+            #[cfg(feature = "socket-tcp-rack")]
+            pacing_next: Instant::ZERO,
 
             #[cfg(feature = "async")]
             rx_waker: WakerRegistration::new(),
@@ -692,7 +723,10 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             CongestionControl::Cubic => AnyController::Cubic(cubic::Cubic::new()),
-        }
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            CongestionControl::Bbr => AnyController::Bbr(bbr::Bbr::new()),
+        };
     }
 
     /// Return the current congestion control algorithm.
@@ -707,6 +741,9 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(_) => CongestionControl::Cubic,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(_) => CongestionControl::Bbr,
         }
     }
 
@@ -858,10 +895,10 @@ impl<'a> Socket<'a> {
         self.tx_buffer.grow(storage).is_ok()
     }
 
-    /// Counts segments that reached the right edge of the advertised receive window: the sender
-    /// is limited by our buffer, so a larger one would be used (patch; wraps).
-    pub fn rx_window_filled(&self) -> u32 {
-        self.rx_window_filled
+    /// Bytes received in order on this connection so far, read or not (patch: the receive rate
+    /// sizes the receive buffer).
+    pub fn rx_delivered(&self) -> u64 {
+        self.rx_delivered
     }
 
     /// The congestion window in bytes (patch: for buffer sizing and diagnostics).
@@ -873,6 +910,21 @@ impl<'a> Socket<'a> {
     #[cfg(feature = "socket-tcp-rack")]
     pub fn recovery_stats(&self) -> RecoveryStats {
         self.recovery.stats()
+    }
+
+    /// The sender's state, for diagnostics (patch).
+    #[cfg(feature = "socket-tcp-rack")]
+    pub fn sender_state(&self) -> SenderState {
+        SenderState {
+            congestion_window: self.congestion_window(),
+            flight_size: self.flight_size(),
+            pipe: self.recovery.pipe(self.flight_size()),
+            remote_window: self.remote_win_len,
+            in_recovery: self.recovery.in_recovery(),
+            rto: self.rtte.retransmission_timeout(),
+            pacing_rate: self.congestion_controller.inner().pacing_rate(),
+            model: self.congestion_controller.inner().model(),
+        }
     }
 
     /// Set the ACK delay duration.
@@ -1936,9 +1988,6 @@ impl<'a> Socket<'a> {
                 if segment_in_window {
                     let overlap_start = window_start.max(segment_start);
                     let overlap_end = window_end.min(segment_end);
-                    if segment_end >= window_end && segment_start != segment_end {
-                        self.rx_window_filled = self.rx_window_filled.wrapping_add(1);
-                    }
 
                     // the checks done above imply this.
                     debug_assert!(overlap_start <= overlap_end);
@@ -2365,8 +2414,19 @@ impl<'a> Socket<'a> {
                     // reasoning without timestamps: the log knows when each segment left).
                     self.rtte.sample(rtt.total_millis() as u32);
                 }
+                if out.exited_recovery {
+                    self.congestion_controller
+                        .inner_mut()
+                        .on_recovery_exit(cx.now());
+                }
                 if out.entered_recovery {
                     self.enter_recovery(cx.now());
+                }
+                if let Some(rs) = out.rate {
+                    let pipe = self.recovery.pipe(self.flight_size());
+                    self.congestion_controller
+                        .inner_mut()
+                        .on_rate_sample(cx.now(), &rs, pipe);
                 }
                 rack_ack_advanced = ack_len > 0;
             }
@@ -2454,6 +2514,7 @@ impl<'a> Socket<'a> {
                 self.rx_buffer.len() + contig_len
             );
             self.rx_buffer.enqueue_unallocated(contig_len);
+            self.rx_delivered += contig_len as u64;
 
             // There's new data in rx_buffer, notify waiting task if any.
             #[cfg(feature = "async")]
@@ -2511,6 +2572,39 @@ impl<'a> Socket<'a> {
     }
 
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
+        self.seq_to_transmit_unpaced(cx) && self.pacing_allows(cx.now())
+    }
+
+    /// Whether pacing lets data leave now (patch): always, unless the congestion controller paces
+    /// and the previous segment's slot is still running.
+    fn pacing_allows(&self, now: Instant) -> bool {
+        #[cfg(feature = "socket-tcp-rack")]
+        if self.congestion_controller.inner().pacing_rate().is_some() {
+            return self.pacing_next <= now;
+        }
+        let _ = now;
+        true
+    }
+
+    /// Books the pacing slot of a segment of `len` bytes sent at `now` (patch). Up to
+    /// `PACING_BURST` of unused time is credited, which absorbs the event loop's timer granularity.
+    #[cfg(feature = "socket-tcp-rack")]
+    fn pace(pacing_next: &mut Instant, rate: Option<u64>, now: Instant, len: usize) {
+        const PACING_BURST: Duration = Duration::from_millis(1);
+        let Some(rate) = rate else {
+            return;
+        };
+        let floor = now - PACING_BURST;
+        let base = if *pacing_next > floor {
+            *pacing_next
+        } else {
+            floor
+        };
+        let micros = (len as u64).saturating_mul(1_000_000) / rate.max(1);
+        *pacing_next = base + Duration::from_micros(micros);
+    }
+
+    fn seq_to_transmit_unpaced(&self, cx: &mut Context) -> bool {
         // Fast retransmits should always send, even if later congestion checks would disallow
         if self.pending_fast_retransmit && !self.tx_buffer.is_empty() {
             return true;
@@ -2701,6 +2795,9 @@ impl<'a> Socket<'a> {
                     .inner_mut()
                     .on_rto(cx.now(), in_flight);
 
+                #[cfg(feature = "socket-tcp-rack")]
+                self.recovery.on_rto(self.remote_last_seq);
+
                 // Rewind "last sequence number sent", as if we never
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
@@ -2708,9 +2805,6 @@ impl<'a> Socket<'a> {
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
-
-                #[cfg(feature = "socket-tcp-rack")]
-                self.recovery.on_rto();
             } else {
                 // If a fast rentrasmit timer expired, we should resend only the earliest unAcked segment
                 net_debug!("retransmitting for fast-retransmit");
@@ -2746,6 +2840,18 @@ impl<'a> Socket<'a> {
         }
         #[cfg(feature = "socket-tcp-rack")]
         let rack_segment = self.recovery_segment();
+        #[cfg(feature = "socket-tcp-rack")]
+        if self.state == State::Established && self.cwnd_remaining() > 0 {
+            // The congestion window has room but nothing may go: the application has nothing
+            // more, or the receiver's window is full. Rate samples taken until what is in flight
+            // is delivered say nothing about the path.
+            let nothing_to_send = self.tx_buffer.len() <= self.flight_size();
+            let receiver_full = self.local_seq_no + self.remote_win_len <= self.remote_last_seq;
+            if nothing_to_send || receiver_full {
+                let pipe = self.recovery.pipe(self.flight_size());
+                self.recovery.on_app_limited(pipe);
+            }
+        }
 
         // Decide whether we're sending a packet.
         if self.seq_to_transmit(cx) {
@@ -3098,6 +3204,12 @@ impl<'a> Socket<'a> {
         }
 
         #[cfg(feature = "socket-tcp-rack")]
+        if !repr.payload.is_empty() {
+            let rate = self.congestion_controller.inner().pacing_rate();
+            Self::pace(&mut self.pacing_next, rate, cx.now(), repr.payload.len());
+        }
+
+        #[cfg(feature = "socket-tcp-rack")]
         if repr.control != TcpControl::Syn {
             let probe = matches!(rack_segment, Some((_, _, true)));
             let retransmission = repr.seq_number + repr.segment_len() <= old_remote_last_seq;
@@ -3135,8 +3247,12 @@ impl<'a> Socket<'a> {
         } else if self.state == State::Closed {
             // Socket was aborted, we have an RST packet to transmit.
             PollAt::Now
-        } else if self.seq_to_transmit(cx) {
-            // We have a data or flag packet to transmit.
+        } else if self.seq_to_transmit_unpaced(cx) {
+            // We have a data or flag packet to transmit, now or when pacing lets it leave.
+            #[cfg(feature = "socket-tcp-rack")]
+            if !self.pacing_allows(cx.now()) {
+                return PollAt::Time(self.pacing_next);
+            }
             PollAt::Now
         } else if self.window_to_update() {
             // The receive window has been raised significantly.

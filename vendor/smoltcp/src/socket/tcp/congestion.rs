@@ -10,6 +10,9 @@ pub(super) mod cubic;
 #[cfg(feature = "socket-tcp-reno")]
 pub(super) mod reno;
 
+#[cfg(feature = "socket-tcp-bbr")]
+pub(super) mod bbr;
+
 #[allow(unused_variables)]
 pub(super) trait Controller {
     /// Returns the number of bytes that can be sent.
@@ -35,6 +38,24 @@ pub(super) trait Controller {
 
     /// Set the maximum segment size.
     fn set_mss(&mut self, mss: usize) {}
+
+    /// A delivery-rate sample from an ACK, with what is in flight after it (patch).
+    #[cfg(feature = "socket-tcp-rack")]
+    fn on_rate_sample(&mut self, now: Instant, sample: &super::recovery::RateSample, in_flight: usize) {}
+
+    /// The loss recovery episode that `on_loss` announced is over (patch).
+    fn on_recovery_exit(&mut self, now: Instant) {}
+
+    /// Bytes per second the socket should pace its sends at, if the controller paces (patch).
+    fn pacing_rate(&self) -> Option<u64> {
+        None
+    }
+
+    /// A model-based controller's path model: bottleneck bytes per second and minimum RTT (patch,
+    /// for diagnostics).
+    fn model(&self) -> Option<(u64, crate::time::Duration)> {
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -47,6 +68,9 @@ pub(super) enum AnyController {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic(cubic::Cubic),
+
+    #[cfg(feature = "socket-tcp-bbr")]
+    Bbr(bbr::Bbr),
 }
 
 impl AnyController {
@@ -88,6 +112,9 @@ impl AnyController {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(c) => c,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(b) => b,
         }
     }
 
@@ -101,6 +128,9 @@ impl AnyController {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(c) => c,
+
+            #[cfg(feature = "socket-tcp-bbr")]
+            AnyController::Bbr(b) => b,
         }
     }
 }

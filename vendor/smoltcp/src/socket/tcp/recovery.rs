@@ -63,6 +63,17 @@ struct Seg {
     len: u32,
     xmit: Instant,
     flags: u8,
+    /// Delivery-rate state when it was sent (draft-cheng-iccrg-delivery-rate-estimation).
+    rate: SentRate,
+}
+
+/// What the connection had delivered when a segment was sent.
+#[derive(Debug, Clone, Copy)]
+struct SentRate {
+    delivered: u64,
+    delivered_time: Instant,
+    first_sent_time: Instant,
+    app_limited: bool,
 }
 
 impl Seg {
@@ -85,6 +96,28 @@ struct Rack {
     rtt: Duration,
 }
 
+/// A delivery-rate sample: how much was delivered over how long, taken on one ACK
+/// (draft-cheng-iccrg-delivery-rate-estimation). Model-based congestion control (BBR) runs on it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RateSample {
+    /// Bytes delivered over `interval`.
+    pub delivered: u64,
+    /// The interval; zero when the sample is not usable (shorter than the minimum RTT).
+    pub interval: Duration,
+    /// The connection's total delivered bytes after this ACK.
+    pub delivered_total: u64,
+    /// The total when the most recently sent segment this ACK delivered was sent.
+    pub prior_delivered: u64,
+    /// The sender had nothing to send when that segment left: the rate is a lower bound.
+    pub is_app_limited: bool,
+    /// A round-trip time measured on this ACK (segments sent once).
+    pub rtt: Option<Duration>,
+    /// Bytes this ACK newly acknowledged or SACKed.
+    pub acked: u64,
+    /// Bytes newly marked lost while processing this ACK.
+    pub lost: u64,
+}
+
 /// What an ACK changed.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct AckOutcome {
@@ -94,6 +127,19 @@ pub(super) struct AckOutcome {
     pub exited_recovery: bool,
     /// A round-trip time measured on a segment sent once (Karn's rule).
     pub rtt_sample: Option<Duration>,
+    /// The delivery-rate sample, when the ACK delivered anything.
+    pub rate: Option<RateSample>,
+}
+
+/// The sample being built while one ACK is processed.
+#[derive(Debug, Default, Clone, Copy)]
+struct RateBuild {
+    acked: u64,
+    prior_delivered: Option<u64>,
+    prior_time: Option<Instant>,
+    send_elapsed: Duration,
+    ack_elapsed: Duration,
+    is_app_limited: bool,
 }
 
 /// Loss recovery state of one socket. See the module documentation.
@@ -116,6 +162,8 @@ pub(super) struct Recovery {
     reordering_seen: bool,
     /// Highest end of a delivered segment (RACK.fack).
     fack: Option<u32>,
+    /// After a timeout: data below this was sent before, whatever the log says.
+    resent_below: Option<u32>,
     /// Highest sequence sent when the current recovery episode began.
     recovery_point: Option<u32>,
     reorder_at: Option<Instant>,
@@ -124,6 +172,14 @@ pub(super) struct Recovery {
     /// End of what was outstanding when the last probe went out; no new probe until it is acked.
     tlp_end: Option<u32>,
     stats: RecoveryStats,
+    /// Delivery-rate state of the connection: bytes delivered so far, when the last delivery was
+    /// seen, when the segment behind the latest sample was sent, and (non-zero) the delivered
+    /// count until which the sender is application-limited.
+    delivered: u64,
+    delivered_time: Instant,
+    first_sent_time: Instant,
+    app_limited_until: u64,
+    build: RateBuild,
 }
 
 impl Recovery {
@@ -141,13 +197,39 @@ impl Recovery {
             srtt: None,
             reordering_seen: false,
             fack: None,
+            resent_below: None,
             recovery_point: None,
             reorder_at: None,
             tlp_at: None,
             tlp_pending: false,
             tlp_end: None,
             stats: RecoveryStats::default(),
+            delivered: 0,
+            delivered_time: Instant::ZERO,
+            first_sent_time: Instant::ZERO,
+            app_limited_until: 0,
+            build: RateBuild::default(),
         }
+    }
+
+    fn sent_rate(&mut self, now: Instant) -> SentRate {
+        if self.segs.is_empty() {
+            // Nothing in flight: a new flight starts here.
+            self.first_sent_time = now;
+            self.delivered_time = now;
+        }
+        SentRate {
+            delivered: self.delivered,
+            delivered_time: self.delivered_time,
+            first_sent_time: self.first_sent_time,
+            app_limited: self.app_limited_until != 0,
+        }
+    }
+
+    /// The sender has nothing more to send while the congestion window has room: rate samples
+    /// taken until what is in flight now is delivered only show what the application offered.
+    pub fn on_app_limited(&mut self, pipe: usize) {
+        self.app_limited_until = (self.delivered + pipe as u64).max(1);
     }
 
     pub fn stats(&self) -> RecoveryStats {
@@ -222,6 +304,7 @@ impl Recovery {
                     // Sent when the whole was: older than anything queued.
                     self.sent_order.push_front((rest.start, rest.xmit));
                 }
+                let rate = self.sent_rate(now);
                 let seg = &mut self.segs[i];
                 if seg.flags & LOST != 0 {
                     seg.flags &= !LOST;
@@ -229,6 +312,7 @@ impl Recovery {
                 }
                 seg.flags |= RETRANS;
                 seg.xmit = now;
+                seg.rate = rate;
                 self.sent_order.push_back((seg.start, now));
                 self.stats.retransmitted_segments += 1;
                 self.prune_lost();
@@ -244,11 +328,24 @@ impl Recovery {
     }
 
     fn push(&mut self, start: u32, len: u32, now: Instant) {
+        let rate = self.sent_rate(now);
+        let flags = match self.resent_below {
+            Some(high) if before(start, high) => RETRANS,
+            Some(_) => {
+                self.resent_below = None;
+                0
+            }
+            None => 0,
+        };
+        if flags != 0 {
+            self.stats.retransmitted_segments += 1;
+        }
         self.segs.push_back(Seg {
             start,
             len,
             xmit: now,
-            flags: 0,
+            flags,
+            rate,
         });
         self.sent_order.push_back((start, now));
     }
@@ -261,10 +358,12 @@ impl Recovery {
     }
 
     /// The retransmission timer fired: the socket resends everything from the cumulative ACK, so
-    /// the log starts over (the RTT estimates stay).
-    pub fn on_rto(&mut self) {
+    /// the log starts over (the RTT estimates stay). What goes out again below `snd_nxt` is logged
+    /// as retransmitted: an ACK already on its way for the first copy must not pass for a sample.
+    pub fn on_rto(&mut self, snd_nxt: TcpSeqNumber) {
         self.stats.timeouts += 1;
         self.forget();
+        self.resent_below = Some(snd_nxt.0 as u32);
     }
 
     fn forget(&mut self) {
@@ -298,6 +397,7 @@ impl Recovery {
         let ack = ack.0 as u32;
         let snd_nxt = snd_nxt.0 as u32;
         let mut out = AckOutcome::default();
+        self.build = RateBuild::default();
         let old_una = self.segs.front().map(|s| s.start);
 
         // Cumulatively acknowledged segments.
@@ -380,6 +480,27 @@ impl Recovery {
         self.prune_lost();
         if self.lost_bytes > lost_before || (self.lost_bytes > 0 && self.recovery_point.is_none()) {
             out.entered_recovery |= self.enter_recovery(snd_nxt);
+        }
+        if self.app_limited_until != 0 && self.delivered > self.app_limited_until {
+            self.app_limited_until = 0;
+        }
+        if let Some(prior_delivered) = self.build.prior_delivered {
+            let b = self.build;
+            let mut interval = if b.send_elapsed > b.ack_elapsed { b.send_elapsed } else { b.ack_elapsed };
+            if self.min_rtt.is_some_and(|(min, _)| interval < min) {
+                // Shorter than a round trip: ACK compression, not a rate.
+                interval = Duration::ZERO;
+            }
+            out.rate = Some(RateSample {
+                delivered: self.delivered - prior_delivered,
+                interval,
+                delivered_total: self.delivered,
+                prior_delivered,
+                is_app_limited: b.is_app_limited,
+                rtt: out.rtt_sample,
+                acked: b.acked,
+                lost: self.lost_bytes.saturating_sub(lost_before) as u64,
+            });
         }
         out
     }
@@ -484,8 +605,19 @@ impl Recovery {
         self.sacked_ranges.insert(at, (l, r));
     }
 
-    /// A segment reached the receiver (RFC 8985 6.2, steps 1-3).
+    /// A segment reached the receiver (RFC 8985 6.2, steps 1-3; and the delivery rate).
     fn delivered(&mut self, seg: &Seg, now: Instant, out: &mut AckOutcome) {
+        self.delivered += seg.len as u64;
+        self.delivered_time = now;
+        self.build.acked += seg.len as u64;
+        if self.build.prior_delivered.is_none_or(|p| seg.rate.delivered >= p) {
+            self.build.prior_delivered = Some(seg.rate.delivered);
+            self.build.prior_time = Some(seg.rate.delivered_time);
+            self.build.is_app_limited = seg.rate.app_limited;
+            self.build.send_elapsed = seg.xmit - seg.rate.first_sent_time;
+            self.build.ack_elapsed = now - seg.rate.delivered_time;
+            self.first_sent_time = seg.xmit;
+        }
         let rtt = now - seg.xmit;
         let retransmitted = seg.flags & RETRANS != 0;
         if retransmitted {
@@ -856,12 +988,17 @@ mod test {
         let mut r = Recovery::new();
         send(&mut r, 0, 5, t(0));
         r.on_ack(seq(0), &[Some((1000, 5000)), None, None], seq(5000), true, t(10));
-        r.on_rto();
+        r.on_rto(seq(5000));
         assert!(!r.in_recovery());
         assert_eq!(r.pipe(5000), 5000);
         assert_eq!(r.next_lost(), None);
-        // Resending from the cumulative ACK logs afresh.
+        // Resending from the cumulative ACK logs afresh, as retransmissions: an ACK of the first
+        // copies arriving now is no RTT sample.
         send(&mut r, 0, 5, t(300));
         assert_eq!(r.segs.len(), 5);
+        let out = r.on_ack(seq(5000), &[None, None, None], seq(5000), true, t(301));
+        assert_eq!(out.rtt_sample, None);
+        send(&mut r, 5000, 1, t(302));
+        assert_eq!(r.segs[0].flags, 0, "new data is new again");
     }
 }
