@@ -264,6 +264,7 @@ struct Loop {
     candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
     stun_resolve_tx: mpsc::Sender<(String, Option<SocketAddr>)>,
     next_flow_trace: Instant,
+    next_rtt_hints: Instant,
     stack_options: tunnel_core::netstack::StackOptions,
 }
 
@@ -381,6 +382,7 @@ pub async fn start_on(
         candidates_tx: opts.candidates_tx,
         stun_resolve_tx,
         next_flow_trace: now,
+        next_rtt_hints: now,
         stack_options: opts.stack,
     };
     let task = tokio::spawn(async move {
@@ -1141,6 +1143,20 @@ impl Loop {
         self.device.handle_timeout(now);
         self.paths.handle_timeout(now);
         self.stun_tick(now);
+        if now >= self.next_rtt_hints {
+            // The tunnel's round trip to each peer sizes the receive buffers of its flows.
+            self.next_rtt_hints = now + Duration::from_secs(1);
+            if let Some(stack) = self.stack.as_mut() {
+                for key in self.peer_names.keys() {
+                    let direct =
+                        matches!(self.paths.current(key), Some(Via::Direct(_))) && self.paths.is_direct(key);
+                    let rtt = self.paths.stats(key).and_then(|s| s.rtt_us).filter(|_| direct);
+                    stack.set_rtt_hint(key, rtt.map(Duration::from_micros));
+                }
+                let names = &self.peer_names;
+                stack.retain_rtt_hints(|k| names.contains_key(k));
+            }
+        }
         if tracing::enabled!(tracing::Level::TRACE) && now >= self.next_flow_trace {
             self.next_flow_trace = now + Duration::from_millis(100);
             if let Some(stack) = self.stack.as_mut() {

@@ -27,10 +27,13 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 const TUNE_EVERY: Duration = Duration::from_millis(5);
 /// The receive rate is measured over this long.
 const RATE_PERIOD: Duration = Duration::from_millis(50);
-/// A receive buffer is sized to hold this long at the flow's receive rate: a path of up to half of
-/// it is then never limited by our window. The receiver cannot know the RTT, so it assumes a slow
-/// WAN path.
-const RX_BUFFER_TIME: Duration = Duration::from_millis(100);
+/// A receive buffer is sized to hold two round trips at the flow's receive rate (what a sender
+/// limited by our window would need to double its rate). A receiver cannot measure the RTT without
+/// TCP timestamps, so it takes the tunnel's: the round trip of the path to the peer
+/// ([`NetStack::set_rtt_hint`]), at least `RTT_FLOOR`, or `RTT_UNKNOWN` when none is known (a
+/// relayed peer, or before the first path probe).
+const RTT_FLOOR: Duration = Duration::from_millis(1);
+const RTT_UNKNOWN: Duration = Duration::from_millis(50);
 
 /// Upper bound on packets waiting to enter the stack; beyond it new packets are dropped (TCP
 /// retransmits), which is the backpressure a router gives.
@@ -91,6 +94,8 @@ struct Buffers {
     /// The socket's `rx_delivered` at the start of the current rate period, and when that was.
     rx_mark: u64,
     rx_mark_at: Instant,
+    /// The socket's `rx_window_filled` when last looked at.
+    filled_seen: u32,
 }
 
 /// The congestion control of the stack's TCP senders.
@@ -168,6 +173,7 @@ pub struct NetStack {
     buffers: HashMap<SocketHandle, Buffers>,
     next_tune: Instant,
     congestion: Congestion,
+    rtt_hints: HashMap<Owner, Duration>,
     /// Inbound packets dropped because the stack's queue was full.
     pub rx_dropped: u64,
     /// New flows refused because a buffer budget was reached.
@@ -218,6 +224,7 @@ impl NetStack {
             buffers: HashMap::new(),
             next_tune: now,
             congestion: options.congestion,
+            rtt_hints: HashMap::new(),
             rx_dropped: 0,
             refused_budget: 0,
             closed: RecoveryStats::default(),
@@ -257,40 +264,48 @@ impl NetStack {
         changed
     }
 
+    /// The round trip of the tunnel to `owner`, which sizes the receive buffers of its flows; `None`
+    /// when it is not known (relayed, or not measured yet).
+    pub fn set_rtt_hint(&mut self, owner: &Owner, rtt: Option<Duration>) {
+        match rtt {
+            Some(r) => {
+                self.rtt_hints.insert(*owner, r.max(RTT_FLOOR));
+            }
+            None => {
+                self.rtt_hints.remove(owner);
+            }
+        }
+    }
+
+    /// Forgets the hints of owners no longer known.
+    pub fn retain_rtt_hints(&mut self, keep: impl Fn(&Owner) -> bool) {
+        self.rtt_hints.retain(|o, _| keep(o));
+    }
+
     /// Doubles the buffers that limit their flow, as far as the budgets allow: a receive buffer
-    /// smaller than `RX_BUFFER_TIME` at the flow's receive rate, a send buffer the application keeps
-    /// full while the congestion window would take more than half of it.
+    /// smaller than two round trips at the flow's receive rate, or whose window the sender filled
+    /// while a hole was open (loss recovery needs room for what arrives behind the hole); a send
+    /// buffer the application keeps full while the congestion window would take more than half.
     fn grow_buffers(&mut self, now: Instant) {
         let max = self.budget.limits().max;
         for (h, b) in self.buffers.iter_mut() {
+            let rtt = b.owner.and_then(|o| self.rtt_hints.get(&o).copied()).unwrap_or(RTT_UNKNOWN);
             let s = self.sockets.get_mut::<tcp::Socket>(*h);
             let elapsed = now.saturating_duration_since(b.rx_mark_at);
             if elapsed >= RATE_PERIOD {
                 let received = s.rx_delivered() - b.rx_mark;
                 b.rx_mark = s.rx_delivered();
                 b.rx_mark_at = now;
-                let needed = received as u128 * RX_BUFFER_TIME.as_micros() / elapsed.as_micros().max(1);
-                if needed > b.rx as u128 && b.rx < max {
-                    let want = (b.rx * 2).min(max);
-                    if self.budget.take(b.owner.as_ref(), want - b.rx) {
-                        if s.grow_rx_buffer(vec![0u8; want]) {
-                            b.rx = want;
-                        } else {
-                            self.budget.give_back(b.owner.as_ref(), want - b.rx);
-                        }
-                    }
+                let needed = 2 * received as u128 * rtt.as_micros() / elapsed.as_micros().max(1);
+                let filled = s.rx_window_filled() != b.filled_seen;
+                b.filled_seen = s.rx_window_filled();
+                if needed > b.rx as u128 || filled {
+                    double(&mut self.budget, b.owner.as_ref(), &mut b.rx, max, |v| s.grow_rx_buffer(v));
                 }
             }
             let full = s.send_queue() * 8 >= b.tx * 7;
-            if full && s.congestion_window() * 2 > b.tx && b.tx < max {
-                let want = (b.tx * 2).min(max);
-                if self.budget.take(b.owner.as_ref(), want - b.tx) {
-                    if s.grow_tx_buffer(vec![0u8; want]) {
-                        b.tx = want;
-                    } else {
-                        self.budget.give_back(b.owner.as_ref(), want - b.tx);
-                    }
-                }
+            if full && s.congestion_window() * 2 > b.tx {
+                double(&mut self.budget, b.owner.as_ref(), &mut b.tx, max, |v| s.grow_tx_buffer(v));
             }
         }
     }
@@ -341,6 +356,7 @@ impl NetStack {
             tx: initial,
             rx_mark: 0,
             rx_mark_at: self.next_tune,
+            filled_seen: 0,
         };
         self.buffers.insert(h, b);
         h
@@ -426,6 +442,26 @@ impl NetStack {
         if let Some(b) = self.buffers.remove(&h) {
             self.budget.give_back(b.owner.as_ref(), b.rx + b.tx);
         }
+    }
+}
+
+/// Doubles a buffer of `*size` bytes (up to `max`) if the budget has room, with `grow` replacing the
+/// socket's buffer by the larger storage it is given.
+fn double(
+    budget: &mut budget::Budget,
+    owner: Option<&Owner>,
+    size: &mut usize,
+    max: usize,
+    grow: impl FnOnce(Vec<u8>) -> bool,
+) {
+    let want = (*size * 2).min(max);
+    if want <= *size || !budget.take(owner, want - *size) {
+        return;
+    }
+    if grow(vec![0u8; want]) {
+        *size = want;
+    } else {
+        budget.give_back(owner, want - *size);
     }
 }
 

@@ -128,11 +128,27 @@ impl Link {
     }
 }
 
+/// Offers a socket what is left of `data` and takes what it received.
+fn exchange(s: &mut tcp::Socket<'static>, data: &[u8], sent: &mut usize, got: &mut Vec<u8>) {
+    if s.can_send() && *sent < data.len() {
+        *sent += s.send_slice(&data[*sent..]).unwrap();
+    }
+    while s.can_recv() {
+        s.recv(|b| {
+            got.extend_from_slice(b);
+            (b.len(), ())
+        })
+        .unwrap();
+    }
+}
+
 /// What a transfer over a lossy link did.
 #[derive(Debug)]
 struct Transfer {
     /// Virtual time from the first SYN until both directions were received whole.
     elapsed_ms: u64,
+    /// The most buffer capacity either stack held at once.
+    most_buffer_bytes: usize,
     /// Loss recovery on the sender of each direction (client, site).
     client: smoltcp::socket::tcp::RecoveryStats,
     site: smoltcp::socket::tcp::RecoveryStats,
@@ -140,41 +156,56 @@ struct Transfer {
     sent: u64,
 }
 
+/// One simulated transfer: what the link does and what the stacks run.
+#[derive(Debug, Clone, Copy)]
+struct Sim {
+    cc: Congestion,
+    seed: u64,
+    loss: f64,
+    duplicate: f64,
+    reorder: f64,
+    rtt_ms: u64,
+    /// Bytes each way.
+    size: usize,
+    /// A bottleneck on each link: bits per second and microseconds of queue.
+    bottleneck: Option<(u64, u64)>,
+    /// The tunnel RTT both stacks are told for their peer (sizes receive buffers).
+    rtt_hint: Option<Duration>,
+}
+
+impl Default for Sim {
+    fn default() -> Self {
+        Sim {
+            cc: Congestion::default(),
+            seed: 7,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            rtt_ms: 20,
+            size: 2_000_000,
+            bottleneck: None,
+            rtt_hint: None,
+        }
+    }
+}
+
 /// Moves `size` bytes each way at once over one connection between a client stack and a site
 /// stack joined by two lossy links, in virtual time; asserts both directions arrive byte-exact.
 fn lossy_transfer(seed: u64, loss: f64, duplicate: f64, reorder: f64, rtt_ms: u64, size: usize) -> Transfer {
-    lossy_transfer_with(Congestion::default(), seed, loss, duplicate, reorder, rtt_ms, size)
+    run(Sim { seed, loss, duplicate, reorder, rtt_ms, size, ..Sim::default() })
 }
 
-fn lossy_transfer_with(
-    cc: Congestion,
-    seed: u64,
-    loss: f64,
-    duplicate: f64,
-    reorder: f64,
-    rtt_ms: u64,
-    size: usize,
-) -> Transfer {
-    lossy_transfer_on(cc, seed, loss, duplicate, reorder, rtt_ms, size, None)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn lossy_transfer_on(
-    cc: Congestion,
-    seed: u64,
-    loss: f64,
-    duplicate: f64,
-    reorder: f64,
-    rtt_ms: u64,
-    size: usize,
-    bottleneck: Option<(u64, u64)>,
-) -> Transfer {
+fn run(sim: Sim) -> Transfer {
+    let Sim { cc, seed, loss, duplicate, reorder, rtt_ms, size, bottleneck, rtt_hint } = sim;
     let base = Instant::now();
     let at = |us: u64| base + Duration::from_micros(us);
     let mut site = NetStack::new("100.96.0.1".parse().unwrap(), 16, 1280, true, seed, base);
     let mut client = NetStack::new("100.96.0.2".parse().unwrap(), 16, 1280, false, seed + 1, base);
     site.set_congestion(cc);
     client.set_congestion(cc);
+    let (site_key, client_key) = ([1u8; 32], [2u8; 32]);
+    site.set_rtt_hint(&client_key, rtt_hint);
+    client.set_rtt_hint(&site_key, rtt_hint);
     let one_way = rtt_ms * 1000 / 2;
     let mut up = Link::new(seed + 2, loss, duplicate, reorder, one_way);
     let mut down = Link::new(seed + 3, loss, duplicate, reorder, one_way);
@@ -182,14 +213,17 @@ fn lossy_transfer_on(
         up = up.with_bottleneck(bps, queue_us);
         down = down.with_bottleneck(bps, queue_us);
     }
-    let l = site.listen("100.96.0.10:80".parse().unwrap(), None).unwrap();
-    let c = client.connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), None).unwrap();
+    let l = site.listen("100.96.0.10:80".parse().unwrap(), Some(&client_key)).unwrap();
+    let c = client
+        .connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), Some(&site_key))
+        .unwrap();
     let upload: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let download: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
     let (mut up_sent, mut down_sent) = (0, 0);
     let (mut up_got, mut down_got) = (Vec::with_capacity(size), Vec::with_capacity(size));
     let mut now_us = 0u64;
     let mut next_print = 0u64;
+    let mut most_buffers = 0;
     // Ten minutes of virtual time is far beyond any working transfer here.
     while now_us < 600_000_000 {
         let now = at(now_us);
@@ -201,28 +235,8 @@ fn lossy_transfer_on(
         }
         client.poll(now);
         site.poll(now);
-        let cs = client.socket(c);
-        if cs.can_send() && up_sent < size {
-            up_sent += cs.send_slice(&upload[up_sent..]).unwrap();
-        }
-        while cs.can_recv() {
-            cs.recv(|b| {
-                down_got.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
-        let ss = site.socket(l);
-        if ss.can_send() && down_sent < size {
-            down_sent += ss.send_slice(&download[down_sent..]).unwrap();
-        }
-        while ss.can_recv() {
-            ss.recv(|b| {
-                up_got.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
+        exchange(client.socket(c), &upload, &mut up_sent, &mut down_got);
+        exchange(site.socket(l), &download, &mut down_sent, &mut up_got);
         client.poll(now);
         site.poll(now);
         while let Some(p) = client.pop_outbound() {
@@ -231,6 +245,7 @@ fn lossy_transfer_on(
         while let Some(p) = site.pop_outbound() {
             down.send(now_us, p);
         }
+        most_buffers = most_buffers.max(site.buffer_bytes()).max(client.buffer_bytes());
         if up_got.len() == size && down_got.len() == size {
             break;
         }
@@ -261,6 +276,7 @@ fn lossy_transfer_on(
     assert!(up_got == upload, "upload arrived byte-exact ({} of {size} bytes)", up_got.len());
     assert!(download == down_got, "download arrived byte-exact ({} of {size} bytes)", down_got.len());
     Transfer {
+        most_buffer_bytes: most_buffers,
         elapsed_ms: now_us / 1000,
         client: client.socket(c).recovery_stats(),
         site: site.socket(l).recovery_stats(),
@@ -285,7 +301,7 @@ fn lossy_links_deliver_byte_exact_in_both_directions_without_timeouts_stalling_t
         for (loss, limit_ms) in LOSSY_CASES {
             for seed in [7, 21] {
                 // 2 MB each way at once, 20 ms RTT, 1% duplicated, 1% reordered.
-                let t = lossy_transfer_with(cc, seed, loss, 0.01, 0.01, 20, 2_000_000);
+                let t = run(Sim { cc, seed, loss, duplicate: 0.01, reorder: 0.01, ..Sim::default() });
                 assert!(t.dropped > 0 && t.dropped < t.sent, "the link lost packets: {t:?}");
                 assert!(
                     t.elapsed_ms <= limit_ms,
@@ -312,7 +328,7 @@ fn lossy_links_deliver_byte_exact_in_both_directions_without_timeouts_stalling_t
 #[test]
 fn a_clean_link_sees_no_retransmission() {
     for cc in [Congestion::Bbr, Congestion::Cubic] {
-        let t = lossy_transfer_with(cc, 3, 0.0, 0.0, 0.0, 20, 2_000_000);
+        let t = run(Sim { cc, seed: 3, ..Sim::default() });
         assert_eq!(t.client, RecoveryStats::default(), "{cc:?}");
         assert_eq!(t.site, RecoveryStats::default(), "{cc:?}");
     }
@@ -321,8 +337,8 @@ fn a_clean_link_sees_no_retransmission() {
 #[test]
 fn bbr_keeps_its_rate_where_random_loss_halves_cubic() {
     // 20 MB each way, 20 ms RTT, 3% loss, a 500 Mbit/s bottleneck with 5 ms of queue.
-    let run = |cc| lossy_transfer_on(cc, 7, 0.03, 0.0, 0.0, 20, 20_000_000, Some((500_000_000, 5_000)));
-    let (bbr, cubic) = (run(Congestion::Bbr), run(Congestion::Cubic));
+    let sim = Sim { loss: 0.03, size: 20_000_000, bottleneck: Some((500_000_000, 5_000)), ..Sim::default() };
+    let (bbr, cubic) = (run(Sim { cc: Congestion::Bbr, ..sim }), run(Sim { cc: Congestion::Cubic, ..sim }));
     assert!(
         bbr.elapsed_ms * 5 < cubic.elapsed_ms,
         "BBR {} ms, CUBIC {} ms: BBR should be far ahead on a lossy link",
@@ -335,7 +351,7 @@ fn bbr_keeps_its_rate_where_random_loss_halves_cubic() {
 fn bbr_on_a_shallow_buffer_does_not_drown_in_retransmissions() {
     // The same bottleneck saturated in both directions with no random loss: BBR v1 alone resent
     // every segment about nine times here; with the loss cap it must stay close to one.
-    let t = lossy_transfer_on(Congestion::Bbr, 7, 0.0, 0.0, 0.0, 20, 20_000_000, Some((500_000_000, 5_000)));
+    let t = run(Sim { size: 20_000_000, bottleneck: Some((500_000_000, 5_000)), ..Sim::default() });
     let segments = 20_000_000 / 1240;
     let resent = t.client.retransmitted_segments + t.site.retransmitted_segments;
     assert!(resent < segments, "{resent} segments sent again for {segments} x 2 sent: {t:?}");
@@ -347,6 +363,19 @@ fn buffers_grow_to_fill_a_long_path() {
     // (6 s for this transfer); grown, it is limited by slow start only.
     let t = lossy_transfer(5, 0.0, 0.0, 0.0, 50, 16_000_000);
     assert!(t.elapsed_ms < 2_000, "{} ms: the buffers did not grow", t.elapsed_ms);
+}
+
+#[test]
+fn a_short_tunnel_rtt_keeps_receive_buffers_small() {
+    // 500 Mbit/s at 1 ms: two round trips are 125 KB, within the initial buffers. Without a hint
+    // the stack assumes a 50 ms WAN path and grows them.
+    let sim = Sim { rtt_ms: 1, size: 10_000_000, bottleneck: Some((500_000_000, 2_000)), ..Sim::default() };
+    let hinted = run(Sim { rtt_hint: Some(Duration::from_millis(1)), ..sim });
+    let unhinted = run(sim);
+    // Both stacks' two buffers: 4 x 128 KiB as made (a send buffer may double for BBR's window).
+    let initial = 4 * BufferLimits::default().initial;
+    assert!(hinted.most_buffer_bytes * 2 <= 3 * initial, "stayed near as made: {}", hinted.most_buffer_bytes);
+    assert!(unhinted.most_buffer_bytes >= 3 * initial, "grew without a hint: {}", unhinted.most_buffer_bytes);
 }
 
 #[test]
@@ -432,14 +461,15 @@ fn lossy_link_report() {
     for cc in [Congestion::Bbr, Congestion::Cubic] {
         for (loss, rtt) in [(0.0, 20), (0.0, 1), (0.01, 1), (0.03, 1), (0.03, 20)] {
             // A 500 Mbit/s bottleneck with 5 ms of queue each way.
-            let t = lossy_transfer_on(cc, 7, loss, 0.0, 0.0, rtt, 20_000_000, Some((500_000_000, 5_000)));
+            let bottleneck = Some((500_000_000, 5_000));
+            let t = run(Sim { cc, loss, rtt_ms: rtt, size: 20_000_000, bottleneck, ..Sim::default() });
             let mbps = 20_000_000.0 * 8.0 / (t.elapsed_ms as f64 / 1000.0) / 1e6;
             eprintln!("{cc:?} 500M rtt {rtt} loss {loss}: {mbps:.0} Mbit/s {t:?}");
         }
     }
     for cc in [Congestion::Bbr, Congestion::Cubic] {
         for (loss, rtt) in [(0.0, 1), (0.03, 1), (0.01, 1), (0.03, 20), (0.2, 20)] {
-            let t = lossy_transfer_with(cc, 7, loss, 0.0, 0.0, rtt, 20_000_000);
+            let t = run(Sim { cc, loss, rtt_ms: rtt, size: 20_000_000, ..Sim::default() });
             eprintln!("{cc:?} rtt {rtt} loss {loss}: {t:?}");
         }
     }

@@ -540,6 +540,9 @@ pub struct Socket<'a> {
     rx_buffer_max: usize,
     /// Bytes received in order so far (patch).
     rx_delivered: u64,
+    /// Segments that reached the right edge of the window we advertised while out-of-order data
+    /// waited for a hole to fill (patch).
+    rx_window_filled: u32,
     /// The remote window size, relative to local_seq_no
     /// I.e. we're allowed to send octets until local_seq_no+remote_win_len
     remote_win_len: usize,
@@ -652,6 +655,7 @@ impl<'a> Socket<'a> {
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
             rx_buffer_max: 0,
             rx_delivered: 0,
+            rx_window_filled: 0,
             remote_win_scale: None,
             remote_has_sack: false,
             remote_mss: DEFAULT_MSS,
@@ -899,6 +903,13 @@ impl<'a> Socket<'a> {
     /// sizes the receive buffer).
     pub fn rx_delivered(&self) -> u64 {
         self.rx_delivered
+    }
+
+    /// Counts segments that reached the right edge of the advertised window while out-of-order
+    /// data waited for a hole: during loss recovery the sender was held by our buffer, so a larger
+    /// one would be used (patch; wraps).
+    pub fn rx_window_filled(&self) -> u32 {
+        self.rx_window_filled
     }
 
     /// The congestion window in bytes (patch: for buffer sizing and diagnostics).
@@ -1988,6 +1999,9 @@ impl<'a> Socket<'a> {
                 if segment_in_window {
                     let overlap_start = window_start.max(segment_start);
                     let overlap_end = window_end.min(segment_end);
+                    if segment_end >= window_end && !self.assembler.is_empty() {
+                        self.rx_window_filled = self.rx_window_filled.wrapping_add(1);
+                    }
 
                     // the checks done above imply this.
                     debug_assert!(overlap_start <= overlap_end);
