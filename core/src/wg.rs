@@ -11,7 +11,14 @@
 //!   [`Device::poll_inbound`] (decrypted inner packets, with the peer they came from).
 //!
 //! boringtun reads the clock itself (its timers use `Instant::now()`); this wrapper keeps the rest of
-//! the core pure and takes `now` only for its own scheduling.
+//! the core pure and takes `now` only for its own scheduling (and the relayed handshake budgets).
+//!
+//! Handshakes cost an X25519 or two each, so they are rate limited before anything costly runs, in two
+//! separate budgets. Datagrams from UDP addresses share one device-wide limit (boringtun's
+//! `RateLimiter`): beyond it a sender gets a cookie and must prove its address. Packets from the relay
+//! have no address to bind a cookie to, so each relayed sender (the key the relay names) has its own
+//! small budget instead, and a relayed packet whose WireGuard identity is not that sender is dropped:
+//! one sender, relayed or spoofing addresses directly, cannot spend the handshakes of the others.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,6 +79,45 @@ pub struct Authenticated {
 /// it; answering once the key arrives saves the initiator WireGuard's 5 s retry.
 const PENDING_INITS: usize = 16;
 
+/// Handshake messages (initiations and responses) from one relayed sender processed at once, then
+/// [`RELAY_HANDSHAKE_RATE`] a second. An honest peer sends at most one initiation per 5 s (plus a
+/// response to each of ours), so this leaves it ample room and caps what a flooding one costs.
+pub const RELAY_HANDSHAKE_BURST: f64 = 10.0;
+/// Relayed handshake messages a second one sender may have processed, after the burst.
+pub const RELAY_HANDSHAKE_RATE: f64 = 2.0;
+/// Handshake messages a second from all UDP sources together before senders must answer a cookie.
+pub const DIRECT_HANDSHAKE_RATE: u64 = 100;
+
+/// A token bucket for relayed handshakes, refilled lazily from the last time the device was given.
+#[derive(Debug, Clone, Copy)]
+struct HandshakeBudget {
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl HandshakeBudget {
+    fn full() -> Self {
+        HandshakeBudget { tokens: RELAY_HANDSHAKE_BURST, at: None }
+    }
+
+    /// Takes one handshake if the budget has one left at `now`.
+    fn take(&mut self, now: Option<Instant>) -> bool {
+        if let (Some(now), Some(at)) = (now, self.at) {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            self.tokens = (self.tokens + secs * RELAY_HANDSHAKE_RATE).min(RELAY_HANDSHAKE_BURST);
+        }
+        if now.is_some() {
+            self.at = now;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// A decrypted inner packet.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Inbound {
@@ -96,6 +142,10 @@ pub struct DropCounts {
     pub no_route: u64,
     /// Outbound packet for a peer whose endpoint is not known yet.
     pub no_endpoint: u64,
+    /// A relayed handshake beyond its sender's budget.
+    pub handshake_rate: u64,
+    /// A relayed packet whose WireGuard identity is not the sender the relay named.
+    pub relay_sender: u64,
 }
 
 /// Per-peer figures for `/status`.
@@ -123,6 +173,16 @@ struct PeerState {
     /// Something (a handshake initiation, most likely) was dropped for want of an endpoint: send a
     /// fresh initiation as soon as there is one, rather than after WireGuard's 5 s retry.
     starved: bool,
+    /// Handshakes this peer may still have processed through the relay.
+    relay_budget: HandshakeBudget,
+}
+
+/// A handshake initiation from a key that is not a peer yet, and where it came from. It passed the
+/// rate limits and, if relayed, the check against the sender the relay named.
+struct PendingInit {
+    key: [u8; 32],
+    from: Via,
+    data: Vec<u8>,
 }
 
 /// Every WireGuard session of one node.
@@ -132,10 +192,18 @@ pub struct Device {
     peers: BTreeMap<[u8; 32], PeerState>,
     by_index: HashMap<u32, [u8; 32]>,
     next_index: u32,
+    /// Handshakes from UDP addresses, all together (cookies beyond it).
     limiter: Arc<RateLimiter>,
+    /// MAC checks only, never under load: every session's own limiter, so that the budgets above
+    /// decide alone (boringtun would otherwise count each handshake again, in one shared pool).
+    verifier: Arc<RateLimiter>,
+    /// Relayed handshakes from senders that are not peers (yet).
+    stranger_budget: HandshakeBudget,
+    /// The latest time [`Device::handle_timeout`] was given.
+    now: Option<Instant>,
     transmits: VecDeque<Transmit>,
     inbound: VecDeque<Inbound>,
-    pending_inits: VecDeque<([u8; 32], Via, Vec<u8>)>,
+    pending_inits: VecDeque<PendingInit>,
     next_tick: Option<Instant>,
     buf: Vec<u8>,
     /// Dropped packets, by reason.
@@ -154,8 +222,10 @@ impl Device {
         let secret = StaticSecret::from(private_key);
         let public = PublicKey::from(&secret);
         Device {
-            // Each handshake is counted twice (our check, then boringtun's): 200 means 100 a second.
-            limiter: Arc::new(RateLimiter::new(&public, 200)),
+            limiter: Arc::new(RateLimiter::new(&public, DIRECT_HANDSHAKE_RATE)),
+            verifier: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            stranger_budget: HandshakeBudget::full(),
+            now: None,
             secret,
             public,
             peers: BTreeMap::new(),
@@ -212,22 +282,27 @@ impl Device {
                 None,
                 cfg.keepalive,
                 index,
-                Some(self.limiter.clone()),
+                Some(self.verifier.clone()),
             );
             self.by_index.insert(index, key);
             let endpoint = cfg.endpoint.map(Via::Direct);
-            self.peers.insert(key, PeerState { tunn, index, cfg, endpoint, roaming: true, starved: false });
+            let relay_budget = HandshakeBudget::full();
+            self.peers.insert(
+                key,
+                PeerState { tunn, index, cfg, endpoint, roaming: true, starved: false, relay_budget },
+            );
         }
         if self.next_tick.is_none() {
             self.next_tick = Some(now);
         }
-        // Initiations that arrived before their key: answer them now.
-        let pending: Vec<([u8; 32], Via, Vec<u8>)> = self.pending_inits.drain(..).collect();
-        for (key, from, data) in pending {
-            if self.peers.contains_key(&key) {
-                self.handle_datagram(from, &data);
+        // Initiations that arrived before their key: answer them now (they passed the rate limits
+        // when they arrived).
+        let pending: Vec<PendingInit> = self.pending_inits.drain(..).collect();
+        for p in pending {
+            if self.peers.contains_key(&p.key) {
+                self.process(p.from, None, &p.data);
             } else {
-                self.pending_inits.push_back((key, from, data));
+                self.pending_inits.push_back(p);
             }
         }
     }
@@ -266,17 +341,18 @@ impl Device {
         }
     }
 
-    /// A datagram arrived on the node's socket (or from the relay). Says which peer's session
-    /// authenticated it, if one did.
+    /// A datagram arrived on the node's socket. Says which peer's session authenticated it, if one
+    /// did. Relayed packets go to [`Device::handle_relayed`], which knows their sender; given here
+    /// with [`Via::Relay`], a packet is taken as from a sender the relay did not name.
     pub fn handle_datagram(&mut self, from: Via, data: &[u8]) -> Option<Authenticated> {
         let src_ip = match from {
-            Via::Direct(a) => Some(a.ip()),
-            Via::Relay => None,
+            Via::Direct(a) => a.ip(),
+            Via::Relay => return self.relayed(None, data),
         };
         // MACs and the handshake rate limit first: they are cheap, and nothing costly (the X25519 of a
         // handshake) runs for a packet that fails them. Under load the sender gets a cookie reply and no
-        // session is touched (relayed handshakes have no address to bind a cookie to: dropped).
-        match self.limiter.verify_packet(src_ip, data, &mut self.buf) {
+        // session is touched.
+        match self.limiter.verify_packet(Some(src_ip), data, &mut self.buf) {
             Ok(_) => {}
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.transmits.push_back(Transmit { dst: from, peer: None, payload: cookie.to_vec() });
@@ -291,6 +367,48 @@ impl Device {
                 return None;
             }
         }
+        self.process(from, None, data)
+    }
+
+    /// A WireGuard packet the relay brought from the node whose key is `sender`. Its handshakes are
+    /// counted against that sender's own budget (a cookie cannot work without an address), and a
+    /// packet whose WireGuard identity is another key is dropped.
+    pub fn handle_relayed(&mut self, sender: &[u8; 32], data: &[u8]) -> Option<Authenticated> {
+        self.relayed(Some(sender), data)
+    }
+
+    fn relayed(&mut self, sender: Option<&[u8; 32]>, data: &[u8]) -> Option<Authenticated> {
+        match self.verifier.verify_packet(None, data, &mut self.buf) {
+            Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)) => {
+                let now = self.now;
+                let budget = match sender.and_then(|k| self.peers.get_mut(k)) {
+                    Some(p) => &mut p.relay_budget,
+                    None => &mut self.stranger_budget,
+                };
+                if !budget.take(now) {
+                    self.drops.handshake_rate += 1;
+                    return None;
+                }
+            }
+            Ok(_) => {}
+            Err(TunnResult::Err(WireGuardError::InvalidPacket)) => {
+                self.drops.malformed += 1;
+                return None;
+            }
+            Err(_) => {
+                self.drops.crypto += 1;
+                return None;
+            }
+        }
+        self.process(Via::Relay, sender, data)
+    }
+
+    /// Finds the session of a datagram that passed the rate limits and hands it to boringtun.
+    fn process(&mut self, from: Via, sender: Option<&[u8; 32]>, data: &[u8]) -> Option<Authenticated> {
+        let src_ip = match from {
+            Via::Direct(a) => Some(a.ip()),
+            Via::Relay => None,
+        };
         let mut is_init = false;
         let key = match Tunn::parse_incoming_packet(data) {
             Err(_) => {
@@ -329,14 +447,18 @@ impl Device {
                 }
             },
         };
+        if sender.is_some_and(|s| *s != key) {
+            self.drops.relay_sender += 1;
+            return None;
+        }
         let Some(peer) = self.peers.get_mut(&key) else {
             self.drops.unknown_peer += 1;
             if is_init {
                 if self.pending_inits.len() >= PENDING_INITS {
                     self.pending_inits.pop_front();
                 }
-                self.pending_inits.retain(|(k, _, _)| *k != key);
-                self.pending_inits.push_back((key, from, data.to_vec()));
+                self.pending_inits.retain(|p| p.key != key);
+                self.pending_inits.push_back(PendingInit { key, from, data: data.to_vec() });
             }
             return None;
         };
@@ -448,8 +570,10 @@ impl Device {
         self.next_tick.map(|t| (t, "wireguard timers"))
     }
 
-    /// Drives boringtun's timers (handshake retries, keepalives, rekeys).
+    /// Drives boringtun's timers (handshake retries, keepalives, rekeys); `now` also refills the
+    /// relayed handshake budgets.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
         match self.next_tick {
             Some(t) if t <= now => {}
             _ => return,

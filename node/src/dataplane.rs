@@ -683,7 +683,8 @@ impl Loop {
         } else if self.peer_names.contains_key(&from) {
             self.relay_bytes.insert(from, RelayBytes { tx: 0, rx: data.len() as u64 });
         }
-        self.device.handle_datagram(Via::Relay, data);
+        // The relay names the sender: its handshakes count against its own budget only.
+        self.device.handle_relayed(&from, data);
     }
 
     fn stun_resolved(&mut self, name: String, addr: Option<SocketAddr>) {

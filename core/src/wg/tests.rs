@@ -224,6 +224,120 @@ fn an_initiation_dropped_for_want_of_an_endpoint_goes_out_once_there_is_one() {
     let t = a.poll_transmit().expect("an initiation at once");
     assert_eq!((t.dst, t.peer), (Via::Relay, Some(bk)));
     assert_eq!(t.payload[0], 1, "a handshake initiation");
-    let auth = b.handle_datagram(Via::Relay, &t.payload).unwrap();
+    let auth = b.handle_relayed(&a.public_key(), &t.payload).unwrap();
     assert!(auth.initiation);
+}
+
+/// A site with two relayed clients: `flooder` ([7; 32]) and `victim` ([8; 32]).
+fn relayed_site() -> (Device, [u8; 32], Device, Instant) {
+    let now = Instant::now();
+    let mut site = Device::new([2; 32], 20);
+    let flooder = public_key([7; 32]);
+    let mut victim = Device::new([8; 32], 80);
+    site.set_peers(
+        vec![
+            PeerConfig {
+                key: flooder,
+                allowed: vec!["100.96.0.7/32".parse().unwrap()],
+                endpoint: None,
+                keepalive: None,
+            },
+            PeerConfig {
+                key: victim.public_key(),
+                allowed: vec!["100.96.0.8/32".parse().unwrap()],
+                endpoint: None,
+                keepalive: None,
+            },
+        ],
+        now,
+    );
+    victim.set_peers(
+        vec![PeerConfig {
+            key: site.public_key(),
+            allowed: vec!["100.96.0.10/32".parse().unwrap()],
+            endpoint: None,
+            keepalive: None,
+        }],
+        now,
+    );
+    victim.set_endpoint(&site.public_key(), Some(Via::Relay), false);
+    site.handle_timeout(now);
+    victim.handle_timeout(now);
+    (site, flooder, victim, now)
+}
+
+/// Fresh, valid handshake initiations from the flooder's key (a granted client can make any number).
+fn initiations(from: [u8; 32], to: [u8; 32], n: usize) -> Vec<Vec<u8>> {
+    let mut t = Tunn::new(StaticSecret::from(from), PublicKey::from(to), None, None, 1, None);
+    let mut buf = vec![0u8; 2048];
+    (0..n)
+        .map(|_| match t.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(b) => b.to_vec(),
+            _ => panic!("no initiation"),
+        })
+        .collect()
+}
+
+/// The victim sends one packet through the relay; the site must answer its handshake and take it.
+fn victim_gets_through(site: &mut Device, victim: &mut Device) -> bool {
+    let (sk, vk) = (site.public_key(), victim.public_key());
+    victim.handle_outbound(&udp("100.96.0.8:5000", "100.96.0.10:53", b"hello"));
+    for _ in 0..4 {
+        while let Some(t) = victim.poll_transmit() {
+            assert_eq!(t.dst, Via::Relay);
+            site.handle_relayed(&vk, &t.payload);
+        }
+        while let Some(t) = site.poll_transmit() {
+            if t.peer == Some(vk) {
+                victim.handle_relayed(&sk, &t.payload);
+            }
+        }
+    }
+    std::iter::from_fn(|| site.poll_inbound()).any(|i| i.peer == vk && i.packet.ends_with(b"hello"))
+}
+
+#[test]
+fn one_relayed_sender_flooding_handshakes_does_not_stop_another() {
+    let (mut site, flooder, mut victim, now) = relayed_site();
+    for init in initiations([7; 32], site.public_key(), 500) {
+        site.handle_relayed(&flooder, &init);
+    }
+    assert!(victim_gets_through(&mut site, &mut victim), "the other relayed peer completes its handshake");
+    assert!(site.drops.handshake_rate >= 400, "the flood is cut at its sender's budget: {:?}", site.drops);
+    // The flooder's budget refills slowly with time, not at once.
+    site.handle_timeout(now + Duration::from_secs(1));
+    let before = site.drops.handshake_rate;
+    for init in initiations([7; 32], site.public_key(), 10) {
+        site.handle_relayed(&flooder, &init);
+    }
+    assert_eq!(site.drops.handshake_rate - before, 8, "two a second come back");
+}
+
+#[test]
+fn a_direct_handshake_flood_from_spoofed_addresses_does_not_stop_relayed_peers() {
+    let (mut site, _, mut victim, _) = relayed_site();
+    let inits = initiations([7; 32], site.public_key(), 300);
+    let mut cookies = 0;
+    for (i, init) in inits.iter().enumerate() {
+        let from: SocketAddr = format!("198.51.100.{}:{}", i % 250 + 1, 1000 + i).parse().unwrap();
+        site.handle_datagram(Via::Direct(from), init);
+        while let Some(t) = site.poll_transmit() {
+            cookies += usize::from(t.peer.is_none() && t.payload.first() == Some(&3));
+        }
+    }
+    assert!(cookies >= 100, "beyond the device-wide limit, UDP senders must answer a cookie ({cookies})");
+    assert!(victim_gets_through(&mut site, &mut victim));
+}
+
+#[test]
+fn a_relayed_packet_must_come_from_the_key_the_relay_names() {
+    let (mut site, flooder, mut victim, _) = relayed_site();
+    // The flooder's initiation, presented by the relay as the victim's: dropped, and no answer.
+    let init = initiations([7; 32], site.public_key(), 1).remove(0);
+    assert_eq!(site.handle_relayed(&victim.public_key(), &init), None);
+    assert_eq!(site.drops.relay_sender, 1);
+    assert!(site.poll_transmit().is_none());
+    // Named as itself, it is answered.
+    assert!(site.handle_relayed(&flooder, &init).is_some());
+    assert!(victim_gets_through(&mut site, &mut victim));
 }
