@@ -1,6 +1,9 @@
 //! Reading and writing the few inner IPv4 packets the nodes handle outside the TCP stack: UDP
 //! datagrams, ICMP echo, and the RST that answers a SYN whose target refused. Parsing never panics
-//! on bad input: a packet that does not parse is `None`.
+//! on bad input: a packet that does not parse is `None`. [`filter`] decides what a TUN client lets
+//! in from the tunnel.
+
+pub mod filter;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -113,6 +116,27 @@ pub fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u
     udp.set_len((8 + payload.len()) as u16);
     udp.payload_mut()[..payload.len()].copy_from_slice(payload);
     udp.fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
+    buf
+}
+
+/// A TCP segment without data: a SYN (`syn`), a SYN-ACK (`syn`, `ack`) or a bare ACK. The nodes make
+/// only resets themselves; tests and raw peers make the rest.
+pub fn tcp_segment(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, ack: bool) -> Vec<u8> {
+    let total = 40;
+    let mut buf = vec![0u8; total];
+    ipv4_header(&mut buf, *src.ip(), *dst.ip(), IpProtocol::Tcp, total);
+    let mut t = TcpPacket::new_unchecked(&mut buf[20..]);
+    t.set_src_port(src.port());
+    t.set_dst_port(dst.port());
+    t.set_header_len(20);
+    t.clear_flags();
+    t.set_syn(syn);
+    t.set_ack(ack);
+    t.set_seq_number(TcpSeqNumber(1000));
+    t.set_ack_number(TcpSeqNumber(if ack { 1 } else { 0 }));
+    t.set_window_len(65_535);
+    t.set_urgent_at(0);
+    t.fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
     buf
 }
 

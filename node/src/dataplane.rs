@@ -27,6 +27,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tunnel_core::map::{Candidate, NetworkMap, NodeKind, RelayInfo};
 use tunnel_core::netstack::NetStack;
+use tunnel_core::packet::filter::{InboundFilter, Refusal};
 use tunnel_core::packet::{self, Proto};
 use tunnel_core::path::{CandidateKind, Paths, PeerCandidates, Via};
 use tunnel_core::wg::{Device, PeerConfig};
@@ -46,10 +47,6 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A site's listening socket that has not taken its SYN by then is dropped.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Upper bound on outbound UDP conversations a TUN client remembers for its inbound filter.
-const UDP_CONNTRACK: usize = 8192;
-/// How long a TUN client lets replies in after its last outbound UDP datagram.
-const UDP_CONNTRACK_TTL: Duration = Duration::from_secs(120);
 /// Default keepalive: WireGuard's persistent keepalive and the idle path check, holding NAT mappings open.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
 /// How often the node asks the STUN responder for its public address.
@@ -214,7 +211,10 @@ struct ServedResource {
 #[derive(Default, Debug, Clone, Copy, serde::Serialize)]
 struct Counters {
     not_granted: u64,
+    /// TUN client: a packet from a site that answers nothing this client sent.
     unsolicited: u64,
+    /// TUN client: a packet from a site for another address than the client's own.
+    wrong_destination: u64,
     wrong_port: u64,
     unparsable: u64,
     dial_failures: u64,
@@ -224,8 +224,9 @@ struct Counters {
 struct Loop {
     /// TUN mode: decrypted packets go here instead of into the userspace stack.
     to_os: Option<mpsc::Sender<Vec<u8>>>,
-    /// TUN mode: outbound UDP conversations (local, remote) -> last use, so only replies come in.
-    udp_out: HashMap<(SocketAddrV4, SocketAddrV4), Instant>,
+    /// TUN mode: what this client started, so that only replies to it come in, and only for its
+    /// own address.
+    filter: InboundFilter,
     kind: NodeKind,
     udp: Arc<UdpSocket>,
     /// Batched, offloaded UDP I/O on `udp` (recvmmsg with GRO, sendmsg with GSO where the kernel has it).
@@ -347,7 +348,7 @@ pub async fn start_on(
     let now = Instant::now();
     let mut lp = Loop {
         to_os,
-        udp_out: HashMap::new(),
+        filter: InboundFilter::default(),
         kind,
         udp: udp.clone(),
         udp_state: udp_state.clone(),
@@ -540,6 +541,7 @@ impl Loop {
                 self.stack = Some(NetStack::with_options(addr, prefix, map.mtu, any_ip, seed, now, opts));
                 self.flows.clear();
                 self.own_addr = own;
+                self.filter.set_address(addr);
             }
         }
         let mut peers = Vec::new();
@@ -830,45 +832,26 @@ impl Loop {
 
     /// A packet the system sends into the tunnel (TUN mode).
     fn send_from_os(&mut self, p: &[u8]) {
-        if let Some(sum) = packet::summarize(p) {
-            if let Proto::Udp { src_port, dst_port } = sum.proto {
-                if self.udp_out.len() >= UDP_CONNTRACK {
-                    let cutoff = Instant::now().checked_sub(UDP_CONNTRACK_TTL).unwrap_or_else(Instant::now);
-                    self.udp_out.retain(|_, t| *t >= cutoff);
-                }
-                if self.udp_out.len() < UDP_CONNTRACK {
-                    let key = (SocketAddrV4::new(sum.src, src_port), SocketAddrV4::new(sum.dst, dst_port));
-                    self.udp_out.insert(key, Instant::now());
-                }
-            }
-        }
+        self.filter.outbound(p, Instant::now());
         self.device.handle_outbound(p);
     }
 
-    /// TUN mode: what a site may send to this machine. Replies only: no new TCP connections, no
-    /// pings, UDP only from a conversation this machine started. A compromised site must not reach
-    /// the client's own services.
-    fn admits(&self, pkt: &[u8]) -> bool {
-        let Some(s) = packet::summarize(pkt) else { return false };
-        match s.proto {
-            Proto::Tcp { syn_only, .. } => !syn_only,
-            Proto::Udp { src_port, dst_port } => {
-                let key = (SocketAddrV4::new(s.dst, dst_port), SocketAddrV4::new(s.src, src_port));
-                self.udp_out.get(&key).is_some_and(|t| t.elapsed() < UDP_CONNTRACK_TTL)
-            }
-            Proto::EchoRequest => false,
-            Proto::Other(_) => true,
-        }
-    }
-
     fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>) {
-        if let Some(os) = &self.to_os {
-            if !self.admits(&pkt) {
-                self.counters.unsolicited += 1;
-                return;
+        if self.to_os.is_some() {
+            // What a site may send to this machine: replies to what it started, for its own address
+            // only. A compromised site must reach neither the client's services nor, through a
+            // kernel that forwards, its LAN.
+            match self.filter.inbound(&pkt, Instant::now()) {
+                Ok(()) => {
+                    if let Some(os) = &self.to_os {
+                        // Full queue: drop, as a congested link would; TCP backs off.
+                        let _ = os.try_send(pkt);
+                    }
+                }
+                Err(Refusal::WrongDestination) => self.counters.wrong_destination += 1,
+                Err(Refusal::Unsolicited) => self.counters.unsolicited += 1,
+                Err(Refusal::Unparsable) => self.counters.unparsable += 1,
             }
-            // Full queue: drop, as a congested link would; TCP backs off.
-            let _ = os.try_send(pkt);
             return;
         }
         if self.kind == NodeKind::Client {
@@ -1408,3 +1391,6 @@ pub async fn bridge_stream(stream: TcpStream, ends: FlowEnds) {
     };
     tokio::join!(up, down);
 }
+
+#[cfg(test)]
+mod tests;

@@ -108,7 +108,7 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
             let _ = writeln!(out, "tunnel_node_dropped_packets_total{{reason=\"{reason}\"}} {}", n(count));
         }
     }
-    for reason in ["not_granted", "wrong_port", "unparsable", "unsolicited"] {
+    for reason in ["not_granted", "wrong_port", "unparsable", "unsolicited", "wrong_destination"] {
         let _ = writeln!(
             out,
             "tunnel_node_dropped_packets_total{{reason=\"{reason}\"}} {}",
