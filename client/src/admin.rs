@@ -201,7 +201,7 @@ pub fn print_audit(out: &mut dyn Write, es: &[pb::AuditEvent], json_out: bool) -
         let v: Vec<_> = es
             .iter()
             .map(|e| {
-                json!({"at_ms": e.at_ms, "actor": e.actor, "action": e.action, "target": e.target,
+                json!({"id": e.id, "at_ms": e.at_ms, "actor": e.actor, "action": e.action, "target": e.target,
                        "source": e.source, "outcome": e.outcome})
             })
             .collect();

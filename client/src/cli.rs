@@ -53,9 +53,12 @@ pub enum Cmd {
     Audit {
         #[command(flatten)]
         list: ListArgs,
-        /// How many entries.
+        /// How many entries (fetched from the server a page at a time).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only entries older than this id (the id a previous listing ended at, shown with --json).
+        #[arg(long, default_value_t = 0)]
+        before: i64,
     },
     /// Show the server's settings and counts.
     Info(ListArgs),
@@ -343,9 +346,24 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             let r = c.list_grants(pb::ListGrantsRequest {}).await.map_err(admin::status)?;
             admin::print_grants(out, &r.into_inner().grants, l.json)
         }
-        Cmd::Audit { list, limit } => {
-            let r = c.list_audit(pb::ListAuditRequest { limit }).await.map_err(admin::status)?;
-            admin::print_audit(out, &r.into_inner().events, list.json)
+        Cmd::Audit { list, limit, before } => {
+            // Pages of at most 500: no call makes the server read or send the whole log.
+            let mut events = Vec::new();
+            let mut cursor = before;
+            while (events.len() as u32) < limit {
+                let page = (limit - events.len() as u32).min(500);
+                let r = c
+                    .list_audit(pb::ListAuditRequest { limit: page, before_id: cursor })
+                    .await
+                    .map_err(admin::status)?
+                    .into_inner();
+                events.extend(r.events);
+                if r.next_before_id == 0 {
+                    break;
+                }
+                cursor = r.next_before_id;
+            }
+            admin::print_audit(out, &events, list.json)
         }
         Cmd::Info(l) => {
             let r = c.server_info(pb::ServerInfoRequest {}).await.map_err(admin::status)?;

@@ -6,6 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod dns;
+pub mod keyproof;
 pub mod map;
 pub mod names;
 pub mod netstack;

@@ -40,6 +40,79 @@ pub struct Candidate {
     pub kind: String,
 }
 
+/// The most candidates of one kind a node may report (and a peer will probe). LAN covers every
+/// interface address of both families on a host with a few bridges; reflexive one per family and NAT
+/// mapping; advertised a few forwarded ports.
+pub const MAX_CANDIDATES_LAN: usize = 16;
+/// See [`MAX_CANDIDATES_LAN`].
+pub const MAX_CANDIDATES_REFLEXIVE: usize = 4;
+/// See [`MAX_CANDIDATES_LAN`].
+pub const MAX_CANDIDATES_ADVERTISED: usize = 4;
+
+/// Whether `addr` may be a candidate at all: a unicast address another host could reach, and a port.
+/// Loopback, unspecified, multicast, broadcast, link-local (both families) and documentation-free
+/// special cases are refused, so a compromised node cannot turn its peers' probes (ten a second to
+/// each candidate) into a flood at their own loopback, their link or a multicast group.
+pub fn candidate_addr_allowed(addr: std::net::SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if addr.port() == 0 {
+        return false;
+    }
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_link_local()
+                || v4.octets()[0] == 0
+                || v4.octets()[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// The cap for candidates of `kind` (`lan`, `reflexive`, `advertised`); 0 for an unknown kind.
+pub fn candidate_cap(kind: &str) -> usize {
+    match kind {
+        "lan" => MAX_CANDIDATES_LAN,
+        "reflexive" => MAX_CANDIDATES_REFLEXIVE,
+        "advertised" => MAX_CANDIDATES_ADVERTISED,
+        _ => 0,
+    }
+}
+
+/// `list` without refused addresses ([`candidate_addr_allowed`], and `refuse` for the caller's own
+/// rule, e.g. the overlay), duplicates or more than the cap of each kind (first ones kept), and how
+/// many were dropped.
+pub fn bound_candidates(
+    list: impl IntoIterator<Item = Candidate>,
+    refuse: impl Fn(std::net::IpAddr) -> bool,
+) -> (Vec<Candidate>, usize) {
+    let mut kept: Vec<Candidate> = Vec::new();
+    let mut dropped = 0;
+    for c in list {
+        let ok = c
+            .addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| candidate_addr_allowed(a) && !refuse(a.ip()));
+        let room = kept.iter().filter(|k| k.kind == c.kind).count() < candidate_cap(&c.kind);
+        if ok && room && !kept.contains(&c) {
+            kept.push(c);
+        } else {
+            dropped += 1;
+        }
+    }
+    (kept, dropped)
+}
+
 /// A peer this node may exchange tunnel traffic with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
@@ -279,6 +352,48 @@ pub fn diff<'a>(old: &NetworkMap, new: &'a NetworkMap) -> MapDiff<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candidates_are_bounded_and_only_unicast() {
+        let c = |addr: &str, kind: &str| Candidate { addr: addr.into(), kind: kind.into() };
+        let refused = [
+            "127.0.0.1:5",
+            "0.0.0.0:5",
+            "224.0.0.1:5",
+            "255.255.255.255:5",
+            "169.254.1.1:5",
+            "[::1]:5",
+            "[::]:5",
+            "[ff02::1]:5",
+            "[fe80::1]:5",
+            "[::ffff:127.0.0.1]:5",
+            "192.0.2.1:0",
+            "240.0.0.1:5",
+        ];
+        for a in refused {
+            assert!(!candidate_addr_allowed(a.parse().unwrap()), "{a} must be refused");
+        }
+        for a in ["192.0.2.1:5", "10.1.0.2:51820", "[2001:db8::1]:5", "[fd00::1]:5", "100.64.0.1:9"] {
+            assert!(candidate_addr_allowed(a.parse().unwrap()), "{a} must be allowed");
+        }
+        let mut list: Vec<Candidate> = (0..40).map(|i| c(&format!("10.0.0.{i}:1"), "lan")).collect();
+        list.push(c("127.0.0.1:1", "lan"));
+        list.push(c("100.96.0.9:1", "reflexive"));
+        list.push(c("192.0.2.1:1", "reflexive"));
+        list.push(c("192.0.2.1:1", "reflexive"));
+        list.push(c("192.0.2.2:1", "bogus"));
+        let overlay: ipnet::Ipv4Net = "100.96.0.0/16".parse().unwrap();
+        let (kept, dropped) = bound_candidates(list, |ip| match ip {
+            std::net::IpAddr::V4(v4) => overlay.contains(&v4),
+            _ => false,
+        });
+        assert_eq!(kept.iter().filter(|k| k.kind == "lan").count(), MAX_CANDIDATES_LAN);
+        assert_eq!(
+            kept.iter().filter(|k| k.kind == "reflexive").collect::<Vec<_>>(),
+            vec![&c("192.0.2.1:1", "reflexive")]
+        );
+        assert_eq!(dropped, 40 - MAX_CANDIDATES_LAN + 1 + 1 + 1 + 1);
+    }
     use proptest::prelude::*;
 
     fn id(n: u8) -> NodeId {

@@ -92,6 +92,26 @@ impl CandidateKind {
     }
 }
 
+/// `list` with only allowed addresses and at most the cap of each kind (the first ones), no repeats.
+fn bounded(list: Vec<(SocketAddr, CandidateKind)>) -> Vec<(SocketAddr, CandidateKind)> {
+    let mut kept: Vec<(SocketAddr, CandidateKind)> = Vec::with_capacity(list.len().min(24));
+    for c in list {
+        let cap = match c.1 {
+            CandidateKind::Lan => crate::map::MAX_CANDIDATES_LAN,
+            CandidateKind::Reflexive => crate::map::MAX_CANDIDATES_REFLEXIVE,
+            CandidateKind::Advertised => crate::map::MAX_CANDIDATES_ADVERTISED,
+            CandidateKind::PeerReflexive => 0,
+        };
+        if crate::map::candidate_addr_allowed(c.0)
+            && kept.iter().filter(|k| k.1 == c.1).count() < cap
+            && !kept.iter().any(|k| k.0 == c.0)
+        {
+            kept.push(c);
+        }
+    }
+    kept
+}
+
 /// A peer as the map describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCandidates {
@@ -209,11 +229,16 @@ impl Paths {
     }
 
     /// Installs exactly these peers. A peer whose candidates changed starts punching.
+    ///
+    /// Candidates a peer may not have (loopback, multicast, link-local, ...; more than the cap of a
+    /// kind) are dropped here whatever the server sent: probes go only to addresses another host could
+    /// be at, and to a bounded number of them.
     pub fn set_peers(&mut self, desired: Vec<PeerCandidates>, now: Instant) {
         self.now = self.now.max(now);
         let keys: std::collections::BTreeSet<[u8; 32]> = desired.iter().map(|p| p.key).collect();
         self.peers.retain(|k, _| keys.contains(k));
-        for p in desired {
+        for mut p in desired {
+            p.candidates = bounded(p.candidates);
             match self.peers.get_mut(&p.key) {
                 Some(st) => {
                     if st.candidates != p.candidates {

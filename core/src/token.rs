@@ -80,6 +80,12 @@ impl Secret {
     pub fn from_random(bytes: [u8; 32]) -> Self {
         Secret(B64.encode(bytes))
     }
+    /// Whether `s` has the shape of a secret this project makes ([`Secret::from_random`]: 32 bytes,
+    /// base64url without padding): anything else is refused before it costs a hash.
+    pub fn well_formed(s: &str) -> bool {
+        s.len() == 43 && B64.decode(s).is_ok_and(|b| b.len() == 32)
+    }
+
     /// The secret itself, for hashing or sending. Never log the result.
     pub fn expose(&self) -> &str {
         &self.0
@@ -265,6 +271,15 @@ fn decode_secret(part: &str) -> Result<Secret, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_have_one_shape() {
+        assert!(Secret::well_formed(Secret::from_random([7; 32]).expose()));
+        assert!(!Secret::well_formed(""));
+        assert!(!Secret::well_formed(&"A".repeat(44)));
+        assert!(!Secret::well_formed(&"*".repeat(43)));
+        assert!(!Secret::well_formed(&"x".repeat(1 << 20)));
+    }
     use proptest::prelude::*;
 
     fn sample() -> JoinToken {

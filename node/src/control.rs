@@ -12,6 +12,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
+use tunnel_core::keyproof::{self, KEY_PROOF_CAPABILITY};
 use tunnel_core::map::{Candidate, NetworkMap};
 use tunnel_core::JoinToken;
 use tunnel_proto::v1 as pb;
@@ -22,12 +23,29 @@ use crate::state::StateDir;
 use crate::tls::{self, ConnectError, ServerTarget};
 
 /// Capabilities this node understands.
-pub const NODE_CAPABILITIES: &[&str] = &["delta-v1", "ticket-v1"];
+pub const NODE_CAPABILITIES: &[&str] = &["delta-v1", "ticket-v1", KEY_PROOF_CAPABILITY];
+
+/// The largest server message this node decodes, announced in Hello: the server splits bigger maps.
+/// (Nodes before this announcement decode 4 MiB, tonic's default.)
+pub const MAX_SERVER_MESSAGE: usize = 16 << 20;
+
+/// The node's WireGuard private key, for the login's key proof; never printed.
+#[derive(Clone)]
+pub struct NodeKey(pub [u8; 32]);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeKey(<redacted>)")
+    }
+}
 
 /// What a node needs to hold a control session.
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
     pub token: JoinToken,
+    /// The private key whose public half is `public_key`: it answers the server's key challenge.
+    /// `None` logs in as nodes before key-proof-v1 did (tests of old nodes, benchmarks with made-up keys).
+    pub private_key: Option<NodeKey>,
     pub public_key: [u8; 32],
     pub version: String,
     pub candidates: Vec<Candidate>,
@@ -67,7 +85,7 @@ impl ControlSession {
     pub async fn open(cfg: &ControlConfig, ticket: Option<&[u8]>) -> Result<ControlSession, SessionError> {
         let target = ServerTarget { server: cfg.token.server.clone(), pin: cfg.token.pin };
         let channel = tls::connect(&target).await?;
-        let mut client = ControlClient::new(channel);
+        let mut client = ControlClient::new(channel).max_decoding_message_size(MAX_SERVER_MESSAGE);
         let (out, rx) = mpsc::channel(16);
         let hello = pb::Hello {
             node_id: cfg.token.node_id.to_string(),
@@ -75,17 +93,45 @@ impl ControlSession {
             session_ticket: ticket.map(<[u8]>::to_vec).unwrap_or_default(),
             public_key: cfg.public_key.to_vec(),
             version: cfg.version.clone(),
-            capabilities: NODE_CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            capabilities: NODE_CAPABILITIES
+                .iter()
+                .filter(|c| cfg.private_key.is_some() || **c != KEY_PROOF_CAPABILITY)
+                .map(|s| s.to_string())
+                .collect(),
             candidates: cfg.candidates.iter().map(convert::candidate_to_pb).collect(),
+            max_message_bytes: MAX_SERVER_MESSAGE as u32,
         };
         out.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Hello(hello)) })
             .await
             .map_err(|_| SessionError::Lost("stream closed".into()))?;
         let mut inbound = client.connect(ReceiverStream::new(rx)).await.map_err(status_error)?.into_inner();
-        let welcome = match inbound.message().await.map_err(status_error)? {
-            Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => w,
-            Some(_) => return Err(SessionError::Lost("the server did not start with Welcome".into())),
-            None => return Err(SessionError::Lost("the server closed the stream".into())),
+        let mut challenged = false;
+        let welcome = loop {
+            match inbound.message().await.map_err(status_error)? {
+                Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(w)) }) => break w,
+                Some(pb::ServerMessage { msg: Some(pb::server_message::Msg::KeyChallenge(c)) })
+                    if !challenged =>
+                {
+                    let Some(key) = &cfg.private_key else {
+                        return Err(SessionError::Lost(
+                            "the server sent a key challenge this node did not ask for".into(),
+                        ));
+                    };
+                    // Prove we hold the private key of the public key in Hello (tunnel_core::keyproof).
+                    challenged = true;
+                    let server_public: [u8; 32] =
+                        c.server_public.as_slice().try_into().map_err(|_| {
+                            SessionError::Lost("the server's key challenge is malformed".into())
+                        })?;
+                    let mac = keyproof::prove(&key.0, cfg.token.node_id.as_str(), &server_public);
+                    let msg = pb::NodeMessage {
+                        msg: Some(pb::node_message::Msg::KeyProof(pb::KeyProof { mac: mac.to_vec() })),
+                    };
+                    out.send(msg).await.map_err(|_| SessionError::Lost("stream closed".into()))?;
+                }
+                Some(_) => return Err(SessionError::Lost("the server did not start with Welcome".into())),
+                None => return Err(SessionError::Lost("the server closed the stream".into())),
+            }
         };
         Ok(ControlSession { out, inbound, welcome, map: None })
     }
@@ -128,7 +174,7 @@ impl ControlSession {
                     tracing::info!(version, "network map updated");
                 }
                 pb::server_message::Msg::Revoked(r) => return Err(SessionError::Revoked(r.reason)),
-                pb::server_message::Msg::Welcome(_) => continue,
+                pb::server_message::Msg::Welcome(_) | pb::server_message::Msg::KeyChallenge(_) => continue,
             }
             if self.map.is_some() {
                 break;
@@ -169,6 +215,16 @@ fn status_error(s: tonic::Status) -> SessionError {
     match s.code() {
         Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument => {
             SessionError::Rejected(s.message().to_owned())
+        }
+        Code::OutOfRange => {
+            // A message over what this node decodes: it would come back on every reconnect, so say
+            // it loudly instead of looping quietly on the cached map.
+            tracing::error!(
+                limit = MAX_SERVER_MESSAGE,
+                error = %s.message(),
+                "the server sent a message larger than this node accepts; working from the last map"
+            );
+            SessionError::Lost(format!("message from the server over this node's limit: {}", s.message()))
         }
         _ => SessionError::Lost(if s.message().is_empty() {
             s.code().to_string()

@@ -101,6 +101,7 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
     let (dp, dp_task) = dataplane::start_on(cfg.kind, key, socket, map_rx, os, opts).await?;
     let control_cfg = ControlConfig {
         token: cfg.token.clone(),
+        private_key: Some(crate::control::NodeKey(key)),
         public_key: tunnel_core::wg::public_key(key),
         version: cfg.version.clone(),
         candidates,

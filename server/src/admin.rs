@@ -12,8 +12,12 @@ use tunnel_proto::v1 as pb;
 use tunnel_proto::v1::admin_server::Admin;
 
 use crate::convert::kind_from_pb;
+use crate::limits::source_key;
 use crate::state::{now_ms, JoinLimits, OpError, Shared};
 use crate::store::AuditRow;
+
+/// The most audit entries one `ListAudit` call returns; `tunnelctl audit` pages through more.
+pub const AUDIT_PAGE_MAX: u32 = 1000;
 
 /// The Admin service.
 #[derive(Debug, Clone)]
@@ -41,13 +45,13 @@ impl AdminService {
         if presented.is_empty() || !bool::from(presented.as_bytes().ct_eq(expected)) {
             // The admin secret is 256 random bits and cheap to compare, so the right one always gets
             // in; wrong ones are counted, and a source over its budget is told to wait.
-            if let Err(wait) = self.shared.limiter.check(ip, now) {
+            // Its own budget, apart from node logins: a script with a stale token behind a shared NAT
+            // must not lock out the nodes there.
+            if let Err(r) = self.shared.gate.admin.take(&source_key(ip), now) {
                 return Err(Status::resource_exhausted(format!(
-                    "too many failed logins from {ip}; try again in {}s",
-                    wait.as_secs().max(1)
+                    "too many wrong admin tokens from {ip}; {r}"
                 )));
             }
-            self.shared.limiter.failed(ip, now);
             let src = source.map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(target: "audit", source = %src, "admin call with a wrong admin token");
             return Err(Status::unauthenticated("wrong admin token for this server"));
@@ -265,20 +269,24 @@ impl Admin for AdminService {
         self.check(&req)?;
         let limit = match req.get_ref().limit {
             0 => 100,
-            n => n.min(10_000),
+            n => n.min(AUDIT_PAGE_MAX),
         };
-        let rows = self.shared.store.list_audit(limit).await.map_err(|e| OpError::from(e).into_status())?;
+        let before = req.get_ref().before_id;
+        let rows =
+            self.shared.store.list_audit(limit, before).await.map_err(|e| OpError::from(e).into_status())?;
+        let next_before_id = if rows.len() as u32 == limit { rows.last().map_or(0, |e| e.id) } else { 0 };
         let events = rows
             .into_iter()
-            .map(|r| pb::AuditEvent {
-                at_ms: r.at_ms,
-                actor: r.actor,
-                action: r.action,
-                target: r.target,
-                source: r.source,
-                outcome: r.outcome,
+            .map(|e| pb::AuditEvent {
+                id: e.id,
+                at_ms: e.row.at_ms,
+                actor: e.row.actor,
+                action: e.row.action,
+                target: e.row.target,
+                source: e.row.source,
+                outcome: e.row.outcome,
             })
             .collect();
-        Ok(Response::new(pb::ListAuditReply { events }))
+        Ok(Response::new(pb::ListAuditReply { events, next_before_id }))
     }
 }

@@ -50,6 +50,8 @@ pub struct Session {
     kill: Option<oneshot::Sender<SessionEnd>>,
     /// When the relay capabilities last sent were signed, and for which peer keys (a hash).
     caps: Option<(Instant, u64)>,
+    /// The largest message the node decodes: bigger maps and deltas are split to fit.
+    max_message: usize,
 }
 
 /// Counters for /metrics and the benchmark.
@@ -146,6 +148,7 @@ impl Hub {
         reg: &Registry,
         id: &NodeId,
         tx: mpsc::Sender<Outbound>,
+        max_message: usize,
     ) -> (u64, oneshot::Receiver<SessionEnd>) {
         self.next_session += 1;
         let (kill_tx, kill_rx) = oneshot::channel();
@@ -161,6 +164,7 @@ impl Hub {
             needs_full: true,
             kill: Some(kill_tx),
             caps: None,
+            max_message,
         };
         send_full(reg, id, &mut s, &mut self.stats, self.services.as_deref());
         self.sessions.insert(id.clone(), s);
@@ -200,11 +204,11 @@ impl Hub {
         self.dirty.insert(id.clone());
     }
 
-    /// A node asked for its full map again.
-    pub fn request_full(&mut self, reg: &Registry, id: &NodeId) {
+    /// A node asked for its full map again. It is built at the next flush, and only once the node's
+    /// queue has room: asking many times costs one map, and a node that does not read costs nothing.
+    pub fn request_full(&mut self, id: &NodeId) {
         if let Some(s) = self.sessions.get_mut(id) {
             s.needs_full = true;
-            send_full(reg, id, s, &mut self.stats, self.services.as_deref());
         }
     }
 
@@ -289,22 +293,76 @@ fn send_full(
         stun_addr: services.and_then(|sv| sv.stun_addr.clone()).unwrap_or_default(),
     };
     let caps = services.map(|_| (Instant::now(), keys_hash(&peers)));
-    let msg = pb::ServerMessage { msg: Some(pb::server_message::Msg::FullMap(map)) };
-    match s.tx.try_send(Ok(msg)) {
-        Ok(()) => {
-            s.version = version;
-            s.sent_peers = peers;
-            s.sent_resources = resources;
-            s.needs_full = false;
-            s.caps = caps;
-            stats.full_maps_sent += 1;
-            tracing::debug!(node = %id, version, "full map queued");
-        }
-        Err(_) => {
-            // Queue full or closed: the flush retries when there is room.
+    let msgs = split_full(map, budget(s.max_message));
+    if s.tx.capacity() < msgs.len() {
+        // The flush retries when there is room for all of it.
+        s.needs_full = true;
+        return;
+    }
+    let parts = msgs.len() as u64;
+    for msg in msgs {
+        if s.tx.try_send(Ok(msg)).is_err() {
+            // Closed (or raced full): resynchronise with a full map if the session lives on.
             s.needs_full = true;
+            return;
         }
     }
+    s.version = version + parts - 1;
+    s.sent_peers = peers;
+    s.sent_resources = resources;
+    s.needs_full = false;
+    s.caps = caps;
+    stats.full_maps_sent += 1;
+    tracing::debug!(node = %id, version = s.version, parts, "full map queued");
+}
+
+/// What one message may hold for a node that decodes `max_message` bytes: room is left for the
+/// message's framing.
+fn budget(max_message: usize) -> usize {
+    max_message - max_message / 16
+}
+
+/// `map` as messages that each fit `budget` bytes: the map itself when it fits; otherwise a full map
+/// with the peers and resources that fit, then deltas (versions following on) with the rest. A node
+/// of any version applies them as one map arriving in parts.
+fn split_full(mut map: pb::NetworkMap, budget: usize) -> Vec<pb::ServerMessage> {
+    use prost::Message;
+    if map.encoded_len() <= budget {
+        return vec![pb::ServerMessage { msg: Some(pb::server_message::Msg::FullMap(map)) }];
+    }
+    let mut peers = std::mem::take(&mut map.peers).into_iter().peekable();
+    let mut resources = std::mem::take(&mut map.resources).into_iter().peekable();
+    // Fill the full map first, then one delta after another. Each item is small (candidates and
+    // names are bounded), so an item alone always fits.
+    let mut size = map.encoded_len();
+    while let Some(p) = peers.next_if(|p| size + p.encoded_len() + 8 <= budget) {
+        size += p.encoded_len() + 8;
+        map.peers.push(p);
+    }
+    while let Some(r) = resources.next_if(|r| size + r.encoded_len() + 8 <= budget) {
+        size += r.encoded_len() + 8;
+        map.resources.push(r);
+    }
+    let mut version = map.version;
+    let mut out = vec![pb::ServerMessage { msg: Some(pb::server_message::Msg::FullMap(map)) }];
+    while peers.peek().is_some() || resources.peek().is_some() {
+        let mut d = pb::MapDelta { base_version: version, version: version + 1, ..Default::default() };
+        let mut size = d.encoded_len();
+        let mut took = false;
+        while let Some(p) = peers.next_if(|p| !took || size + p.encoded_len() + 8 <= budget) {
+            size += p.encoded_len() + 8;
+            took = true;
+            d.upsert_peers.push(p);
+        }
+        while let Some(r) = resources.next_if(|r| !took || size + r.encoded_len() + 8 <= budget) {
+            size += r.encoded_len() + 8;
+            took = true;
+            d.upsert_resources.push(r);
+        }
+        version += 1;
+        out.push(pb::ServerMessage { msg: Some(pb::server_message::Msg::Delta(d)) });
+    }
+    out
 }
 
 fn send_delta(
@@ -371,22 +429,57 @@ fn send_delta(
     {
         return;
     }
-    let version = delta.version;
-    let msg = pb::ServerMessage { msg: Some(pb::server_message::Msg::Delta(delta)) };
-    match s.tx.try_send(Ok(msg)) {
-        Ok(()) => {
-            s.version = version;
-            if new_caps.is_some() {
-                s.caps = new_caps;
-            }
-            stats.deltas_sent += 1;
-            tracing::debug!(node = %id, version, "map delta queued");
+    let parts = split_delta(delta, budget(s.max_message));
+    let version = parts.last().map_or(s.version, |d| d.version);
+    let fits = s.tx.capacity() >= parts.len();
+    let sent = fits
+        && parts.into_iter().all(|d| {
+            s.tx.try_send(Ok(pb::ServerMessage { msg: Some(pb::server_message::Msg::Delta(d)) })).is_ok()
+        });
+    if sent {
+        s.version = version;
+        if new_caps.is_some() {
+            s.caps = new_caps;
         }
-        Err(_) => {
-            // What we recorded as sent is now ahead of the node: resynchronise with a full map.
-            s.needs_full = true;
-            stats.deltas_dropped += 1;
-            tracing::debug!(node = %id, "session queue full; a full map will follow");
+        stats.deltas_sent += 1;
+        tracing::debug!(node = %id, version, "map delta queued");
+    } else {
+        // What we recorded as sent is now ahead of the node: resynchronise with a full map.
+        s.needs_full = true;
+        stats.deltas_dropped += 1;
+        tracing::debug!(node = %id, "session queue full; a full map will follow");
+    }
+}
+
+/// `delta` as a chain of deltas that each fit `budget` bytes (the first keeps the removals and the
+/// relays; upserts are spread over the rest).
+fn split_delta(mut delta: pb::MapDelta, budget: usize) -> Vec<pb::MapDelta> {
+    use prost::Message;
+    if delta.encoded_len() <= budget {
+        return vec![delta];
+    }
+    let mut peers = std::mem::take(&mut delta.upsert_peers).into_iter().peekable();
+    let mut resources = std::mem::take(&mut delta.upsert_resources).into_iter().peekable();
+    let mut out: Vec<pb::MapDelta> = Vec::new();
+    let mut cur = delta;
+    loop {
+        let mut size = cur.encoded_len();
+        let mut took = false;
+        while let Some(p) = peers.next_if(|p| !took || size + p.encoded_len() + 8 <= budget) {
+            size += p.encoded_len() + 8;
+            took = true;
+            cur.upsert_peers.push(p);
         }
+        while let Some(r) = resources.next_if(|r| !took || size + r.encoded_len() + 8 <= budget) {
+            size += r.encoded_len() + 8;
+            took = true;
+            cur.upsert_resources.push(r);
+        }
+        let next = cur.version;
+        out.push(cur);
+        if peers.peek().is_none() && resources.peek().is_none() {
+            return out;
+        }
+        cur = pb::MapDelta { base_version: next, version: next + 1, ..Default::default() };
     }
 }

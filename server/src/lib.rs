@@ -13,6 +13,7 @@ pub mod control;
 pub mod convert;
 pub mod hub;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod registry;
 pub mod relay;
@@ -51,6 +52,21 @@ pub const DEFAULT_OVERLAY: &str = "100.96.0.0/16";
 /// How long a released overlay address rests before it is handed out again.
 pub const ADDRESS_QUARANTINE: Duration = Duration::from_secs(3600);
 
+/// How long audit entries are kept by default.
+pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The largest message the control service accepts from a node: a hello or an endpoint update with
+/// the most candidates allowed, a health report for a large site. A stranger's message over it is
+/// refused while it is being read, before any of it is parsed.
+pub const CONTROL_MAX_INBOUND: usize = 1 << 20;
+
+/// The largest message the server sends: a full map or a delta for the largest network. Maps for a node
+/// that accepts less are split to fit what it said it accepts ([`hub`]).
+pub const MAX_OUTBOUND: usize = 64 << 20;
+
+/// The largest admin request (an `apply` of a whole config).
+pub const ADMIN_MAX_INBOUND: usize = 8 << 20;
+
 /// Everything [`start`] needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -76,6 +92,10 @@ pub struct ServerConfig {
     pub capability_ttl: Duration,
     /// Per-node limits of the embedded relay.
     pub relay_limits: relay::Limits,
+    /// Login admission limits.
+    pub login_limits: limits::LoginLimits,
+    /// How long audit entries are kept (`None`: for ever).
+    pub audit_retention: Option<Duration>,
 }
 
 /// A relay running apart from the server, as nodes should reach it.
@@ -122,6 +142,8 @@ impl ServerConfig {
             external_relays: vec![],
             capability_ttl: Duration::from_secs(3600),
             relay_limits: relay::Limits::default(),
+            login_limits: limits::LoginLimits::default(),
+            audit_retention: Some(AUDIT_RETENTION),
         }
     }
 }
@@ -265,6 +287,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         reg,
         SecretHasher::new(cfg.kdf),
         Tickets::new(identity.ticket_key),
+        cfg.login_limits,
     ));
     shared.model().hub.services = Some(services);
 
@@ -275,8 +298,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
-        .add_service(ControlServer::new(control::ControlService { shared: shared.clone() }))
-        .add_service(AdminServer::new(admin::AdminService { shared: shared.clone() }));
+        .add_service(
+            ControlServer::new(control::ControlService { shared: shared.clone() })
+                .max_decoding_message_size(CONTROL_MAX_INBOUND)
+                .max_encoding_message_size(MAX_OUTBOUND),
+        )
+        .add_service(
+            AdminServer::new(admin::AdminService { shared: shared.clone() })
+                .max_decoding_message_size(ADMIN_MAX_INBOUND)
+                .max_encoding_message_size(MAX_OUTBOUND),
+        );
     let serve = tokio::spawn(async move {
         let stop = async {
             let _ = stop_rx.await;
@@ -305,6 +336,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
             flush_last_seen(&s).await;
         }
     }));
+    if let Some(keep) = cfg.audit_retention {
+        let s = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                prune_audit(&s, keep).await;
+            }
+        }));
+    }
     let metrics_addr = match cfg.metrics_listen {
         Some(a) => {
             let extra = metrics::Extra { stun: stun_stats.clone(), relay: relay_stats.clone() };
@@ -336,6 +377,16 @@ async fn flush_last_seen(shared: &Shared) {
     };
     if let Err(e) = shared.store.touch_last_seen(&batch).await {
         tracing::warn!(error = %e, "could not record last-seen times");
+    }
+}
+
+/// Deletes audit entries older than `keep`; a failure is logged and retried at the next tick.
+async fn prune_audit(shared: &Shared, keep: Duration) {
+    let before = now_ms() - keep.as_millis().min(i64::MAX as u128) as i64;
+    match shared.store.prune_audit(before).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "audit entries past the retention deleted"),
+        Err(e) => tracing::warn!(error = %e, "could not prune the audit log"),
     }
 }
 

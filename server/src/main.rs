@@ -98,6 +98,72 @@ impl LimitArgs {
     }
 }
 
+/// Limits on logins (SECURITY.md says what each defends).
+#[derive(Debug, Clone, clap::Args)]
+struct LoginArgs {
+    /// Failed join-secret logins one source (an IPv4 address, an IPv6 /64) may make at once; then
+    /// --login-failures-per-minute.
+    #[arg(long, env = "TUNNEL_LOGIN_FAILURE_BURST", default_value_t = 10)]
+    login_failure_burst: u32,
+    /// Failed join-secret logins one source may make per minute after its burst.
+    #[arg(long, env = "TUNNEL_LOGIN_FAILURES_PER_MINUTE", default_value_t = 10)]
+    login_failures_per_minute: u32,
+    /// Join-secret logins (argon2 runs) in progress from one source at once.
+    #[arg(long, env = "TUNNEL_LOGINS_IN_FLIGHT_PER_SOURCE", default_value_t = 4)]
+    logins_in_flight_per_source: usize,
+    /// Join-secret logins in progress at once in all.
+    #[arg(long, env = "TUNNEL_LOGINS_IN_FLIGHT", default_value_t = 64)]
+    logins_in_flight: usize,
+    /// Logins (ticket reconnects included) one node may make at once; then --node-logins-per-minute.
+    #[arg(long, env = "TUNNEL_NODE_LOGIN_BURST", default_value_t = 6)]
+    node_login_burst: u32,
+    /// Logins one node may make per minute after its burst.
+    #[arg(long, env = "TUNNEL_NODE_LOGINS_PER_MINUTE", default_value_t = 12)]
+    node_logins_per_minute: u32,
+    /// Wrong admin tokens one source may present at once; then --admin-failures-per-minute. Kept apart
+    /// from node logins, so a misconfigured script does not lock out the nodes behind the same address.
+    #[arg(long, env = "TUNNEL_ADMIN_FAILURE_BURST", default_value_t = 10)]
+    admin_failure_burst: u32,
+    /// Wrong admin tokens one source may present per minute after its burst.
+    #[arg(long, env = "TUNNEL_ADMIN_FAILURES_PER_MINUTE", default_value_t = 10)]
+    admin_failures_per_minute: u32,
+    /// Refuse nodes that do not prove they hold the private key of the public key they log in with
+    /// (nodes before key-proof-v1). Without it they are accepted and counted in /metrics.
+    #[arg(long, env = "TUNNEL_REQUIRE_KEY_PROOF")]
+    require_key_proof: bool,
+}
+
+impl LoginArgs {
+    fn limits(&self) -> tunnel_server::limits::LoginLimits {
+        tunnel_server::limits::LoginLimits {
+            failed_burst: self.login_failure_burst,
+            failed_per_minute: self.login_failures_per_minute,
+            inflight_per_source: self.logins_in_flight_per_source,
+            inflight_total: self.logins_in_flight,
+            node_burst: self.node_login_burst,
+            node_per_minute: self.node_logins_per_minute,
+            admin_failed_burst: self.admin_failure_burst,
+            admin_failed_per_minute: self.admin_failures_per_minute,
+            require_key_proof: self.require_key_proof,
+        }
+    }
+}
+
+/// A retention period, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct Retention(Option<std::time::Duration>);
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Retention(None));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(Retention(Some(d))),
+        Ok(_) => Err("a retention of 0 would delete every entry; use off to keep them for ever".into()),
+        Err(e) => Err(format!("'{s}' is not a duration (90d, 12h) or off: {e}")),
+    }
+}
+
 /// `ADDR:PORT` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Listen(Option<SocketAddr>);
@@ -156,6 +222,12 @@ struct Args {
     capability_ttl: std::time::Duration,
     #[command(flatten)]
     limits: LimitArgs,
+    /// How long audit entries are kept: a duration (90d, 12h) or `off` to keep them for ever. Older
+    /// entries are deleted at start and every hour.
+    #[arg(long, env = "TUNNEL_AUDIT_RETENTION", default_value = "90d", value_parser = parse_retention)]
+    audit_retention: Retention,
+    #[command(flatten)]
+    logins: LoginArgs,
     /// argon2id memory cost (KiB) for new join secrets. Lower it only for benchmarks and tests.
     #[arg(long, env = "TUNNEL_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024, hide = true)]
     argon2_memory_kib: u32,
@@ -235,6 +307,8 @@ async fn run(args: Args) -> Result<()> {
     cfg.external_relays = args.external_relay;
     cfg.capability_ttl = args.capability_ttl;
     cfg.relay_limits = args.limits.limits();
+    cfg.login_limits = args.logins.limits();
+    cfg.audit_retention = args.audit_retention.0;
     if args.argon2_memory_kib < 19 * 1024 {
         tracing::warn!(
             kib = args.argon2_memory_kib,

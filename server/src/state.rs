@@ -15,9 +15,10 @@ use tunnel_core::map::NodeKind;
 use tunnel_core::{names, JoinToken, KeyPin, NodeId, Secret, Target};
 use tunnel_proto::v1 as pb;
 
-use crate::auth::{LoginLimiter, SecretHasher, Tickets};
+use crate::auth::{SecretHasher, Tickets};
 use crate::convert;
 use crate::hub::Hub;
+use crate::limits::{LoginGate, LoginLimits};
 use crate::registry::{NodeRec, Registry, ResourceRec};
 use crate::store::{AuditRow, GrantRow, NodeRow, ResourceRow, Store, StoreError};
 
@@ -86,7 +87,8 @@ pub struct Shared {
     write: tokio::sync::Mutex<()>,
     pub hasher: SecretHasher,
     pub tickets: Tickets,
-    pub limiter: LoginLimiter,
+    /// Login admission: per-source, per-node and in-flight limits.
+    pub gate: LoginGate,
     /// Last-seen times waiting for the next batched write.
     pub seen: Mutex<HashMap<NodeId, i64>>,
 }
@@ -107,6 +109,7 @@ impl Shared {
         reg: Registry,
         hasher: SecretHasher,
         tickets: Tickets,
+        limits: LoginLimits,
     ) -> Self {
         Shared {
             facts,
@@ -116,7 +119,7 @@ impl Shared {
             write: tokio::sync::Mutex::new(()),
             hasher,
             tickets,
-            limiter: LoginLimiter::new(10, 10),
+            gate: LoginGate::new(limits),
             seen: Mutex::default(),
         }
     }
@@ -133,7 +136,6 @@ impl Shared {
 
     /// Records an audit event in the log table and in the `audit` tracing target.
     pub async fn audit(&self, actor: &str, action: &str, target: &str, source: &str, outcome: &str) {
-        tracing::info!(target: "audit", actor, action, target, source, outcome, "audit");
         let row = AuditRow {
             at_ms: now_ms(),
             actor: actor.into(),
@@ -142,14 +144,13 @@ impl Shared {
             source: source.into(),
             outcome: outcome.into(),
         };
-        if let Err(e) = self.store.audit(&row).await {
-            tracing::warn!(error = %e, action, "could not write the audit log");
-        }
+        self.audit_many(std::slice::from_ref(&row)).await;
     }
 
-    /// Records several audit events at once (one transaction), e.g. every change of an apply.
+    /// Records several audit events at once (one transaction), e.g. every change of an apply. Fields
+    /// are cut to [`crate::store::AUDIT_FIELD_MAX`] in the log as in the table.
     pub async fn audit_many(&self, rows: &[AuditRow]) {
-        for r in rows {
+        for r in rows.iter().map(AuditRow::bounded) {
             tracing::info!(target: "audit", actor = %r.actor, action = %r.action, target = %r.target,
                 source = %r.source, outcome = %r.outcome, "audit");
         }

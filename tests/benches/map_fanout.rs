@@ -154,6 +154,7 @@ async fn run(n: usize) -> Result<()> {
     for (i, tok) in tokens.iter().enumerate() {
         let cfg = ControlConfig {
             token: JoinToken::parse(tok)?,
+            private_key: None,
             public_key: [(i % 251) as u8; 32],
             version: "bench".into(),
             candidates: vec![],

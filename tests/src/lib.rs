@@ -158,11 +158,29 @@ impl TestNode {
     pub async fn join(token: &str, key: u8) -> Result<TestNode, SessionError> {
         let cfg = ControlConfig {
             token: JoinToken::parse(token).expect("valid token"),
+            // A made-up public key: these nodes log in as nodes before key proofs did.
+            private_key: None,
             public_key: [key; 32],
             version: "test".into(),
             candidates: vec![],
         };
-        let mut session = ControlSession::open(&cfg, None).await?;
+        Self::join_with(cfg, None).await
+    }
+
+    /// A node with a real X25519 key pair made from `private` (it proves its key at login).
+    pub fn keyed(token: &str, private: [u8; 32]) -> ControlConfig {
+        ControlConfig {
+            token: JoinToken::parse(token).expect("valid token"),
+            private_key: Some(tunnel_node::control::NodeKey(private)),
+            public_key: tunnel_core::wg::public_key(private),
+            version: "test".into(),
+            candidates: vec![],
+        }
+    }
+
+    /// Logs in with `cfg` (and `ticket`, if given) and waits for the first map.
+    pub async fn join_with(cfg: ControlConfig, ticket: Option<&[u8]>) -> Result<TestNode, SessionError> {
+        let mut session = ControlSession::open(&cfg, ticket).await?;
         tokio::time::timeout(PATIENCE, session.next_map())
             .await
             .map_err(|_| SessionError::Lost("no map".into()))??;

@@ -335,6 +335,7 @@ pub(super) async fn credentials(
     };
     let cfg = ControlConfig {
         token: token.clone(),
+        private_key: Some(tunnel_node::control::NodeKey(key)),
         public_key: tunnel_core::wg::public_key(key),
         version: env!("CARGO_PKG_VERSION").into(),
         candidates: vec![],

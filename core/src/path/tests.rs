@@ -235,3 +235,33 @@ fn a_peer_that_restarts_from_a_new_port_is_followed_at_once() {
     sim.a.handle_initiation(&kb, addr("198.51.100.7:1"), sim.now);
     assert_eq!(sim.a_path(), Some(Via::Relay));
 }
+
+#[test]
+fn probes_go_only_to_allowed_addresses_and_a_bounded_number() {
+    // A compromised node (or server) lists loopback, multicast, link-local and 200 LAN addresses.
+    let mut cands: Vec<(SocketAddr, CandidateKind)> = vec![
+        (addr("127.0.0.1:22"), CandidateKind::Lan),
+        (addr("224.0.0.251:5353"), CandidateKind::Lan),
+        (addr("[fe80::1]:9"), CandidateKind::Lan),
+        (addr("255.255.255.255:9"), CandidateKind::Reflexive),
+        (addr("0.0.0.0:9"), CandidateKind::Advertised),
+    ];
+    cands.extend(
+        (0..200u32).map(|i| (addr(&format!("10.9.{}.{}:7", i / 250, i % 250 + 1)), CandidateKind::Lan)),
+    );
+    let mut sim = Sim::new(cands, vec![]);
+    let mut seen = std::collections::BTreeSet::new();
+    let end = sim.now + Duration::from_secs(3);
+    while sim.now < end {
+        sim.now += Duration::from_millis(10);
+        sim.a.handle_timeout(sim.now);
+        while let Some((dst, _)) = sim.a.poll_transmit() {
+            seen.insert(dst);
+        }
+    }
+    assert!(!seen.is_empty(), "A punches towards B");
+    for dst in &seen {
+        assert!(crate::map::candidate_addr_allowed(*dst), "probed {dst}");
+    }
+    assert!(seen.len() <= crate::map::MAX_CANDIDATES_LAN, "{} destinations probed", seen.len());
+}

@@ -105,6 +105,57 @@ pub struct AuditRow {
     pub outcome: String,
 }
 
+/// A successful login, as [`Store::record_join`] writes it.
+#[derive(Clone, Debug)]
+pub struct JoinRecord<'a> {
+    pub id: &'a str,
+    /// The secret generation the login used: a rotated node writes nothing.
+    pub generation: i64,
+    pub public_key: &'a str,
+    pub join_used: bool,
+    /// The login spends a single-use secret: it writes only if the secret is still unused.
+    pub spend_once: bool,
+    pub version: &'a str,
+    pub now_ms: i64,
+}
+
+/// An audit entry as stored, with its id (the paging cursor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub row: AuditRow,
+}
+
+/// Longest stored audit fields, in characters: what a node or a stranger sends is cut to fit, so the
+/// log cannot be used to fill the disk (a denied login's node id was once stored as sent, up to 4 MiB).
+pub const AUDIT_FIELD_MAX: usize = 256;
+
+impl AuditRow {
+    /// The row with every field cut to [`AUDIT_FIELD_MAX`] characters and control characters
+    /// replaced, as it is stored and logged.
+    pub fn bounded(&self) -> AuditRow {
+        AuditRow {
+            at_ms: self.at_ms,
+            actor: clip(&self.actor, AUDIT_FIELD_MAX),
+            action: clip(&self.action, AUDIT_FIELD_MAX),
+            target: clip(&self.target, AUDIT_FIELD_MAX),
+            source: clip(&self.source, AUDIT_FIELD_MAX),
+            outcome: clip(&self.outcome, AUDIT_FIELD_MAX),
+        }
+    }
+}
+
+/// `s` cut to at most `max` characters (an ellipsis marks the cut), with control characters
+/// (newlines, escapes) replaced by `?` so a stored or logged field cannot forge log lines.
+pub fn clip(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if s.chars().nth(max).is_some() {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
 /// Everything the server loads at start.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -186,11 +237,13 @@ impl Store {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        // WAL lets readers run beside the writer; NORMAL sync is durable across process
-                        // crashes (fsync at checkpoints), which is what WAL mode is designed for.
+                        // WAL lets readers run beside the writer. FULL syncs the log at every commit:
+                        // NORMAL survives a process crash but a power loss can undo the last commits,
+                        // and those are a revoke, an `rm` or a used single-use token the operator saw
+                        // succeed. Writes are rare (admin calls, logins), so the fsync costs nothing.
                         for pragma in [
                             "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA synchronous = FULL",
                             "PRAGMA busy_timeout = 5000",
                             "PRAGMA foreign_keys = ON",
                         ] {
@@ -209,17 +262,19 @@ impl Store {
     }
 
     fn migrator(&self) -> Migrator {
-        let sql: [&'static str; 2] = match self.backend {
+        let sql: [&'static str; 3] = match self.backend {
             Backend::Sqlite => [
                 include_str!("migrations/sqlite/0001_init.sql"),
                 include_str!("migrations/sqlite/0002_health_check.sql"),
+                include_str!("migrations/sqlite/0003_audit_index.sql"),
             ],
             Backend::Postgres => [
                 include_str!("migrations/postgres/0001_init.sql"),
                 include_str!("migrations/postgres/0002_health_check.sql"),
+                include_str!("migrations/postgres/0003_audit_index.sql"),
             ],
         };
-        let names = ["init", "health_check"];
+        let names = ["init", "health_check", "audit_index"];
         let migrations = sql
             .iter()
             .zip(names)
@@ -389,25 +444,21 @@ impl Store {
     /// the software version it runs.
     /// Records a login's key, only if the node's secret generation is still `generation`. Returns
     /// false when it is not (the node was rotated or removed while the login was in flight).
-    pub async fn record_join(
-        &self,
-        id: &str,
-        generation: i64,
-        public_key: &str,
-        join_used: bool,
-        version: &str,
-        now_ms: i64,
-    ) -> Result<bool> {
+    pub async fn record_join(&self, j: &JoinRecord<'_>) -> Result<bool> {
+        // With `spend_once` the check that a single-use secret is unused and the mark that it is used
+        // are this one statement: of two logins racing with the same token, one updates the row and
+        // the other finds it already spent.
         let r = sqlx::query(
             "UPDATE nodes SET public_key = $1, join_used = $2, version = $3, last_seen_ms = $4 \
-             WHERE id = $5 AND generation = $6",
+             WHERE id = $5 AND generation = $6 AND ($7 = 0 OR join_used = 0)",
         )
-        .bind(public_key.to_owned())
-        .bind(i64::from(join_used))
-        .bind(version.to_owned())
-        .bind(now_ms)
-        .bind(id.to_owned())
-        .bind(generation)
+        .bind(j.public_key.to_owned())
+        .bind(i64::from(j.join_used))
+        .bind(j.version.to_owned())
+        .bind(j.now_ms)
+        .bind(j.id.to_owned())
+        .bind(j.generation)
+        .bind(i64::from(j.spend_once))
         .execute(&self.pool)
         .await
         .map_err(q("recording a join"))?;
@@ -521,28 +572,44 @@ impl Store {
         tx.commit().await.map_err(q("writing the audit log"))
     }
 
-    /// The newest `limit` audit entries, newest first.
-    pub async fn list_audit(&self, limit: u32) -> Result<Vec<AuditRow>> {
+    /// Up to `limit` audit entries older than entry `before_id` (0: from the newest), newest first.
+    pub async fn list_audit(&self, limit: u32, before_id: i64) -> Result<Vec<AuditEntry>> {
+        let before = if before_id <= 0 { i64::MAX } else { before_id };
         sqlx::query(
-            "SELECT at_ms, actor, action, target, source, outcome FROM audit_log ORDER BY id DESC LIMIT $1",
+            "SELECT id, at_ms, actor, action, target, source, outcome FROM audit_log WHERE id < $1 \
+             ORDER BY id DESC LIMIT $2",
         )
+        .bind(before)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(q("reading the audit log"))?
         .into_iter()
         .map(|r| {
-            Ok(AuditRow {
-                at_ms: r.try_get("at_ms")?,
-                actor: r.try_get("actor")?,
-                action: r.try_get("action")?,
-                target: r.try_get("target")?,
-                source: r.try_get("source")?,
-                outcome: r.try_get("outcome")?,
+            Ok(AuditEntry {
+                id: r.try_get("id")?,
+                row: AuditRow {
+                    at_ms: r.try_get("at_ms")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    source: r.try_get("source")?,
+                    outcome: r.try_get("outcome")?,
+                },
             })
         })
         .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
         .map_err(q("reading the audit log"))
+    }
+
+    /// Deletes audit entries written before `before_ms`; returns how many.
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM audit_log WHERE at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(q("pruning the audit log"))?;
+        Ok(r.rows_affected())
     }
 
     /// Closes the pool (tests use this to restart a server on the same file).

@@ -67,10 +67,14 @@ async fn nodes_resources_grants_round_trip() {
         s.insert_grant(&GrantRow { client_id: "n2".into(), resource_name: "prom".into(), created_ms: 12 })
             .await
             .unwrap();
-        assert!(s.record_join("n2", 1, "a2V5", true, "0.1.0", 99).await.unwrap());
+        assert!(s.record_join(&join("n2", 1, "a2V5", true)).await.unwrap());
         assert!(
-            !s.record_join("n2", 7, "b3Zz", true, "0.1.0", 99).await.unwrap(),
+            !s.record_join(&JoinRecord { spend_once: false, ..join("n2", 7, "b3Zz", true) }).await.unwrap(),
             "a stale generation writes nothing"
+        );
+        assert!(
+            !s.record_join(&join("n2", 1, "b3Zz", true)).await.unwrap(),
+            "a single-use secret is spent once: the second login writes nothing"
         );
         let snap = s.load(0).await.unwrap();
         assert_eq!(snap.nodes.len(), 2, "{:?}", s.backend());
@@ -157,11 +161,50 @@ async fn rotation_resets_join_limits_and_audit_keeps_order() {
             .await
             .unwrap();
         }
-        let log = s.list_audit(2).await.unwrap();
-        assert_eq!(log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), vec!["a2", "a1"]);
+        let log = s.list_audit(2, 0).await.unwrap();
+        assert_eq!(log.iter().map(|e| e.row.action.as_str()).collect::<Vec<_>>(), vec!["a2", "a1"]);
+        // The next page starts below the last id seen.
+        let rest = s.list_audit(2, log[1].id).await.unwrap();
+        assert_eq!(rest.iter().map(|e| e.row.action.as_str()).collect::<Vec<_>>(), vec!["a0"]);
+        assert_eq!(s.prune_audit(2).await.unwrap(), 2, "entries written before 2 ms are gone");
+        assert_eq!(s.list_audit(10, 0).await.unwrap().len(), 1);
         s.set_meta("overlay_cidr", "100.96.0.0/16").await.unwrap();
         s.set_meta("overlay_cidr", "100.97.0.0/16").await.unwrap();
         assert_eq!(s.meta("overlay_cidr").await.unwrap().as_deref(), Some("100.97.0.0/16"));
+    }
+}
+
+#[tokio::test]
+async fn audit_fields_are_stored_bounded() {
+    for (s, _dir) in stores().await {
+        let huge = "x".repeat(4 << 20);
+        s.audit(&AuditRow {
+            at_ms: 1,
+            actor: format!("node:{huge}"),
+            action: "login".into(),
+            target: huge.clone(),
+            source: "192.0.2.1:9".into(),
+            outcome: "denied\nforged line".into(),
+        })
+        .await
+        .unwrap();
+        let e = s.list_audit(1, 0).await.unwrap().remove(0).row;
+        assert_eq!(e.target.chars().count(), super::AUDIT_FIELD_MAX);
+        assert_eq!(e.actor.chars().count(), super::AUDIT_FIELD_MAX);
+        assert!(e.target.ends_with('…'));
+        assert_eq!(e.outcome, "denied?forged line", "no control characters reach the log");
+    }
+}
+
+fn join<'a>(id: &'a str, generation: i64, key: &'a str, once: bool) -> JoinRecord<'a> {
+    JoinRecord {
+        id,
+        generation,
+        public_key: key,
+        join_used: true,
+        spend_once: once,
+        version: "0.1.0",
+        now_ms: 99,
     }
 }
 

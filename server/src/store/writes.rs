@@ -199,6 +199,7 @@ pub(super) async fn delete_grant(tx: &mut Tx<'_>, client_id: &str, resource_name
 }
 
 pub(super) async fn insert_audit(tx: &mut Tx<'_>, e: &AuditRow) -> Result<()> {
+    let e = &e.bounded();
     sqlx::query(
         "INSERT INTO audit_log (at_ms, actor, action, target, source, outcome) VALUES ($1, $2, $3, $4, $5, $6)",
     )
