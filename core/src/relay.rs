@@ -4,7 +4,11 @@
 //! to whom. That comes from a [`Capability`] signed by the control server (Ed25519): the node's key, the
 //! peers it may reach, an expiry. The relay checks it with the server's public key alone, no database.
 //!
-//! Over QUIC: the node opens a bidirectional stream, writes one hello frame (`u16` length + capability)
+//! Lengths are `u16`; a zero `u16` (never a valid length) is followed by a `u32` length, for messages
+//! over 65,535 bytes: a capability naming more than ~2,000 peers. Relays before that refuse such a
+//! message loudly (an empty capability or frame), never read it wrong.
+//!
+//! Over QUIC: the node opens a bidirectional stream, writes one hello frame (length + capability)
 //! and reads one reply byte (0 accepted; otherwise refused, then a UTF-8 reason); packets then travel as
 //! QUIC datagrams of [`encode_packet`] form (the peer's key, then the WireGuard packet): the sender names
 //! the destination, the relay rewrites it to name the source. Over TCP/TLS the same messages travel as
@@ -14,10 +18,35 @@ use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
 const CAP_MAGIC: &[u8; 4] = b"TCP1";
 const SIG_LEN: usize = 64;
-/// Peers one capability may name.
-pub const MAX_CAP_PEERS: usize = 4096;
-/// Largest frame over TCP (and largest hello).
-pub const MAX_FRAME: usize = 65_535;
+/// Peers one capability may name; the server refuses to sign one for more ([`Capability::sign`]).
+pub const MAX_CAP_PEERS: usize = 16_384;
+/// Largest frame over TCP (and largest hello): a capability naming [`MAX_CAP_PEERS`] peers fits.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// The length prefix of a message of `len` bytes: `u16`, or a zero `u16` and a `u32`.
+pub fn encode_len(len: usize) -> Vec<u8> {
+    match u16::try_from(len) {
+        Ok(n) if n > 0 => n.to_be_bytes().to_vec(),
+        _ => [&[0u8, 0][..], &(len as u32).to_be_bytes()].concat(),
+    }
+}
+
+/// The length at the front of `buf` and the prefix's size: `Ok(None)` if more bytes are needed, `Err`
+/// if it is over [`MAX_FRAME`] (or zero).
+pub fn decode_len(buf: &[u8]) -> Result<Option<(usize, usize)>, String> {
+    let Some(short) = buf.get(..2) else { return Ok(None) };
+    let (len, prefix) = match u16::from_be_bytes([short[0], short[1]]) {
+        0 => match buf.get(2..6) {
+            Some(l) => (u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize, 6),
+            None => return Ok(None),
+        },
+        n => (n as usize, 2),
+    };
+    if len == 0 || len > MAX_FRAME {
+        return Err(format!("frame length {len} out of range"));
+    }
+    Ok(Some((len, prefix)))
+}
 /// Relay header on each packet: the peer's 32-byte key.
 pub const PACKET_HEADER: usize = 32;
 
@@ -33,6 +62,9 @@ pub enum CapError {
     /// Past its expiry.
     #[error("capability expired")]
     Expired,
+    /// More peers than one capability may name.
+    #[error("a capability may name at most {MAX_CAP_PEERS} peers, not {0}")]
+    TooManyPeers(usize),
 }
 
 /// Who may use a relay to reach whom, until when.
@@ -48,7 +80,7 @@ pub struct Capability {
 
 impl Capability {
     fn body(&self) -> Vec<u8> {
-        let n = self.peers.len().min(MAX_CAP_PEERS);
+        let n = self.peers.len();
         let mut b = Vec::with_capacity(4 + 32 + 8 + 2 + 32 * n + SIG_LEN);
         b.extend_from_slice(CAP_MAGIC);
         b.extend_from_slice(&self.node);
@@ -60,12 +92,16 @@ impl Capability {
         b
     }
 
-    /// Signed with the control server's key.
-    pub fn sign(&self, key: &Ed25519KeyPair) -> Vec<u8> {
+    /// Signed with the control server's key; `Err` with more than [`MAX_CAP_PEERS`] peers (a
+    /// capability silently missing some peers would cut their relayed paths without a word).
+    pub fn sign(&self, key: &Ed25519KeyPair) -> Result<Vec<u8>, CapError> {
+        if self.peers.len() > MAX_CAP_PEERS {
+            return Err(CapError::TooManyPeers(self.peers.len()));
+        }
         let mut b = self.body();
         let sig = key.sign(&b);
         b.extend_from_slice(sig.as_ref());
-        b
+        Ok(b)
     }
 
     /// Checks `bytes` against the server's public key and the current time.
@@ -146,30 +182,23 @@ impl Frame {
             Frame::Reply(Err(why)) => (FRAME_REPLY, [&[1u8][..], why.as_bytes()].concat()),
             Frame::Packet(p) => (FRAME_PACKET, p.clone()),
         };
-        let len = (1 + body.len()).min(MAX_FRAME);
-        let mut v = Vec::with_capacity(2 + len);
-        v.extend_from_slice(&(len as u16).to_be_bytes());
+        let mut v = encode_len(1 + body.len());
+        v.reserve(1 + body.len());
         v.push(ty);
-        v.extend_from_slice(&body[..len - 1]);
+        v.extend_from_slice(&body);
         v
     }
 
     /// Takes one whole frame off the front of `buf`: `Ok(None)` if more bytes are needed, `Err` if
     /// the stream is not speaking this protocol (the connection should be closed).
     pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
-        if buf.len() < 2 {
+        let Some((len, prefix)) = decode_len(buf)? else { return Ok(None) };
+        if buf.len() < prefix + len {
             return Ok(None);
         }
-        let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-        if len == 0 {
-            return Err("empty frame".into());
-        }
-        if buf.len() < 2 + len {
-            return Ok(None);
-        }
-        let ty = buf[2];
-        let body = buf[3..2 + len].to_vec();
-        buf.drain(..2 + len);
+        let ty = buf[prefix];
+        let body = buf[prefix + 1..prefix + len].to_vec();
+        buf.drain(..prefix + len);
         match ty {
             FRAME_HELLO => Ok(Some(Frame::Hello(body))),
             FRAME_REPLY => match body.split_first() {
@@ -198,7 +227,7 @@ mod tests {
     fn capabilities_verify_only_with_the_right_key_and_before_expiry() {
         let (k, other) = (key(), key());
         let cap = Capability { node: [1; 32], expires_unix_ms: 10_000, peers: vec![[2; 32], [3; 32]] };
-        let signed = cap.sign(&k);
+        let signed = cap.sign(&k).unwrap();
         assert_eq!(Capability::verify(&signed, &public_key(&k), 9_999), Ok(cap.clone()));
         assert_eq!(Capability::verify(&signed, &public_key(&other), 9_999), Err(CapError::BadSignature));
         assert_eq!(Capability::verify(&signed, &public_key(&k), 10_001), Err(CapError::Expired));
@@ -227,6 +256,38 @@ mod tests {
         }
         assert_eq!(got, frames);
         assert!(Frame::decode(&mut vec![0, 1, 99]).is_err());
+        assert!(Frame::decode(&mut vec![0, 0, 0xff, 0, 0, 0, 1]).is_err(), "over the largest frame");
+    }
+
+    #[test]
+    fn capabilities_for_thousands_of_peers_travel_whole() {
+        let k = key();
+        // 3,000 peers: over what a u16 length holds (it used to wrap, and the TCP encoder truncated).
+        let peers: Vec<[u8; 32]> = (0..3000u32)
+            .map(|i| {
+                let mut p = [0u8; 32];
+                p[..4].copy_from_slice(&i.to_be_bytes());
+                p
+            })
+            .collect();
+        let cap = Capability { node: [1; 32], expires_unix_ms: 10_000, peers };
+        let signed = cap.sign(&k).unwrap();
+        assert!(signed.len() > 65_535);
+        let mut wire = Frame::Hello(signed.clone()).encode();
+        wire.extend(Frame::Packet(vec![5; 10]).encode());
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for chunk in wire.chunks(1000) {
+            buf.extend_from_slice(chunk);
+            while let Some(f) = Frame::decode(&mut buf).unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, vec![Frame::Hello(signed.clone()), Frame::Packet(vec![5; 10])]);
+        assert_eq!(Capability::verify(&signed, &public_key(&k), 0), Ok(cap));
+        let too_many =
+            Capability { node: [1; 32], expires_unix_ms: 1, peers: vec![[0; 32]; MAX_CAP_PEERS + 1] };
+        assert_eq!(too_many.sign(&k), Err(CapError::TooManyPeers(MAX_CAP_PEERS + 1)));
     }
 
     proptest! {

@@ -183,7 +183,7 @@ async fn quic_connect(addr: &str, pin: KeyPin, cap: &[u8]) -> Result<quinn::Conn
 
 async fn quic_register(conn: &quinn::Connection, cap: &[u8]) -> Result<(), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut hello = (cap.len() as u16).to_be_bytes().to_vec();
+    let mut hello = tunnel_core::relay::encode_len(cap.len());
     hello.extend_from_slice(cap);
     send.write_all(&hello).await.map_err(|e| e.to_string())?;
     let _ = send.finish();

@@ -108,8 +108,18 @@ impl PathServices {
         let mut keys: Vec<[u8; 32]> = peers.values().filter_map(|p| p.public_key).collect();
         keys.sort_unstable();
         let expires = crate::state::now_ms().max(0) as u64 + self.ttl.as_millis() as u64;
-        let cap =
-            tunnel_core::relay::Capability { node, expires_unix_ms: expires, peers: keys }.sign(&self.signer);
+        if keys.len() > tunnel_core::relay::MAX_CAP_PEERS {
+            // Loud, not silent: the peers past the cap have no relayed path to this node.
+            tracing::error!(
+                peers = keys.len(),
+                max = tunnel_core::relay::MAX_CAP_PEERS,
+                "a node has more peers than one relay capability can name; the rest cannot be relayed"
+            );
+            keys.truncate(tunnel_core::relay::MAX_CAP_PEERS);
+        }
+        let cap = tunnel_core::relay::Capability { node, expires_unix_ms: expires, peers: keys }
+            .sign(&self.signer)
+            .unwrap_or_default();
         self.relays
             .iter()
             .map(|r| pb::Relay {

@@ -165,6 +165,13 @@ pub struct InFlight {
     state: Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>,
 }
 
+/// Which cap of an [`InFlight`] count is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    PerSource,
+    Total,
+}
+
 /// A slot in an [`InFlight`] count.
 #[derive(Debug)]
 pub struct InFlightGuard {
@@ -180,15 +187,23 @@ impl InFlight {
 
     /// A slot for `key` (already a [`source_key`]), or `None` when either cap is reached.
     pub fn enter(&self, key: IpAddr) -> Option<InFlightGuard> {
+        self.try_enter(key).ok()
+    }
+
+    /// A slot for `key`, or which cap is reached.
+    pub fn try_enter(&self, key: IpAddr) -> Result<InFlightGuard, Full> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (map, total) = &mut *st;
         let mine = map.get(&key).copied().unwrap_or(0);
-        if *total >= self.total || mine >= self.per_source {
-            return None;
+        if *total >= self.total {
+            return Err(Full::Total);
+        }
+        if mine >= self.per_source {
+            return Err(Full::PerSource);
         }
         map.insert(key, mine + 1);
         *total += 1;
-        Some(InFlightGuard { key, state: self.state.clone() })
+        Ok(InFlightGuard { key, state: self.state.clone() })
     }
 
     /// How many are in flight in all.

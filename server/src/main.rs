@@ -87,6 +87,12 @@ struct LimitArgs {
     /// Relay: peers one node may relay to at once.
     #[arg(long, env = "TUNNEL_RELAY_MAX_FLOWS", default_value_t = 256)]
     relay_max_flows: usize,
+    /// Relay: connections (QUIC and TCP) from one source address (IPv6: one /64) at once.
+    #[arg(long, env = "TUNNEL_RELAY_MAX_CONNS_PER_SOURCE", default_value_t = 64)]
+    relay_max_conns_per_source: usize,
+    /// Relay: connections at once in all.
+    #[arg(long, env = "TUNNEL_RELAY_MAX_CONNS", default_value_t = 20_000)]
+    relay_max_conns: usize,
 }
 
 impl LimitArgs {
@@ -94,6 +100,8 @@ impl LimitArgs {
         tunnel_server::relay::Limits {
             bytes_per_sec: self.relay_node_rate_mbit.max(1) * 1_000_000 / 8,
             max_flows: self.relay_max_flows.max(1),
+            conns_per_source: self.relay_max_conns_per_source.max(1),
+            conns_total: self.relay_max_conns.max(1),
         }
     }
 }

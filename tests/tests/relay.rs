@@ -53,7 +53,8 @@ impl Relay {
             expires_unix_ms: (now_ms() as i64 + ttl_ms).max(0) as u64,
             peers: peers.iter().map(|p| [*p; 32]).collect(),
         }
-        .sign(&self.keys.signer);
+        .sign(&self.keys.signer)
+        .unwrap();
         RelayInfo {
             addr: if udp { self.running.udp_addr.unwrap().to_string() } else { String::new() },
             key_pin: self.keys.pin.0.to_vec(),
@@ -134,7 +135,8 @@ async fn expired_or_forged_capabilities_are_refused_but_a_live_registration_outl
     let mut forged = r.info(1, &[2], 60_000, true, false);
     forged.capability =
         Capability { node: [1; 32], expires_unix_ms: now_ms() + 60_000, peers: vec![[2; 32]] }
-            .sign(&other.signer);
+            .sign(&other.signer)
+            .unwrap();
     let forged = connect(forged).await;
     assert!(forged.state.borrow().last_error.clone().unwrap_or_default().contains("signature"));
     assert!(r.stats.registrations_refused.load(Ordering::Relaxed) >= 2);
@@ -203,7 +205,7 @@ async fn stun_answers_standard_requests_without_amplification_and_rate_limits() 
 #[tokio::test]
 async fn a_node_is_held_to_its_byte_rate_and_flow_count() {
     // 100 kB/s and two peers at once per node.
-    let r = relay_with(relay::Limits { bytes_per_sec: 100_000, max_flows: 2 }).await;
+    let r = relay_with(relay::Limits { bytes_per_sec: 100_000, max_flows: 2, ..relay::Limits::default() }).await;
     let a = connect(r.info(1, &[2, 3, 4], 60_000, true, false)).await;
     let mut b = connect(r.info(2, &[1], 60_000, true, false)).await;
     let _c = connect(r.info(3, &[1], 60_000, true, false)).await;
@@ -225,4 +227,84 @@ async fn a_node_is_held_to_its_byte_rate_and_flow_count() {
     a.out.send(encode_packet(&[4; 32], b"y")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.stats.refused_flows.load(Ordering::Relaxed), 1);
+}
+
+/// A QUIC connection to the relay that completes its handshake and then does what it likes.
+async fn raw_quic(r: &Relay) -> quinn::Connection {
+    let tls = tunnel_node::tls::pinned_client_config(r.keys.pin, relay::ALPN).unwrap();
+    let qtls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(qtls));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.initial_mtu(relay::QUIC_MTU);
+    cfg.transport_config(Arc::new(t));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    ep.connect(r.running.udp_addr.unwrap(), "tunnel-relay").unwrap().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_connection_that_shows_no_capability_is_closed_and_its_datagrams_dropped() {
+    let r = relay().await;
+    let conn = raw_quic(&r).await;
+    // Before: datagrams waited in an 8 MiB buffer and its own keep-alives held the connection for ever.
+    for _ in 0..50 {
+        let _ = conn.send_datagram(bytes::Bytes::from(encode_packet(&[2; 32], &[0; 1200])));
+    }
+    let why = tokio::time::timeout(PATIENCE, conn.closed()).await.expect("closed by the relay");
+    assert!(why.to_string().contains("no capability"), "{why}");
+    assert_eq!(r.stats.register_timeouts.load(Ordering::Relaxed), 1);
+    assert!(r.stats.early_datagrams.load(Ordering::Relaxed) > 0, "datagrams were read and dropped");
+    assert_eq!(r.stats.packets.load(Ordering::Relaxed), 0);
+    // Over TCP: a connection that never speaks TLS is closed too.
+    let mut tcp = tokio::net::TcpStream::connect(r.running.tcp_addr.unwrap()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
+    assert_eq!(r.stats.register_timeouts.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn connections_are_capped_per_source_and_counted() {
+    let r = relay_with(relay::Limits { conns_per_source: 2, ..relay::Limits::default() }).await;
+    let held: Vec<_> = futures::future::join_all((0..2).map(|_| raw_quic(&r))).await;
+    // The third from the same address is refused (before: unlimited).
+    let tls = tunnel_node::tls::pinned_client_config(r.keys.pin, relay::ALPN).unwrap();
+    let qtls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qtls)));
+    let third = ep.connect(r.running.udp_addr.unwrap(), "tunnel-relay").unwrap().await;
+    assert!(third.is_err(), "a third connection got in");
+    let tcp = tokio::net::TcpStream::connect(r.running.tcp_addr.unwrap()).await.unwrap();
+    let mut tcp = tcp;
+    let mut buf = [0u8; 4];
+    let n =
+        tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "TCP refused at once too: {n:?}");
+    assert_eq!(r.stats.conns_refused_source.load(Ordering::Relaxed), 2);
+    let mut metrics = String::new();
+    r.stats.render(&mut metrics);
+    assert!(metrics.contains("tunnel_relay_connections_refused_total{reason=\"per_source\"} 2"), "{metrics}");
+    drop(held);
+}
+
+#[tokio::test]
+async fn an_older_capability_does_not_take_a_registration_away() {
+    let r = relay().await;
+    let mut a = connect(r.info(1, &[2], 120_000, true, false)).await;
+    let mut b = connect(r.info(2, &[1], 120_000, true, false)).await;
+    assert!(a.state.borrow().up && b.state.borrow().up);
+    // Somebody presents A's older capability (a thief, a stale process) on a new connection.
+    let stale = connect(r.info(1, &[2], 30_000, false, true)).await;
+    let st = stale.state.borrow().clone();
+    assert!(
+        !st.up && st.last_error.unwrap_or_default().contains("newer capability"),
+        "{:?}",
+        stale.state.borrow()
+    );
+    assert_eq!(r.stats.refused_older.load(Ordering::Relaxed), 1);
+    // B's packets still reach the real A.
+    b.out.send(encode_packet(&[1; 32], b"still you")).await.unwrap();
+    assert_eq!(recv(&mut a).await, Some(([2; 32], b"still you".to_vec())));
+    let _ = &mut b;
 }

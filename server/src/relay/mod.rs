@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tunnel_core::relay::{self as wire, Capability, Frame};
 
+use crate::limits::{source_key, Full, InFlight, InFlightGuard};
+
 pub use bundle::{RelayBundle, RelayKeys};
 
 /// ALPN of the relay protocol (QUIC and TCP/TLS).
@@ -42,20 +44,30 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const TCP_QUEUE: usize = 1024;
 /// A peer counts as one of a node's relayed flows for this long after its last packet.
 const FLOW_IDLE: Duration = Duration::from_secs(60);
+/// How long a new connection has to present a valid capability before it is closed. Until then
+/// nothing it sends is forwarded or kept (QUIC datagrams are read and dropped).
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Limits per node.
+/// Limits per node and per source.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Bytes per second a node may send through the relay (burst: one second's worth).
     pub bytes_per_sec: u64,
     /// Peers a node may relay to at once.
     pub max_flows: usize,
+    /// Connections (QUIC and TCP together) from one source address (IPv6: one /64) at once.
+    pub conns_per_source: usize,
+    /// Connections at once in all.
+    pub conns_total: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         // 2 Gbit/s: far above a fair share of one core, so it only stops a runaway or abusive node.
-        Limits { bytes_per_sec: 250_000_000, max_flows: 256 }
+        // 64 connections per source: an office or a cluster egress with that many relayed nodes
+        // behind one address; 20,000 in all keeps a small VPS's memory bounded (a few hundred KiB each
+        // at most, most of it QUIC buffers that fill only under load).
+        Limits { bytes_per_sec: 250_000_000, max_flows: 256, conns_per_source: 64, conns_total: 20_000 }
     }
 }
 
@@ -85,6 +97,18 @@ pub struct RelayStats {
     pub refused_rate: AtomicU64,
     pub refused_flows: AtomicU64,
     pub refused_malformed: AtomicU64,
+    /// Connections refused: too many from the source.
+    pub conns_refused_source: AtomicU64,
+    /// Connections refused: too many in all.
+    pub conns_refused_total: AtomicU64,
+    /// Connections closed for presenting no valid capability within [`REGISTER_TIMEOUT`].
+    pub register_timeouts: AtomicU64,
+    /// Datagrams dropped because they came before the connection registered.
+    pub early_datagrams: AtomicU64,
+    /// Registrations refused because the node is registered with a newer capability.
+    pub refused_older: AtomicU64,
+    /// Open connections.
+    pub conns: AtomicU64,
 }
 
 impl RelayStats {
@@ -119,8 +143,26 @@ impl RelayStats {
             ("rate_limited", &self.refused_rate),
             ("too_many_flows", &self.refused_flows),
             ("malformed", &self.refused_malformed),
+            ("unregistered", &self.early_datagrams),
         ] {
             let _ = writeln!(out, "tunnel_relay_refused_packets_total{{reason=\"{reason}\"}} {}", g(a));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_relay_connections Connections open now.\n# TYPE tunnel_relay_connections gauge\ntunnel_relay_connections {}",
+            g(&self.conns)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_relay_connections_refused_total Connections refused or closed, by reason.\n# TYPE tunnel_relay_connections_refused_total counter"
+        );
+        for (reason, a) in [
+            ("per_source", &self.conns_refused_source),
+            ("total", &self.conns_refused_total),
+            ("no_capability", &self.register_timeouts),
+            ("older_capability", &self.refused_older),
+        ] {
+            let _ = writeln!(out, "tunnel_relay_connections_refused_total{{reason=\"{reason}\"}} {}", g(a));
         }
     }
 }
@@ -161,9 +203,42 @@ struct Relay {
     trust_key: Vec<u8>,
     limits: Limits,
     stats: Arc<RelayStats>,
+    conns: InFlight,
+}
+
+/// A connection's place in the relay's connection caps; leaves on drop.
+struct ConnSlot {
+    _slot: InFlightGuard,
+    stats: Arc<RelayStats>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.stats.conns.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Relay {
+    /// A slot for a new connection from `from`, or `None` (counted) when a cap is reached.
+    fn admit(&self, from: SocketAddr) -> Option<ConnSlot> {
+        match self.conns.try_enter(source_key(from.ip())) {
+            Ok(slot) => {
+                self.stats.conns.fetch_add(1, Ordering::Relaxed);
+                Some(ConnSlot { _slot: slot, stats: self.stats.clone() })
+            }
+            Err(Full::PerSource) => {
+                self.stats.conns_refused_source.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, "relay connection refused: too many from this source");
+                None
+            }
+            Err(Full::Total) => {
+                self.stats.conns_refused_total.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, "relay connection refused: too many in all");
+                None
+            }
+        }
+    }
+
     fn register(&self, cap: &[u8], handle: Handle, conn_id: u64) -> Result<Sender, String> {
         let now_ms = crate::state::now_ms().max(0) as u64;
         let cap = Capability::verify(cap, &self.trust_key, now_ms).map_err(|e| {
@@ -172,6 +247,17 @@ impl Relay {
         })?;
         let allowed: Arc<HashSet<[u8; 32]>> = Arc::new(cap.peers.iter().copied().collect());
         let mut nodes = self.table.nodes.write().unwrap_or_else(|e| e.into_inner());
+        if nodes
+            .get(&cap.node)
+            .is_some_and(|old| old.conn_id != conn_id && old.expires_ms > cap.expires_unix_ms)
+        {
+            // Someone replaying an older capability of this node (a thief, or a stale process) must
+            // not take its registration away from the connection holding the newer one.
+            drop(nodes);
+            self.stats.refused_older.fetch_add(1, Ordering::Relaxed);
+            self.stats.registrations_refused.fetch_add(1, Ordering::Relaxed);
+            return Err("this node is registered with a newer capability".into());
+        }
         let fresh = nodes
             .insert(
                 cap.node,
@@ -336,6 +422,7 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
         trust_key: cfg.bundle.trust_key.clone(),
         limits: cfg.limits,
         stats: stats.clone(),
+        conns: InFlight::new(cfg.limits.conns_per_source, cfg.limits.conns_total),
     });
     let tls = tls_config(&cfg.bundle)?;
     let mut tasks = Vec::new();
@@ -361,8 +448,13 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
         let accept_ep = ep.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(incoming) = accept_ep.accept().await {
+                let Some(slot) = r.admit(incoming.remote_address()) else {
+                    incoming.refuse();
+                    continue;
+                };
                 let r = r.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match incoming.await {
                         Ok(conn) => quic_conn(r, conn).await,
                         Err(e) => tracing::debug!(error = %e, "relay QUIC handshake failed"),
@@ -382,13 +474,24 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((tcp, from)) = listener.accept().await else { continue };
+                let Some(slot) = r.admit(from) else {
+                    drop(tcp);
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let r = r.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let _ = tcp.set_nodelay(true);
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tcp_conn(r, tls).await,
-                        _ => tracing::debug!(%from, "relay TLS handshake failed"),
+                    // REGISTER_TIMEOUT covers the TLS handshake and the capability together.
+                    let register_by = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+                    match tokio::time::timeout_at(register_by, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tcp_conn(r, tls, register_by).await,
+                        Ok(Err(e)) => tracing::debug!(%from, error = %e, "relay TLS handshake failed"),
+                        Err(_) => {
+                            r.stats.register_timeouts.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%from, "relay TLS handshake not done within 5s");
+                        }
                     }
                 });
             }
@@ -400,10 +503,27 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
 
 async fn quic_conn(relay: Arc<Relay>, conn: quinn::Connection) {
     let conn_id = relay.table.next_conn.fetch_add(1, Ordering::Relaxed);
-    // The first bidirectional stream carries the registration; later ones renew it.
-    let sender = match quic_register(&relay, &conn, conn_id).await {
-        Some(s) => s,
-        None => return,
+    // The first bidirectional stream carries the registration; later ones renew it. Until it is
+    // accepted, datagrams are read and dropped (quinn would otherwise buffer them, up to its datagram
+    // receive buffer per connection) and the connection has REGISTER_TIMEOUT to get there.
+    let drain = async {
+        while conn.read_datagram().await.is_ok() {
+            relay.stats.early_datagrams.fetch_add(1, Ordering::Relaxed);
+        }
+        std::future::pending::<()>().await;
+    };
+    let first = tokio::select! {
+        r = tokio::time::timeout(REGISTER_TIMEOUT, quic_register(&relay, &conn, conn_id)) => r,
+        _ = drain => return,
+    };
+    let sender = match first {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(_) => {
+            relay.stats.register_timeouts.fetch_add(1, Ordering::Relaxed);
+            conn.close(1u32.into(), b"no capability within 5s");
+            return;
+        }
     };
     let node = sender.node;
     let sender = Arc::new(std::sync::Mutex::new(sender));
@@ -452,7 +572,19 @@ async fn quic_register(relay: &Relay, conn: &quinn::Connection, conn_id: u64) ->
     let (mut send, mut recv) = conn.accept_bi().await.ok()?;
     let mut len = [0u8; 2];
     recv.read_exact(&mut len).await.ok()?;
-    let mut cap = vec![0u8; u16::from_be_bytes(len) as usize];
+    let len = match u16::from_be_bytes(len) {
+        0 => {
+            let mut wide = [0u8; 4];
+            recv.read_exact(&mut wide).await.ok()?;
+            u32::from_be_bytes(wide) as usize
+        }
+        n => n as usize,
+    };
+    if len == 0 || len > wire::MAX_FRAME {
+        relay.stats.refused_malformed.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    let mut cap = vec![0u8; len];
     recv.read_exact(&mut cap).await.ok()?;
     match relay.register(&cap, Handle::Quic(conn.clone()), conn_id) {
         Ok(s) => {
@@ -471,7 +603,11 @@ async fn quic_register(relay: &Relay, conn: &quinn::Connection, conn_id: u64) ->
     }
 }
 
-async fn tcp_conn(relay: Arc<Relay>, tls: tokio_rustls::server::TlsStream<TcpStream>) {
+async fn tcp_conn(
+    relay: Arc<Relay>,
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    register_by: tokio::time::Instant,
+) {
     let conn_id = relay.table.next_conn.fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (tx, mut rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
@@ -495,7 +631,16 @@ async fn tcp_conn(relay: Arc<Relay>, tls: tokio_rustls::server::TlsStream<TcpStr
     let mut chunk = vec![0u8; 64 * 1024];
     let mut sender: Option<Sender> = None;
     'conn: loop {
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, rd.read(&mut chunk)).await {
+        // Until a capability is accepted the connection lives REGISTER_TIMEOUT at most.
+        let wait = match sender {
+            Some(_) => IDLE_TIMEOUT,
+            None => register_by.saturating_duration_since(tokio::time::Instant::now()),
+        };
+        let n = match tokio::time::timeout(wait, rd.read(&mut chunk)).await {
+            Err(_) if sender.is_none() => {
+                relay.stats.register_timeouts.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             Ok(Ok(n)) if n > 0 => n,
             _ => break,
         };
