@@ -48,6 +48,7 @@ impl AdminService {
             // Its own budget, apart from node logins: a script with a stale token behind a shared NAT
             // must not lock out the nodes there.
             if let Err(r) = self.shared.gate.admin.take(&source_key(ip), now) {
+                crate::limits::bump(&self.shared.gate.stats.refused_admin);
                 return Err(Status::resource_exhausted(format!(
                     "too many wrong admin tokens from {ip}; {r}"
                 )));

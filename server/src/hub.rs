@@ -493,3 +493,87 @@ fn split_delta(mut delta: pb::MapDelta, budget: usize) -> Vec<pb::MapDelta> {
         cur = pb::MapDelta { base_version: next, version: next + 1, ..Default::default() };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn peer(i: u32) -> pb::Peer {
+        pb::Peer {
+            node_id: format!("n{i:06}"),
+            name: format!("peer-{i}"),
+            public_key: vec![(i % 251) as u8; 32],
+            overlay_addr: format!("100.96.{}.{}", i / 250, i % 250 + 1),
+            candidates: (0..4)
+                .map(|c| pb::Candidate { addr: format!("192.0.2.{c}:51820"), kind: 1 })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_map_too_big_for_the_node_arrives_as_a_full_map_and_deltas_that_each_fit() {
+        let map = pb::NetworkMap {
+            version: 7,
+            node_id: "me".into(),
+            peers: (0..3000).map(peer).collect(),
+            resources: (0..500)
+                .map(|i| pb::Resource { name: format!("r{i}"), ..Default::default() })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(map.encoded_len() > 64 << 10);
+        let budget = budget(64 << 10);
+        let parts = split_full(map.clone(), budget);
+        assert!(parts.len() > 2, "{} parts", parts.len());
+        let mut peers = Vec::new();
+        let mut resources = Vec::new();
+        let mut version = 0;
+        for (i, m) in parts.iter().enumerate() {
+            assert!(m.encoded_len() <= budget, "part {i}: {} bytes", m.encoded_len());
+            match m.msg.as_ref().unwrap() {
+                pb::server_message::Msg::FullMap(f) => {
+                    assert_eq!(i, 0);
+                    version = f.version;
+                    peers.extend(f.peers.iter().cloned());
+                    resources.extend(f.resources.iter().cloned());
+                }
+                pb::server_message::Msg::Delta(d) => {
+                    assert_eq!(d.base_version, version, "deltas follow on");
+                    version = d.version;
+                    peers.extend(d.upsert_peers.iter().cloned());
+                    resources.extend(d.upsert_resources.iter().cloned());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(peers, map.peers);
+        assert_eq!(resources, map.resources);
+        // A map that fits is sent as it is.
+        assert_eq!(split_full(map.clone(), usize::MAX).len(), 1);
+    }
+
+    #[test]
+    fn a_big_delta_is_split_into_a_chain() {
+        let d = pb::MapDelta {
+            base_version: 3,
+            version: 4,
+            upsert_peers: (0..3000).map(peer).collect(),
+            remove_peers: vec!["gone".into()],
+            ..Default::default()
+        };
+        let budget = budget(64 << 10);
+        let parts = split_delta(d.clone(), budget);
+        assert!(parts.len() > 1);
+        assert_eq!(parts[0].remove_peers, vec!["gone".to_owned()]);
+        let mut base = 3;
+        for p in &parts {
+            assert!(p.encoded_len() <= budget);
+            assert_eq!((p.base_version, p.version), (base, base + 1));
+            base = p.version;
+        }
+        let all: Vec<pb::Peer> = parts.iter().flat_map(|p| p.upsert_peers.clone()).collect();
+        assert_eq!(all, d.upsert_peers);
+    }
+}

@@ -38,14 +38,17 @@ impl Identity {
     pub fn load_or_create(dir: &Path, cert_name: &str) -> Result<Identity> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
         let key_path = dir.join("tls.key");
-        let key_pair = if key_path.exists() {
-            let pem = fs::read_to_string(&key_path)
-                .with_context(|| format!("cannot read TLS key {}", key_path.display()))?;
-            parse_tls_key(&pem).with_context(|| format!("TLS key {} is damaged", key_path.display()))?
-        } else {
-            let kp = rcgen::KeyPair::generate().context("cannot generate the TLS key")?;
-            write_secret_file(&key_path, kp.serialize_pem().as_bytes())?;
-            kp
+        let key_pair = match read_key_file(&key_path)? {
+            Some(pem) => {
+                let pem = String::from_utf8(pem)
+                    .map_err(|_| anyhow::anyhow!("TLS key {} is damaged", key_path.display()))?;
+                parse_tls_key(&pem).with_context(|| format!("TLS key {} is damaged", key_path.display()))?
+            }
+            None => {
+                let kp = rcgen::KeyPair::generate().context("cannot generate the TLS key")?;
+                write_secret_file(&key_path, kp.serialize_pem().as_bytes())?;
+                kp
+            }
         };
         let pin = KeyPin::of_spki(&key_pair.public_key_der());
         let mut params = rcgen::CertificateParams::new(vec![cert_name.to_owned()])
@@ -55,9 +58,9 @@ impl Identity {
         let cert = params.self_signed(&key_pair).context("cannot sign the TLS certificate")?;
 
         let admin_path = dir.join("admin.secret");
-        let admin_secret = match fs::read_to_string(&admin_path) {
-            Ok(s) => Secret::new(s.trim()),
-            Err(_) => {
+        let admin_secret = match read_key_file(&admin_path)? {
+            Some(s) => Secret::new(String::from_utf8_lossy(&s).trim()),
+            None => {
                 let mut b = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut b);
                 let s = Secret::from_random(b);
@@ -67,10 +70,10 @@ impl Identity {
         };
 
         let ticket_path = dir.join("ticket.key");
-        let ticket_key = match fs::read(&ticket_path) {
-            Ok(b) if b.len() == 32 => b.try_into().unwrap_or([0; 32]),
-            Ok(_) => anyhow::bail!("{} is damaged (expected 32 bytes)", ticket_path.display()),
-            Err(_) => {
+        let ticket_key = match read_key_file(&ticket_path)? {
+            Some(b) if b.len() == 32 => b.try_into().unwrap_or([0; 32]),
+            Some(_) => anyhow::bail!("{} is damaged (expected 32 bytes)", ticket_path.display()),
+            None => {
                 let mut b = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut b);
                 write_secret_file(&ticket_path, &b)?;
@@ -176,6 +179,20 @@ pub fn admin_token_path(dir: &Path) -> PathBuf {
 }
 
 /// Writes a file readable by its owner only, replacing it atomically.
+/// The contents of a key file, or `None` when it does not exist (and only then: any other error is a
+/// refusal to start, because making a new key over one that could not be read would void every token
+/// and ticket the server ever issued).
+pub fn read_key_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot read {}: {e}; not starting, since a new key would invalidate every token (fix the file's permissions or restore it)",
+            path.display()
+        )),
+    }
+}
+
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     {
@@ -214,6 +231,25 @@ mod tests {
         let c = Identity::load_or_create(tempfile::tempdir().unwrap().path(), "localhost").unwrap();
         assert_ne!(a.pin, c.pin);
         assert_eq!(pin_of_tls_key(&fs::read_to_string(dir.path().join("tls.key")).unwrap()).unwrap(), a.pin);
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_read_stops_the_start_instead_of_being_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_create(dir.path(), "localhost").unwrap();
+        // Any read error other than "not found" (here: EISDIR; on a real server EIO, EACCES).
+        let ticket = dir.path().join("ticket.key");
+        fs::remove_file(&ticket).unwrap();
+        fs::create_dir(&ticket).unwrap();
+        fs::write(ticket.join("x"), b"x").unwrap();
+        let e = Identity::load_or_create(dir.path(), "localhost").unwrap_err().to_string();
+        assert!(e.contains("cannot read") && e.contains("not starting"), "{e}");
+        assert!(ticket.join("x").exists() && ticket.is_dir(), "nothing was replaced");
+        let _ = a;
+        let relay_dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(relay_dir.path().join("capability.key").join("x")).unwrap();
+        let e = crate::relay::RelayKeys::load_or_create(relay_dir.path()).unwrap_err().to_string();
+        assert!(e.contains("cannot read") && e.contains("not starting"), "{e}");
     }
 
     #[test]

@@ -249,6 +249,51 @@ pub struct GateStats {
     pub endpoint_updates_deferred: AtomicU64,
 }
 
+impl GateStats {
+    /// Prometheus text; `inflight` is the join-secret logins in progress now.
+    pub fn render(&self, out: &mut String, inflight: usize) {
+        use std::fmt::Write as _;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_logins_refused_total Logins refused before or instead of a credential check, by reason.\n# TYPE tunnel_server_logins_refused_total counter"
+        );
+        for (reason, a) in [
+            ("source_budget", &self.refused_source),
+            ("node_budget", &self.refused_node),
+            ("in_flight", &self.refused_inflight),
+            ("malformed_secret", &self.refused_malformed),
+            ("key_proof", &self.refused_key_proof),
+            ("admin_budget", &self.refused_admin),
+        ] {
+            let _ = writeln!(out, "tunnel_server_logins_refused_total{{reason=\"{reason}\"}} {}", g(a));
+        }
+        for (name, help, v) in [
+            (
+                "tunnel_server_logins_without_key_proof_total",
+                "Logins accepted from nodes that cannot prove their key (before key-proof-v1).",
+                g(&self.without_key_proof),
+            ),
+            (
+                "tunnel_server_candidates_dropped_total",
+                "Candidates dropped from nodes' reports (refused address, over the cap, repeated).",
+                g(&self.candidates_dropped),
+            ),
+            (
+                "tunnel_server_endpoint_updates_deferred_total",
+                "Endpoint updates held back by the per-session rate (the latest is applied later).",
+                g(&self.endpoint_updates_deferred),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_server_logins_in_flight Join-secret logins being checked now.\n# TYPE tunnel_server_logins_in_flight gauge\ntunnel_server_logins_in_flight {inflight}"
+        );
+    }
+}
+
 /// Adds one to a counter.
 pub fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);

@@ -75,6 +75,8 @@ async fn metrics(State((shared, extra)): State<(Arc<Shared>, Extra)>) -> String 
     for (name, help, v) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
+    drop(m);
+    shared.gate.stats.render(&mut out, shared.gate.inflight.total());
     out
 }
 

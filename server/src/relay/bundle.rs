@@ -16,7 +16,7 @@ use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
 use tunnel_core::KeyPin;
 
-use crate::identity::write_secret_file;
+use crate::identity::{read_key_file, write_secret_file};
 
 const TRUST_PREFIX: &str = "capability-public-key: ";
 
@@ -98,9 +98,9 @@ impl RelayKeys {
     /// Loads `DIR/capability.key` and `DIR/relay.bundle`, making what is missing.
     pub fn load_or_create(dir: &Path) -> Result<RelayKeys> {
         let key_path = dir.join("capability.key");
-        let pkcs8 = match fs::read(&key_path) {
-            Ok(b) => b,
-            Err(_) => {
+        let pkcs8 = match read_key_file(&key_path)? {
+            Some(b) => b,
+            None => {
                 let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
                     .map_err(|_| anyhow::anyhow!("cannot generate the capability key"))?;
                 write_secret_file(&key_path, doc.as_ref())?;
@@ -111,15 +111,16 @@ impl RelayKeys {
             .map_err(|_| anyhow::anyhow!("{} is damaged", key_path.display()))?;
         let trust_key = tunnel_core::relay::public_key(&signer);
         let bundle_path = dir.join("relay.bundle");
-        let bundle = match fs::read_to_string(&bundle_path) {
-            Ok(text) => {
+        let bundle = match read_key_file(&bundle_path)? {
+            Some(text) => {
+                let text = String::from_utf8_lossy(&text);
                 let b = RelayBundle::parse(&text).with_context(|| format!("{}", bundle_path.display()))?;
                 if b.trust_key != trust_key {
                     bail!("{} does not match {}", bundle_path.display(), key_path.display());
                 }
                 b
             }
-            Err(_) => {
+            None => {
                 let kp = rcgen::KeyPair::generate().context("cannot generate the relay TLS key")?;
                 let b = RelayBundle { tls_key_pem: kp.serialize_pem(), trust_key };
                 write_secret_file(&bundle_path, b.encode().as_bytes())?;

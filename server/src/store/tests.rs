@@ -309,3 +309,12 @@ fn urls_are_redacted() {
     assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
     assert_eq!(redact_url("sqlite:///x.db"), "sqlite:///x.db");
 }
+
+#[tokio::test]
+async fn sqlite_syncs_every_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(None, dir.path()).await.unwrap();
+    // 2 = FULL: a power loss cannot undo a revoke or an `rm` the operator saw succeed.
+    let mode: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&s.pool).await.unwrap();
+    assert_eq!(mode, 2);
+}
