@@ -205,7 +205,8 @@ async fn stun_answers_standard_requests_without_amplification_and_rate_limits() 
 #[tokio::test]
 async fn a_node_is_held_to_its_byte_rate_and_flow_count() {
     // 100 kB/s and two peers at once per node.
-    let r = relay_with(relay::Limits { bytes_per_sec: 100_000, max_flows: 2, ..relay::Limits::default() }).await;
+    let r =
+        relay_with(relay::Limits { bytes_per_sec: 100_000, max_flows: 2, ..relay::Limits::default() }).await;
     let a = connect(r.info(1, &[2, 3, 4], 60_000, true, false)).await;
     let mut b = connect(r.info(2, &[1], 60_000, true, false)).await;
     let _c = connect(r.info(3, &[1], 60_000, true, false)).await;
