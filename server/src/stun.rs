@@ -76,7 +76,8 @@ pub fn start(addr: SocketAddr, stats: Arc<StunStats>) -> Result<(SocketAddr, Joi
             if seen.len() >= MAX_SOURCES {
                 seen.clear();
             }
-            let e = seen.entry(from.ip()).or_insert((now, 0));
+            // IPv6 counts by /64, as every per-source limit does.
+            let e = seen.entry(crate::limits::source_key(from.ip())).or_insert((now, 0));
             if now.duration_since(e.0).as_secs() >= 1 {
                 *e = (now, 0);
             }
