@@ -90,7 +90,7 @@ impl Login<'_> {
     fn charge_source(&self) -> Result<(), Status> {
         self.shared.gate.failed.take(&self.key, Instant::now()).map_err(|r| {
             bump(&self.shared.gate.stats.refused_source);
-            exhausted(&format!("too many failed logins from {}", self.key), r)
+            exhausted(&format!("too many failed (or unfinished) logins from {}", self.key), r)
         })
     }
 

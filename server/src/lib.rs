@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub login_limits: limits::LoginLimits,
     /// How long audit entries are kept (`None`: for ever).
     pub audit_retention: Option<Duration>,
+    /// gRPC connections per source and in all.
+    pub conn_limits: tls::ConnLimits,
 }
 
 /// A relay running apart from the server, as nodes should reach it.
@@ -144,6 +146,7 @@ impl ServerConfig {
             relay_limits: relay::Limits::default(),
             login_limits: limits::LoginLimits::default(),
             audit_retention: Some(AUDIT_RETENTION),
+            conn_limits: tls::ConnLimits::default(),
         }
     }
 }
@@ -292,7 +295,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer> {
     shared.model().hub.services = Some(services);
 
     let tls = tls::server_config(&identity)?;
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls));
+    let incoming = ReceiverStream::new(tls::accept_loop(
+        listener,
+        tls,
+        cfg.conn_limits,
+        shared.gate.stats.conns_refused.clone(),
+    ));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))

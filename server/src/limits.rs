@@ -247,6 +247,8 @@ pub struct GateStats {
     pub candidates_dropped: AtomicU64,
     /// Endpoint updates held back by the per-session rate (the latest is applied later).
     pub endpoint_updates_deferred: AtomicU64,
+    /// gRPC connections refused by the per-source or total cap.
+    pub conns_refused: Arc<AtomicU64>,
 }
 
 impl GateStats {
@@ -278,6 +280,11 @@ impl GateStats {
                 "tunnel_server_candidates_dropped_total",
                 "Candidates dropped from nodes' reports (refused address, over the cap, repeated).",
                 g(&self.candidates_dropped),
+            ),
+            (
+                "tunnel_server_connections_refused_total",
+                "gRPC connections refused: too many from the source or in all.",
+                g(&self.conns_refused),
             ),
             (
                 "tunnel_server_endpoint_updates_deferred_total",

@@ -139,6 +139,12 @@ struct LoginArgs {
     /// (nodes before key-proof-v1). Without it they are accepted and counted in /metrics.
     #[arg(long, env = "TUNNEL_REQUIRE_KEY_PROOF")]
     require_key_proof: bool,
+    /// gRPC connections (TLS handshakes included) one source may hold at once.
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1024)]
+    max_connections_per_source: usize,
+    /// gRPC connections at once in all.
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS", default_value_t = 50_000)]
+    max_connections: usize,
 }
 
 impl LoginArgs {
@@ -316,6 +322,10 @@ async fn run(args: Args) -> Result<()> {
     cfg.capability_ttl = args.capability_ttl;
     cfg.relay_limits = args.limits.limits();
     cfg.login_limits = args.logins.limits();
+    cfg.conn_limits = tunnel_server::tls::ConnLimits {
+        per_source: args.logins.max_connections_per_source.max(1),
+        total: args.logins.max_connections.max(1),
+    };
     cfg.audit_retention = args.audit_retention.0;
     if args.argon2_memory_kib < 19 * 1024 {
         tracing::warn!(

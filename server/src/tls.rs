@@ -16,7 +16,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::identity::Identity;
+use crate::limits::{source_key, InFlight, InFlightGuard};
 
 /// The rustls configuration for the gRPC listener: TLS 1.3 only, HTTP/2 only.
 pub fn server_config(id: &Identity) -> Result<rustls::ServerConfig> {
@@ -37,6 +40,23 @@ pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     local: Option<SocketAddr>,
     remote: Option<SocketAddr>,
+    /// Its place in the connection caps, given back when tonic drops the connection.
+    _slot: InFlightGuard,
+}
+
+/// Connections (TLS handshakes included) one source may hold, and all of them together. A node holds
+/// one; an idle HTTP/2 connection answers keep-alives by itself, so without a cap a stranger could hold
+/// any number. 1,024 per source leaves room for a large office or cluster behind one address.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub per_source: usize,
+    pub total: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits { per_source: 1024, total: 50_000 }
+    }
 }
 
 impl Connected for TlsConn {
@@ -80,8 +100,14 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow or silent peer cannot hold
 /// up others), handing finished connections to tonic through the returned channel.
-pub fn accept_loop(listener: TcpListener, cfg: rustls::ServerConfig) -> mpsc::Receiver<io::Result<TlsConn>> {
+pub fn accept_loop(
+    listener: TcpListener,
+    cfg: rustls::ServerConfig,
+    limits: ConnLimits,
+    refused: Arc<AtomicU64>,
+) -> mpsc::Receiver<io::Result<TlsConn>> {
     let acceptor = TlsAcceptor::from(Arc::new(cfg));
+    let conns = InFlight::new(limits.per_source, limits.total);
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -99,6 +125,12 @@ pub fn accept_loop(listener: TcpListener, cfg: rustls::ServerConfig) -> mpsc::Re
                     continue;
                 }
             };
+            let Some(slot) = conns.enter(source_key(remote.ip())) else {
+                refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%remote, "gRPC connection refused: too many from this source or in all");
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().ok();
             let acceptor = acceptor.clone();
@@ -106,7 +138,8 @@ pub fn accept_loop(listener: TcpListener, cfg: rustls::ServerConfig) -> mpsc::Re
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
-                        let _ = tx.send(Ok(TlsConn { inner, local, remote: Some(remote) })).await;
+                        let conn = TlsConn { inner, local, remote: Some(remote), _slot: slot };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

@@ -196,3 +196,29 @@ async fn tunnelctl_audit_pages_through_the_log() {
     let rest: Vec<i64> = rest.as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()).collect();
     assert!(rest.len() >= 2 && rest.iter().all(|id| *id < ids[4]), "{rest:?}");
 }
+
+#[tokio::test]
+async fn grpc_connections_are_capped_per_source() {
+    let s = TestServer::start_with(|c| c.conn_limits.per_source = 3).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(s.addr()).await.unwrap());
+    }
+    // Before, a fourth (and a ten-thousandth) waited for its TLS handshake like any other.
+    let mut fourth = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read(&mut fourth, &mut buf),
+    )
+    .await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the fourth connection was kept: {n:?}");
+    assert_eq!(s.running().shared.gate.stats.conns_refused.load(Ordering::Relaxed), 1);
+    // Slots come back when connections close: tunnelctl gets in again.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + tunnel_tests::PATIENCE;
+    while s.ctl(&["sites"]).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "slots never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

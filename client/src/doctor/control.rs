@@ -397,7 +397,7 @@ pub(super) async fn credentials(
         ),
         Err(e) => {
             let text = e.to_string();
-            let fix = if text.contains("too many failed logins") {
+            let fix = if text.contains("too many failed") {
                 "wait a minute: the server limits failed logins per address"
             } else {
                 "run doctor again; if it persists, see the server's log (`journalctl -u tunnel-server`)"
