@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tunnel_core::map::{Candidate, NetworkMap, NodeKind, RelayInfo};
-use tunnel_core::netstack::NetStack;
+use tunnel_core::netstack::{FlowCount, Limit, NetStack};
 use tunnel_core::packet::filter::{InboundFilter, Refusal};
 use tunnel_core::packet::{self, Proto};
 use tunnel_core::path::{CandidateKind, Paths, PeerCandidates, Via};
@@ -43,10 +43,14 @@ const FLOW_CHANNEL: usize = 16;
 const CHUNK: usize = 16 * 1024;
 /// UDP flows on a site end after this long without traffic.
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// How long a site waits for a target to accept.
+/// How long a site waits for a target's name to resolve and the target to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A site's listening socket that has not taken its SYN by then is dropped.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A TCP handshake not complete by then is abandoned: a site's flow in SYN-RECEIVED (the client
+/// never acknowledged the SYN-ACK) frees its target connection, a client's in SYN-SENT its waiter.
+/// Without it smoltcp keeps retrying for its 120 s timeout, holding the flow's buffers and target.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default keepalive: WireGuard's persistent keepalive and the idle path check, holding NAT mappings open.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
 /// How often the node asks the STUN responder for its public address.
@@ -194,6 +198,14 @@ struct UdpFlow {
     sock: Option<Arc<UdpSocket>>,
     queued: Vec<Vec<u8>>,
     last: Instant,
+    /// The task that dials the target and reads its replies; it ends with the flow.
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 enum UdpEvent {
@@ -206,6 +218,31 @@ enum UdpEvent {
 struct ServedResource {
     target: String,
     port: u16,
+}
+
+/// New flows a site refused because a flow limit was reached, by kind and by limit.
+#[derive(Default, Debug, Clone, Copy, serde::Serialize)]
+struct Refused {
+    pending_dial_peer: u64,
+    pending_dial_node: u64,
+    udp_peer: u64,
+    udp_node: u64,
+}
+
+impl Refused {
+    fn pending_dial(&mut self, l: Limit) {
+        match l {
+            Limit::Peer => self.pending_dial_peer += 1,
+            Limit::Node => self.pending_dial_node += 1,
+        }
+    }
+
+    fn udp(&mut self, l: Limit) {
+        match l {
+            Limit::Peer => self.udp_peer += 1,
+            Limit::Node => self.udp_node += 1,
+        }
+    }
 }
 
 #[derive(Default, Debug, Clone, Copy, serde::Serialize)]
@@ -244,9 +281,14 @@ struct Loop {
     served: HashMap<Ipv4Addr, ServedResource>,
     peer_names: BTreeMap<[u8; 32], (String, String)>,
     flows: HashMap<SocketHandle, Flow>,
+    /// Site: SYNs held while their targets are dialled, counted in `pending_count`.
     pending_syn: HashMap<Tuple, ([u8; 32], Vec<u8>)>,
+    pending_count: FlowCount,
     dial_tx: mpsc::Sender<(Tuple, Result<TcpStream, String>)>,
+    /// Site: UDP flows, counted in `udp_count`.
     udp_flows: HashMap<Tuple, UdpFlow>,
+    udp_count: FlowCount,
+    refused: Refused,
     udp_reply_tx: mpsc::Sender<UdpEvent>,
     client_udp: HashMap<u16, mpsc::Sender<(SocketAddrV4, Vec<u8>)>>,
     wake: Arc<Notify>,
@@ -346,6 +388,7 @@ pub async fn start_on(
         relay;
     let (stun_resolve_tx, mut stun_resolve_rx) = mpsc::channel(4);
     let now = Instant::now();
+    let flow_limits = opts.stack.flows.sane();
     let mut lp = Loop {
         to_os,
         filter: InboundFilter::default(),
@@ -363,8 +406,11 @@ pub async fn start_on(
         peer_names: BTreeMap::new(),
         flows: HashMap::new(),
         pending_syn: HashMap::new(),
+        pending_count: FlowCount::new(flow_limits.pending_dials_per_peer, flow_limits.pending_dials),
         dial_tx,
         udp_flows: HashMap::new(),
+        udp_count: FlowCount::new(flow_limits.udp_per_peer, flow_limits.udp),
+        refused: Refused::default(),
         udp_reply_tx,
         client_udp: HashMap::new(),
         wake: Arc::new(Notify::new()),
@@ -610,30 +656,23 @@ impl Loop {
         }
         // Flows of peers that lost their grant end now (revocation takes effect at once).
         if self.kind == NodeKind::Site {
+            // Aborted sockets stay until the stack has sent their reset; `service_flows` then
+            // removes them and gives their budget back.
             let grants = &self.grants;
-            let stack = self.stack.as_mut();
-            if let Some(stack) = stack {
-                self.flows.retain(|h, f| {
-                    let keep = match f.peer {
-                        Some(k) => {
-                            let local = stack.socket(*h).local_endpoint();
-                            match local.map(|e| e.addr) {
-                                Some(smoltcp::wire::IpAddress::Ipv4(a)) => {
-                                    grants.get(&k).is_some_and(|g| g.contains(&a))
-                                }
-                                _ => true,
-                            }
+            if let Some(stack) = self.stack.as_mut() {
+                for (h, f) in &self.flows {
+                    let Some(k) = f.peer else { continue };
+                    let s = stack.socket(*h);
+                    if let Some(smoltcp::wire::IpAddress::Ipv4(a)) = s.local_endpoint().map(|e| e.addr) {
+                        if !grants.get(&k).is_some_and(|g| g.contains(&a)) {
+                            s.abort();
                         }
-                        None => true,
-                    };
-                    if !keep {
-                        stack.socket(*h).abort();
                     }
-                    keep
-                });
+                }
             }
-            let grants = &self.grants;
-            self.udp_flows.retain(|t, f| grants.get(&f.peer).is_some_and(|g| g.contains(t.dst.ip())));
+            let grants = std::mem::take(&mut self.grants);
+            self.retain_udp_flows(|t, f| grants.get(&f.peer).is_some_and(|g| g.contains(t.dst.ip())));
+            self.grants = grants;
         }
         // A client's flows to resources it lost end now too: the site would refuse them anyway, and
         // without the resource's route not even that refusal could come back.
@@ -641,16 +680,14 @@ impl Loop {
             let reachable: std::collections::HashSet<Ipv4Addr> =
                 map.resources.values().filter_map(|r| r.overlay_addr.parse().ok()).collect();
             if let Some(stack) = self.stack.as_mut() {
-                self.flows.retain(|h, _| {
-                    let keep = match stack.socket(*h).remote_endpoint().map(|e| e.addr) {
-                        Some(smoltcp::wire::IpAddress::Ipv4(a)) => reachable.contains(&a),
-                        _ => true,
-                    };
-                    if !keep {
-                        stack.socket(*h).abort();
+                for h in self.flows.keys() {
+                    let s = stack.socket(*h);
+                    if let Some(smoltcp::wire::IpAddress::Ipv4(a)) = s.remote_endpoint().map(|e| e.addr) {
+                        if !reachable.contains(&a) {
+                            s.abort();
+                        }
                     }
-                    keep
-                });
+                }
             }
         }
         tracing::info!(
@@ -821,6 +858,8 @@ impl Loop {
             "peers": peers,
             "flows": self.flows.len(),
             "udp_flows": self.udp_flows.len(),
+            "pending_dials": self.pending_syn.len(),
+            "refused": self.refused,
             "tcp": self.stack.as_ref().map(|s| s.stats()).unwrap_or_default(),
             "drops": self.device.drops,
             "counters": self.counters,
@@ -905,6 +944,19 @@ impl Loop {
                     if self.pending_syn.contains_key(&tuple) {
                         return;
                     }
+                    // The flow limits and the memory budget first: no target is dialled for a flow
+                    // the stack would refuse (the stack counts its refusals).
+                    if let Some(Err(e)) = self.stack.as_mut().map(|st| st.admit(Some(&peer))) {
+                        tracing::debug!(flow = ?tuple, error = %e, "refusing a new flow");
+                        self.refuse_syn(&peer, &pkt);
+                        return;
+                    }
+                    if let Err(limit) = self.pending_count.add(Some(&peer)) {
+                        self.refused.pending_dial(limit);
+                        tracing::debug!(flow = ?tuple, limit = limit.as_str(), "too many dials pending; refusing a new flow");
+                        self.refuse_syn(&peer, &pkt);
+                        return;
+                    }
                     self.pending_syn.insert(tuple, (peer, pkt));
                     let tx = self.dial_tx.clone();
                     let target = res.target.clone();
@@ -939,21 +991,34 @@ impl Loop {
                     }
                     return;
                 }
+                if let Err(limit) = self.udp_count.add(Some(&peer)) {
+                    // Dropped, as a full NAT table drops; the client's application retries or not.
+                    self.refused.udp(limit);
+                    tracing::debug!(flow = ?tuple, limit = limit.as_str(), "too many UDP flows; dropping a new one");
+                    return;
+                }
                 let events = self.udp_reply_tx.clone();
                 let target = res.target.clone();
-                tokio::spawn(async move {
-                    match udp_dial(&target).await {
-                        Ok(sock) => {
+                let task = tokio::spawn(async move {
+                    match tokio::time::timeout(DIAL_TIMEOUT, udp_dial(&target)).await {
+                        Ok(Ok(sock)) => {
                             let sock = Arc::new(sock);
                             if events.send(UdpEvent::Ready(tuple, sock.clone())).await.is_ok() {
                                 udp_flow_reader(sock, tuple, events).await;
                             }
                         }
-                        Err(e) => tracing::debug!(%target, error = %e, "UDP target unreachable"),
+                        Ok(Err(e)) => tracing::debug!(%target, error = %e, "UDP target unreachable"),
+                        Err(_) => tracing::debug!(%target, "UDP target did not resolve in time"),
                     }
                 });
-                self.udp_flows
-                    .insert(tuple, UdpFlow { peer, sock: None, queued: vec![payload], last: Instant::now() });
+                let flow = UdpFlow {
+                    peer,
+                    sock: None,
+                    queued: vec![payload],
+                    last: Instant::now(),
+                    task: task.abort_handle(),
+                };
+                self.udp_flows.insert(tuple, flow);
             }
             Proto::EchoRequest => {
                 if let Some(reply) = packet::echo_reply(&pkt) {
@@ -1069,7 +1134,15 @@ impl Loop {
 
     fn dialed(&mut self, tuple: Tuple, result: Result<TcpStream, String>) {
         let Some((peer, syn)) = self.pending_syn.remove(&tuple) else { return };
+        self.pending_count.remove(Some(&peer));
+        // A revoke that arrived while the target was being dialled holds.
+        let granted = self.grants.get(&peer).is_some_and(|g| g.contains(tuple.dst.ip()));
         match result {
+            Ok(_) if !granted => {
+                if let Some(rst) = packet::rst_for_syn(&syn) {
+                    self.device.send_to_peer(&peer, &rst);
+                }
+            }
             Ok(stream) => {
                 let Some(stack) = self.stack.as_mut() else { return };
                 let h = match stack.listen(tuple.dst, Some(&peer)) {
@@ -1205,7 +1278,26 @@ impl Loop {
             }
         }
         let idle_cutoff = now.checked_sub(UDP_IDLE).unwrap_or(now);
-        self.udp_flows.retain(|_, f| f.last >= idle_cutoff);
+        self.retain_udp_flows(|_, f| f.last >= idle_cutoff);
+    }
+
+    /// Keeps the UDP flows `keep` says to; the others end (their tasks with them) and are uncounted.
+    fn retain_udp_flows(&mut self, keep: impl Fn(&Tuple, &UdpFlow) -> bool) {
+        let count = &mut self.udp_count;
+        self.udp_flows.retain(|t, f| {
+            let k = keep(t, f);
+            if !k {
+                count.remove(Some(&f.peer));
+            }
+            k
+        });
+    }
+
+    /// Answers a site's refused SYN with a reset, as a full server would.
+    fn refuse_syn(&mut self, peer: &[u8; 32], syn: &[u8]) {
+        if let Some(rst) = packet::rst_for_syn(syn) {
+            self.device.send_to_peer(peer, &rst);
+        }
     }
 }
 
@@ -1226,6 +1318,18 @@ fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) 
                 done.push(*h);
                 continue;
             }
+        }
+        // Half-open: the other end never completed the handshake.
+        if matches!(s.state(), TcpState::SynReceived | TcpState::SynSent)
+            && f.created.elapsed() > HANDSHAKE_TIMEOUT
+        {
+            if let Some((reply, _)) = f.connect_reply.take() {
+                let _ = reply.send(Err("the resource did not answer the connection (timed out)".into()));
+            }
+            // Removed on the next pass, after the stack has sent the reset.
+            s.abort();
+            moved = true;
+            continue;
         }
         if let Some((_, _)) = &f.connect_reply {
             match s.state() {
@@ -1323,15 +1427,22 @@ async fn resolve(target: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{target} has no address"))
 }
 
+/// Resolves and connects to a target within [`DIAL_TIMEOUT`] in all (a resolver that hangs must
+/// not hold a pending dial longer than an unreachable target does).
 async fn dial(target: &str) -> Result<TcpStream, String> {
-    let addr = resolve(target).await?;
-    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
+    let connect = async {
+        let addr = resolve(target).await?;
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Err(e) => Err(format!("{target} ({addr}): {e}")),
         }
-        Ok(Err(e)) => Err(format!("{target} ({addr}): {e}")),
-        Err(_) => Err(format!("{target} ({addr}): timed out")),
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{target}: timed out")),
     }
 }
 
@@ -1341,6 +1452,9 @@ async fn udp_dial(target: &str) -> Result<UdpSocket, String> {
         if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap_or(addr) } else { "[::]:0".parse().unwrap_or(addr) };
     let s = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
     s.connect(addr).await.map_err(|e| e.to_string())?;
+    // The loop sends with try_send: until the reactor has seen the new socket writable, that would
+    // fail and drop the flow's first datagrams.
+    s.writable().await.map_err(|e| e.to_string())?;
     Ok(s)
 }
 

@@ -144,6 +144,36 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
         "# HELP tunnel_node_tcp_refused_total New flows refused, by reason.\n# TYPE tunnel_node_tcp_refused_total counter\ntunnel_node_tcp_refused_total{{reason=\"memory\"}} {}",
         n(&v["tcp"]["refused_budget"])
     );
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_udp_flows Open UDP flows (site).\n# TYPE tunnel_node_udp_flows gauge\ntunnel_node_udp_flows {}",
+        n(&v["udp_flows"])
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_pending_dials TCP SYNs held while their targets are dialled (site).\n# TYPE tunnel_node_pending_dials gauge\ntunnel_node_pending_dials {}",
+        n(&v["pending_dials"])
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_node_flows_refused_total New flows refused, by kind and by the limit that refused them.\n# TYPE tunnel_node_flows_refused_total counter"
+    );
+    let refused = [
+        ("pending_dial", "peer", &v["refused"]["pending_dial_peer"]),
+        ("pending_dial", "node", &v["refused"]["pending_dial_node"]),
+        ("tcp", "peer", &v["tcp"]["refused_peer_flows"]),
+        ("tcp", "node", &v["tcp"]["refused_node_flows"]),
+        ("tcp", "memory", &v["tcp"]["refused_budget"]),
+        ("udp", "peer", &v["refused"]["udp_peer"]),
+        ("udp", "node", &v["refused"]["udp_node"]),
+    ];
+    for (kind, limit, count) in refused {
+        let _ = writeln!(
+            out,
+            "tunnel_node_flows_refused_total{{kind=\"{kind}\",limit=\"{limit}\"}} {}",
+            n(count)
+        );
+    }
     // One family at a time (Prometheus text wants each family's samples together).
     let peers: Vec<&serde_json::Value> = v["peers"].as_array().into_iter().flatten().collect();
     let name = |p: &serde_json::Value| p["name"].as_str().unwrap_or("?").replace(['"', '\\', '\n'], "_");

@@ -6,6 +6,7 @@
 pub mod control;
 pub mod convert;
 pub mod dataplane;
+pub mod flow_args;
 pub mod health;
 pub mod http;
 pub mod node;

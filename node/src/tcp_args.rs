@@ -1,4 +1,5 @@
-//! Command-line options of the userspace TCP stack, shared by the site agent and `tunnelctl up`.
+//! Command-line options of the userspace TCP stack, shared by the site agent and `tunnelctl up`,
+//! with the flow limits of [`crate::flow_args`].
 
 use tunnel_core::netstack::{BufferLimits, Congestion, StackOptions};
 
@@ -19,6 +20,9 @@ pub struct TcpArgs {
     /// Buffer memory all TCP flows of this node may hold together; new flows beyond it are refused.
     #[arg(long, env = "TUNNEL_TCP_MEMORY", default_value = "256M", value_parser = parse_size)]
     pub tcp_memory: usize,
+    /// How many flows of each kind a peer and the node may hold.
+    #[command(flatten)]
+    pub flows: crate::flow_args::FlowArgs,
 }
 
 impl TcpArgs {
@@ -33,6 +37,7 @@ impl TcpArgs {
                 ..BufferLimits::default()
             }
             .sane(),
+            flows: self.flows.limits(),
         }
     }
 }

@@ -7,11 +7,12 @@
 //! the device MTU, which is the tunnel MTU.
 //!
 //! smoltcp carries a loss-recovery patch (vendor/smoltcp/PATCHES.md): SACK with RACK-TLP, a 200 ms
-//! minimum RTO, and buffers that grow while a flow uses them, within the budgets of [`budget`].
+//! minimum RTO, and buffers that grow while a flow uses them, within the budgets of [`budget`], which
+//! also caps the number of flows per peer and per node.
 
 mod budget;
 
-pub use budget::{BufferLimits, Owner};
+pub use budget::{BufferLimits, FlowCount, FlowLimits, Limit, Owner};
 pub use smoltcp::socket::tcp::RecoveryStats;
 
 use std::collections::{HashMap, VecDeque};
@@ -121,13 +122,16 @@ impl std::str::FromStr for Congestion {
     }
 }
 
-/// How a stack's TCP senders behave and how much buffer memory its flows may hold.
+/// How a stack's TCP senders behave, how much buffer memory its flows may hold, and how many flows
+/// (of every kind the node handles) a peer and the node may hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StackOptions {
     /// Congestion control of new flows.
     pub congestion: Congestion,
     /// Buffer sizes and budgets.
     pub limits: BufferLimits,
+    /// Flows per peer and per node: the stack enforces the TCP figures, the data plane the rest.
+    pub flows: FlowLimits,
 }
 
 /// What the stack has done, for `/status` and `/metrics`.
@@ -147,6 +151,10 @@ pub struct StackStats {
     pub buffer_bytes: u64,
     /// New flows refused because a buffer budget was reached.
     pub refused_budget: u64,
+    /// New flows refused because their peer held as many as one peer may.
+    pub refused_peer_flows: u64,
+    /// New flows refused because the node held as many as it may.
+    pub refused_node_flows: u64,
     /// Inbound packets dropped because the stack's queue was full.
     pub rx_dropped: u64,
 }
@@ -157,6 +165,12 @@ pub enum SocketError {
     /// The peer's or the node's buffer budget cannot hold another flow.
     #[error("no buffer memory left for another connection (peer or node budget reached)")]
     Budget,
+    /// The peer holds as many flows as one peer may.
+    #[error("too many connections with one peer (the flow limit per peer is reached)")]
+    PeerFlows,
+    /// The node holds as many flows as it may.
+    #[error("too many connections on this node (its flow limit is reached)")]
+    NodeFlows,
     /// smoltcp refused the endpoint.
     #[error("the stack cannot use that address")]
     Unaddressable,
@@ -178,6 +192,8 @@ pub struct NetStack {
     pub rx_dropped: u64,
     /// New flows refused because a buffer budget was reached.
     pub refused_budget: u64,
+    /// New flows refused by a flow limit: the peer's, the node's.
+    pub refused_flows: (u64, u64),
     /// Loss recovery of the flows already removed.
     closed: RecoveryStats,
 }
@@ -220,13 +236,14 @@ impl NetStack {
             dev,
             epoch,
             next_port: 40000 + (seed % 20000) as u16,
-            budget: budget::Budget::new(options.limits),
+            budget: budget::Budget::new(options.limits, options.flows),
             buffers: HashMap::new(),
             next_tune: now,
             congestion: options.congestion,
             rtt_hints: HashMap::new(),
             rx_dropped: 0,
             refused_budget: 0,
+            refused_flows: (0, 0),
             closed: RecoveryStats::default(),
         }
     }
@@ -321,12 +338,43 @@ impl NetStack {
         self.iface.poll_delay(ts, &self.sockets).map(|d| Duration::from_micros(d.total_micros()))
     }
 
-    /// A socket with initial buffers charged to `owner`, or `None` when the budget is spent.
-    fn new_socket(&mut self, owner: Option<&Owner>) -> Option<tcp::Socket<'static>> {
-        let limits = self.budget.limits();
-        if !self.budget.take(owner, 2 * limits.initial) {
+    /// Whether a new flow of `owner` fits the flow limits and the buffer budgets now; a refusal is
+    /// counted. A site asks before it dials a target, so that no target connection is made for a
+    /// flow the stack would refuse.
+    pub fn admit(&mut self, owner: Option<&Owner>) -> Result<(), SocketError> {
+        match self.budget.flows.check(owner) {
+            Ok(()) => {}
+            Err(Limit::Peer) => {
+                self.refused_flows.0 += 1;
+                return Err(SocketError::PeerFlows);
+            }
+            Err(Limit::Node) => {
+                self.refused_flows.1 += 1;
+                return Err(SocketError::NodeFlows);
+            }
+        }
+        if !self.budget.fits(owner, 2 * self.budget.limits().initial) {
             self.refused_budget += 1;
-            return None;
+            return Err(SocketError::Budget);
+        }
+        Ok(())
+    }
+
+    /// Gives back the flow and the initial buffers of a socket that was never added.
+    fn give_back_new(&mut self, owner: Option<&Owner>) {
+        self.budget.give_back(owner, 2 * self.budget.limits().initial);
+        self.budget.flows.remove(owner);
+    }
+
+    /// A socket with initial buffers charged to `owner`, counted as one of its flows, unless a limit
+    /// or a budget is reached.
+    fn new_socket(&mut self, owner: Option<&Owner>) -> Result<tcp::Socket<'static>, SocketError> {
+        self.admit(owner)?;
+        let limits = self.budget.limits();
+        if !self.budget.take(owner, 2 * limits.initial) || self.budget.flows.add(owner).is_err() {
+            // admit() just said both fit; nothing between could change that.
+            self.refused_budget += 1;
+            return Err(SocketError::Budget);
         }
         // vec![0; n] comes from calloc: pages are committed as data first reaches them.
         let mut s = tcp::Socket::new(
@@ -344,7 +392,7 @@ impl NetStack {
         s.set_rto_min(smoltcp::time::Duration::from_millis(200));
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
-        Some(s)
+        Ok(s)
     }
 
     fn add(&mut self, s: tcp::Socket<'static>, owner: Option<&Owner>) -> SocketHandle {
@@ -369,10 +417,10 @@ impl NetStack {
         local: SocketAddrV4,
         owner: Option<&Owner>,
     ) -> Result<SocketHandle, SocketError> {
-        let mut s = self.new_socket(owner).ok_or(SocketError::Budget)?;
+        let mut s = self.new_socket(owner)?;
         let endpoint = IpListenEndpoint { addr: Some(IpAddress::Ipv4(*local.ip())), port: local.port() };
         if s.listen(endpoint).is_err() {
-            self.budget.give_back(owner, 2 * self.budget.limits().initial);
+            self.give_back_new(owner);
             return Err(SocketError::Unaddressable);
         }
         Ok(self.add(s, owner))
@@ -386,12 +434,12 @@ impl NetStack {
         remote: SocketAddrV4,
         owner: Option<&Owner>,
     ) -> Result<SocketHandle, SocketError> {
-        let mut s = self.new_socket(owner).ok_or(SocketError::Budget)?;
+        let mut s = self.new_socket(owner)?;
         self.next_port = if self.next_port >= 65000 { 40000 } else { self.next_port + 1 };
         let local = IpEndpoint::new(IpAddress::Ipv4(local_addr), self.next_port);
         let remote = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         if s.connect(self.iface.context(), remote, local).is_err() {
-            self.budget.give_back(owner, 2 * self.budget.limits().initial);
+            self.give_back_new(owner);
             return Err(SocketError::Unaddressable);
         }
         Ok(self.add(s, owner))
@@ -405,6 +453,11 @@ impl NetStack {
     /// Bytes of socket buffer capacity the flows hold now.
     pub fn buffer_bytes(&self) -> usize {
         self.budget.used()
+    }
+
+    /// TCP flows held now: by `owner`, and in all.
+    pub fn flows(&self, owner: &Owner) -> (usize, usize) {
+        (self.budget.flows.of(owner), self.budget.flows.total())
     }
 
     /// A socket.
@@ -427,6 +480,8 @@ impl NetStack {
             timeouts: t.timeouts,
             buffer_bytes: self.budget.used() as u64,
             refused_budget: self.refused_budget,
+            refused_peer_flows: self.refused_flows.0,
+            refused_node_flows: self.refused_flows.1,
             rx_dropped: self.rx_dropped,
         }
     }
@@ -441,6 +496,7 @@ impl NetStack {
         }
         if let Some(b) = self.buffers.remove(&h) {
             self.budget.give_back(b.owner.as_ref(), b.rx + b.tx);
+            self.budget.flows.remove(b.owner.as_ref());
         }
     }
 }

@@ -404,6 +404,40 @@ fn the_budget_refuses_flows_and_caps_growth() {
 }
 
 #[test]
+fn flow_limits_refuse_flows_per_peer_and_per_node() {
+    let now = Instant::now();
+    let flows = FlowLimits { tcp_per_peer: 3, tcp: 5, ..FlowLimits::default() };
+    let mut stack = NetStack::with_options(
+        "100.96.0.1".parse().unwrap(),
+        16,
+        1280,
+        true,
+        1,
+        now,
+        StackOptions { flows, ..StackOptions::default() },
+    );
+    let (p, q) = ([1u8; 32], [2u8; 32]);
+    let local = |port: u16| SocketAddrV4::new("100.96.0.10".parse().unwrap(), port);
+    let mut mine = vec![];
+    for port in 1..4 {
+        mine.push(stack.listen(local(port), Some(&p)).unwrap());
+    }
+    assert_eq!(stack.admit(Some(&p)), Err(SocketError::PeerFlows), "asked before a dial");
+    assert_eq!(stack.listen(local(9), Some(&p)), Err(SocketError::PeerFlows));
+    for port in 10..12 {
+        stack.listen(local(port), Some(&q)).unwrap();
+    }
+    assert_eq!(stack.listen(local(12), Some(&q)), Err(SocketError::NodeFlows));
+    assert_eq!(stack.flows(&p), (3, 5));
+    let st = stack.stats();
+    assert_eq!((st.refused_peer_flows, st.refused_node_flows, st.refused_budget), (2, 1, 0));
+    stack.remove(mine.pop().unwrap());
+    assert_eq!(stack.admit(Some(&q)), Ok(()), "a removed flow's place is free again");
+    assert!(stack.listen(local(13), Some(&q)).is_ok());
+    assert_eq!(stack.flows(&q), (3, 5));
+}
+
+#[test]
 fn growth_stays_inside_the_budget() {
     // One flow on a long path with a node budget of 1 MiB: it grows, but never past the budget.
     let base = Instant::now();

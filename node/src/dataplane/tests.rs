@@ -14,6 +14,11 @@ use tunnel_core::path::Via;
 use tunnel_core::wg::{self, Device, PeerConfig};
 use tunnel_core::NodeId;
 
+use smoltcp::wire::{Ipv4Packet, TcpPacket};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpSocket};
+use tunnel_core::netstack::{FlowLimits, StackOptions};
+
 use super::{start_on, Dataplane, OsPackets, PathOptions};
 
 const NODE_KEY: [u8; 32] = [11; 32];
@@ -28,13 +33,13 @@ struct RawPeer {
 }
 
 impl RawPeer {
-    async fn new(allowed: &str, node: SocketAddr) -> RawPeer {
+    async fn new(allowed: &[&str], node: SocketAddr) -> RawPeer {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut dev = Device::new(RAW_KEY, 7);
         dev.set_peers(
             vec![PeerConfig {
                 key: wg::public_key(NODE_KEY),
-                allowed: vec![allowed.parse().unwrap()],
+                allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
                 endpoint: Some(SocketAddr::from(([127, 0, 0, 1], node.port()))),
                 keepalive: None,
             }],
@@ -185,7 +190,7 @@ async fn a_tun_client_lets_in_only_replies_for_its_own_address() {
     let m = map(NodeKind::Client, "100.96.0.2", site, vec![resource("web", "100.96.0.10", None, 80)]);
     let os = OsPackets { from_os, to_os };
     let (dp, _task, _maps) = node(NodeKind::Client, m, Some(os), PathOptions::default()).await;
-    let mut raw = RawPeer::new("100.96.0.2/32", dp.local_addr).await;
+    let mut raw = RawPeer::new(&["100.96.0.2/32"], dp.local_addr).await;
     // A hostile site: into the client's LAN through a forwarding kernel (a TCP segment that is no
     // SYN, and UDP), at a service of the client itself (a SYN, and a segment of no connection), a
     // ping, and another protocol.
@@ -221,4 +226,163 @@ async fn a_tun_client_lets_in_only_replies_for_its_own_address() {
     assert_eq!(arrived, reply);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(to_os_rx.try_recv().is_err(), "the reply to another port stayed out");
+}
+
+/// The TCP flags of a decrypted packet, (SYN, ACK, RST), and its destination port.
+fn tcp_flags(p: &[u8]) -> Option<((bool, bool, bool), u16)> {
+    let ip = Ipv4Packet::new_checked(p).ok()?;
+    let t = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some(((t.syn(), t.ack(), t.rst()), t.dst_port()))
+}
+
+/// How many connections (told apart by the client's port) got a segment with these flags:
+/// retransmissions count once.
+fn count(got: &[Vec<u8>], want: (bool, bool, bool)) -> usize {
+    let ports: std::collections::BTreeSet<u16> =
+        got.iter().filter_map(|p| tcp_flags(p)).filter(|(f, _)| *f == want).map(|(_, port)| port).collect();
+    ports.len()
+}
+
+const SYN_ACK: (bool, bool, bool) = (true, true, false);
+const RST: (bool, bool, bool) = (false, true, true);
+
+/// A site serving `web` (TCP, 100.96.0.10:80, dialled at `web`) and `dns` (UDP, 100.96.0.11:53,
+/// at `dns`) to the raw client 100.96.0.2, with these flow limits.
+async fn site(web: SocketAddr, dns: SocketAddr, flows: FlowLimits) -> (Dataplane, RawPeer, impl Drop) {
+    let client = peer(&["100.96.0.2/32"], &["web", "dns"]);
+    let m = map(
+        NodeKind::Site,
+        "100.96.0.1",
+        client,
+        vec![
+            resource("web", "100.96.0.10", Some(web.to_string()), 80),
+            resource("dns", "100.96.0.11", Some(dns.to_string()), 53),
+        ],
+    );
+    let opts =
+        PathOptions { stack: StackOptions { flows, ..StackOptions::default() }, ..PathOptions::default() };
+    let (dp, task, maps) = node(NodeKind::Site, m, None, opts).await;
+    let raw = RawPeer::new(&["100.96.0.1/32", "100.96.0.10/32", "100.96.0.11/32"], dp.local_addr).await;
+    /// Stops the loop (and holds its map channel open until then).
+    struct Stop(tokio::task::JoinHandle<()>, #[allow(dead_code)] watch::Sender<Option<Arc<NetworkMap>>>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    (dp, raw, Stop(task, maps))
+}
+
+fn syn(port: u16) -> Vec<u8> {
+    tcp(&format!("100.96.0.2:{port}"), "100.96.0.10:80", true, false)
+}
+
+async fn unused_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn a_site_holds_only_so_many_dials_per_peer_and_resets_the_rest() {
+    // A target whose accept queue is full: the kernel drops further SYNs, so dials hang.
+    let l = TcpSocket::new_v4().unwrap();
+    l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = l.local_addr().unwrap();
+    let _listener = l.listen(0).unwrap();
+    let _filler = tokio::net::TcpStream::connect(target).await.unwrap();
+    let flows = FlowLimits { pending_dials_per_peer: 4, ..FlowLimits::default() };
+    let (dp, mut raw, _stop) = site(target, unused_udp().await, flows).await;
+    raw.connect(packet::udp_packet("100.96.0.2:9".parse().unwrap(), "100.96.0.1:9".parse().unwrap(), b""))
+        .await;
+    let syns: Vec<Vec<u8>> = (40_000..40_010).map(syn).collect();
+    raw.send(&syns).await;
+    let got = raw.receive_until(|_, got| count(got, RST) >= 6).await;
+    assert_eq!(count(&got, RST), 6, "one reset for each SYN beyond the four dials");
+    let st = dp.status().await.unwrap();
+    assert_eq!(st["pending_dials"], 4);
+    assert_eq!(st["refused"]["pending_dial_peer"], 6);
+    // A SYN retransmitted while its dial is pending is neither a new dial nor refused.
+    raw.send(&syns[..1]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(dp.status().await.unwrap()["refused"]["pending_dial_peer"], 6);
+}
+
+#[tokio::test]
+async fn a_site_caps_tcp_flows_per_peer_and_drops_handshakes_that_never_complete() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = mpsc::channel::<()>(64);
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 16];
+                while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                let _ = closed.send(()).await;
+            });
+        }
+    });
+    let flows = FlowLimits { tcp_per_peer: 6, ..FlowLimits::default() };
+    let (dp, mut raw, _stop) = site(target, unused_udp().await, flows).await;
+    raw.connect(packet::udp_packet("100.96.0.2:9".parse().unwrap(), "100.96.0.1:9".parse().unwrap(), b""))
+        .await;
+    // Eight connection attempts that never send the final ACK: six flows, two resets.
+    raw.send(&(41_000..41_008).map(syn).collect::<Vec<_>>()).await;
+    let got = raw.receive_until(|_, got| count(got, SYN_ACK) >= 6 && count(got, RST) >= 2).await;
+    assert_eq!((count(&got, SYN_ACK), count(&got, RST)), (6, 2));
+    let st = dp.status().await.unwrap();
+    assert_eq!((st["flows"].as_u64(), st["tcp"]["refused_peer_flows"].as_u64()), (Some(6), Some(2)));
+    // Half-open, they end after the handshake timeout, not smoltcp's 120 s, and free their targets.
+    let deadline = tokio::time::Instant::now() + super::HANDSHAKE_TIMEOUT + PATIENCE;
+    for _ in 0..6 {
+        tokio::time::timeout_at(deadline, closed_rx.recv()).await.expect("the target connection closed");
+    }
+    until("the half-open flows to go", || async { dp.status().await.unwrap()["flows"] == 0 }).await;
+    assert_eq!(dp.status().await.unwrap()["tcp"]["buffer_bytes"], 0, "their buffers are given back");
+}
+
+#[tokio::test]
+async fn a_site_caps_udp_flows_per_peer() {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut b = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut b).await {
+            let _ = echo.send_to(&b[..n], from).await;
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flows = FlowLimits { udp_per_peer: 5, ..FlowLimits::default() };
+    let (dp, mut raw, _stop) = site(listener.local_addr().unwrap(), target, flows).await;
+    let q = |port: u16| {
+        packet::udp_packet(
+            format!("100.96.0.2:{port}").parse().unwrap(),
+            "100.96.0.11:53".parse().unwrap(),
+            b"q",
+        )
+    };
+    raw.connect(q(5000)).await;
+    raw.send(&(5001..5008).map(q).collect::<Vec<_>>()).await;
+    until("the site to refuse the flows beyond five", || async {
+        dp.status().await.unwrap()["refused"]["udp_peer"] == 3
+    })
+    .await;
+    let got = raw.receive_until(|_, got| got.len() >= 5).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let more = raw.dev.poll_inbound();
+    assert_eq!(got.len() + usize::from(more.is_some()), 5, "answers for the five flows only");
+    assert_eq!(dp.status().await.unwrap()["udp_flows"], 5);
+    // The refusals show in /metrics with their kind and limit.
+    let (link_tx, link) = watch::channel(crate::control::LinkState::Connected);
+    let (addr, _t) =
+        crate::http::serve("127.0.0.1:0".parse().unwrap(), dp.clone(), link, None, Default::default())
+            .await
+            .unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.contains("tunnel_node_flows_refused_total{kind=\"udp\",limit=\"peer\"} 3"), "{text}");
+    assert!(text.contains("tunnel_node_udp_flows 5"), "{text}");
+    drop(link_tx);
 }
