@@ -92,17 +92,22 @@ pub fn candidate_cap(kind: &str) -> usize {
 /// `list` without refused addresses ([`candidate_addr_allowed`], and `refuse` for the caller's own
 /// rule, e.g. the overlay), duplicates or more than the cap of each kind (first ones kept), and how
 /// many were dropped.
+///
+/// `allow_loopback` keeps loopback candidates: right only for a node on the server's own host (the
+/// single-host demo, in-process tests), whose peers on that host can reach them.
 pub fn bound_candidates(
     list: impl IntoIterator<Item = Candidate>,
+    allow_loopback: bool,
     refuse: impl Fn(std::net::IpAddr) -> bool,
 ) -> (Vec<Candidate>, usize) {
     let mut kept: Vec<Candidate> = Vec::new();
     let mut dropped = 0;
     for c in list {
-        let ok = c
-            .addr
-            .parse::<std::net::SocketAddr>()
-            .is_ok_and(|a| candidate_addr_allowed(a) && !refuse(a.ip()));
+        let ok = c.addr.parse::<std::net::SocketAddr>().is_ok_and(|a| {
+            (candidate_addr_allowed(a)
+                || (allow_loopback && a.port() != 0 && a.ip().to_canonical().is_loopback()))
+                && !refuse(a.ip())
+        });
         let room = kept.iter().filter(|k| k.kind == c.kind).count() < candidate_cap(&c.kind);
         if ok && room && !kept.contains(&c) {
             kept.push(c);
@@ -383,7 +388,7 @@ mod tests {
         list.push(c("192.0.2.1:1", "reflexive"));
         list.push(c("192.0.2.2:1", "bogus"));
         let overlay: ipnet::Ipv4Net = "100.96.0.0/16".parse().unwrap();
-        let (kept, dropped) = bound_candidates(list, |ip| match ip {
+        let (kept, dropped) = bound_candidates(list, false, |ip| match ip {
             std::net::IpAddr::V4(v4) => overlay.contains(&v4),
             _ => false,
         });

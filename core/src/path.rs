@@ -102,7 +102,8 @@ fn bounded(list: Vec<(SocketAddr, CandidateKind)>) -> Vec<(SocketAddr, Candidate
             CandidateKind::Advertised => crate::map::MAX_CANDIDATES_ADVERTISED,
             CandidateKind::PeerReflexive => 0,
         };
-        if crate::map::candidate_addr_allowed(c.0)
+        // Loopback is the server's call: it keeps loopback candidates only from nodes on its own host.
+        if (crate::map::candidate_addr_allowed(c.0) || c.0.ip().to_canonical().is_loopback())
             && kept.iter().filter(|k| k.1 == c.1).count() < cap
             && !kept.iter().any(|k| k.0 == c.0)
         {

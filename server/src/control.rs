@@ -287,7 +287,17 @@ impl Control for ControlService {
             };
             match open_session(login).await {
                 Ok((auth, session_id, kill_rx)) => {
-                    serve_session(shared.clone(), auth.id, auth.name, session_id, inbound, tx, kill_rx).await;
+                    serve_session(
+                        shared.clone(),
+                        auth.id,
+                        auth.name,
+                        session_id,
+                        inbound,
+                        tx,
+                        kill_rx,
+                        key.is_loopback(),
+                    )
+                    .await;
                 }
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;
@@ -383,7 +393,8 @@ async fn open_session(
         .try_send(Ok(pb::ServerMessage { msg: Some(pb::server_message::Msg::Welcome(welcome)) }))
         .map_err(|_| Status::internal("session queue unavailable"))?;
     let overlay = shared.model().reg.pool.net();
-    let (candidates, dropped) = convert::candidates_from_pb(&hello.candidates, overlay);
+    let (candidates, dropped) =
+        convert::candidates_from_pb(&hello.candidates, overlay, login.key.is_loopback());
     note_dropped(shared, &auth.id, dropped);
     let max_message = match hello.max_message_bytes {
         0 => DEFAULT_NODE_MAX_MESSAGE,
@@ -428,6 +439,7 @@ fn note_dropped(shared: &Shared, id: &NodeId, dropped: usize) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one session's parts, passed once from open_session
 async fn serve_session(
     shared: Arc<Shared>,
     id: NodeId,
@@ -436,6 +448,7 @@ async fn serve_session(
     mut inbound: Streaming<pb::NodeMessage>,
     tx: mpsc::Sender<Outbound>,
     mut kill_rx: oneshot::Receiver<SessionEnd>,
+    from_loopback: bool,
 ) {
     // Endpoint updates: a token bucket; one held back waits for the next token (only the latest).
     let mut tokens = ENDPOINT_BURST;
@@ -483,7 +496,7 @@ async fn serve_session(
         if tokens >= 1.0 {
             if let Some(list) = held.take() {
                 tokens -= 1.0;
-                set_candidates(&shared, &id, &list);
+                set_candidates(&shared, &id, &list, from_loopback);
             }
         }
     };
@@ -504,10 +517,10 @@ async fn serve_session(
 }
 
 /// Applies a node's reported candidates (bounded) to the model; peers learn them at the next flush.
-fn set_candidates(shared: &Shared, id: &NodeId, list: &[pb::Candidate]) {
+fn set_candidates(shared: &Shared, id: &NodeId, list: &[pb::Candidate], from_loopback: bool) {
     let mut guard = shared.model();
     let m = &mut *guard;
-    let (candidates, dropped) = convert::candidates_from_pb(list, m.reg.pool.net());
+    let (candidates, dropped) = convert::candidates_from_pb(list, m.reg.pool.net(), from_loopback);
     if let Some(n) = m.reg.nodes.get_mut(id) {
         if n.candidates != candidates {
             n.candidates = candidates;
@@ -524,7 +537,7 @@ fn handle(shared: &Shared, id: &NodeId, msg: pb::node_message::Msg) {
     match msg {
         pb::node_message::Msg::Endpoints(u) => {
             drop(guard);
-            set_candidates(shared, id, &u.candidates);
+            set_candidates(shared, id, &u.candidates, false);
         }
         pb::node_message::Msg::MapRequest(r) => {
             tracing::info!(node = %id, have = r.have_version, "node asked for a full map");
