@@ -82,7 +82,7 @@ fn derive(m: &NetworkMap, device: &mut Device, paths: &mut Paths, now: Instant) 
 fn wire_checks(first: &pb::NetworkMap, m: &NetworkMap) {
     let overlay: ipnet::Ipv4Net = m.overlay_cidr.parse().unwrap_or_else(|_| "100.96.0.0/16".parse().unwrap_or_else(|_| unreachable!()));
     for p in &first.peers {
-        let (kept, dropped) = tunnel_server::convert::candidates_from_pb(&p.candidates, overlay);
+        let (kept, dropped) = tunnel_server::convert::candidates_from_pb(&p.candidates, overlay, false);
         assert_eq!(kept.len() + dropped, p.candidates.len());
         for c in &kept {
             let a: SocketAddr = c.addr.parse().unwrap_or_else(|_| panic!("kept candidate {c:?} does not parse"));

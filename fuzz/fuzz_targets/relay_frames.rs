@@ -40,10 +40,11 @@ fn drain(buf: &mut Vec<u8>, out: &mut Vec<Result<Frame, String>>) -> bool {
         match Frame::decode(buf) {
             Ok(Some(f)) => {
                 let used = before.len() - buf.len();
-                assert!(used >= 3, "a frame of {used} bytes");
+                assert!(used >= 2, "a frame of {used} bytes");
                 assert_eq!(&before[used..], &buf[..], "decode took bytes from the middle");
                 if matches!(f, Frame::Hello(_) | Frame::Packet(_)) {
-                    assert_eq!(f.encode(), before[..used], "frame does not re-encode to its bytes");
+                    // Empty (keepalive) frames before it are skipped by the decoder.
+                    assert!(before[..used].ends_with(&f.encode()), "frame does not re-encode to its bytes");
                 }
                 out.push(Ok(f));
             }
@@ -97,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok(c) = Capability::verify(stream, &public, now) {
             assert!(c.expires_unix_ms >= now);
-            assert_eq!(c.sign(key).len(), stream.len());
+            assert_eq!(c.sign(key).map(|b| b.len()), Ok(stream.len()));
             assert_eq!(&stream[4..36], &c.node[..]);
         }
     }
@@ -123,7 +124,8 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let cap = Capability { node, expires_unix_ms, peers };
-    let signed = cap.sign(key);
+    // At most 15 peers: far below MAX_CAP_PEERS, so signing cannot refuse.
+    let signed = cap.sign(key).unwrap_or_else(|e| panic!("signing {} peers refused: {e}", cap.peers.len()));
     assert_eq!(Capability::verify(&signed, &public, expires_unix_ms), Ok(cap.clone()));
     if expires_unix_ms < u64::MAX {
         assert_eq!(Capability::verify(&signed, &public, expires_unix_ms + 1), Err(CapError::Expired));

@@ -59,7 +59,7 @@ fn stun_seeds() {
 fn relay_seeds() {
     let key = Ed25519KeyPair::from_seed_unchecked(&[0x42; 32]).unwrap();
     let cap = Capability { node: [1; 32], expires_unix_ms: 1_900_000_000_000, peers: vec![[2; 32], [3; 32]] };
-    let signed = cap.sign(&key);
+    let signed = cap.sign(&key).unwrap();
     let frames = [
         Frame::Hello(signed.clone()),
         Frame::Reply(Ok(())),
