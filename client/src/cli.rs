@@ -163,6 +163,14 @@ pub struct UpArgs {
     /// Userspace mode: the TCP stack (in TUN mode the system's TCP carries the flows).
     #[command(flatten)]
     pub tcp: tunnel_node::tcp_args::TcpArgs,
+    /// DNS queries forwarded upstream at once; more are dropped until one ends.
+    #[arg(long, env = "TUNNEL_DNS_MAX_FORWARDS", default_value_t = crate::up::dns::DEFAULT_MAX_FORWARDS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    pub dns_max_forwards: usize,
+    /// TUN mode: networks whose hosts the DNS listener answers besides this host and its containers
+    /// (sources on a bridge without a physical port, such as docker0), e.g. a routed pod network.
+    #[arg(long, env = "TUNNEL_DNS_ALLOW", value_delimiter = ',')]
+    pub dns_allow: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Args)]
@@ -460,6 +468,11 @@ async fn up(a: UpArgs, out: &mut (dyn Write + Send)) -> Result<()> {
         tun_name: a.tun_name.clone(),
         resolv_conf: PathBuf::from("/etc/resolv.conf"),
         tcp: a.tcp.options(),
+        dns: crate::up::dns::DnsOptions {
+            max_forwards: a.dns_max_forwards,
+            local_only: false,
+            allow: a.dns_allow.clone(),
+        },
     })
     .await?;
     let status = client.node.status_addr.map(|a| a.to_string()).unwrap_or_default();

@@ -13,19 +13,44 @@ use tokio::sync::watch;
 use crate::control::LinkState;
 use crate::dataplane::Dataplane;
 
+/// A status field computed when the document is made (counters kept outside the data plane).
+type LiveField = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// Top-level fields the program around the node adds to `/status` (the client's mode and listeners,
-/// which `tunnelctl doctor` needs to test the tunnel the way applications use it).
-#[derive(Clone, Debug, Default)]
-pub struct StatusExtra(Arc<Mutex<serde_json::Map<String, serde_json::Value>>>);
+/// which `tunnelctl doctor` needs to test the tunnel the way applications use it; the DNS listener's
+/// counters).
+#[derive(Clone, Default)]
+pub struct StatusExtra {
+    fixed: Arc<Mutex<serde_json::Map<String, serde_json::Value>>>,
+    live: Arc<Mutex<Vec<(String, LiveField)>>>,
+}
+
+impl std::fmt::Debug for StatusExtra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusExtra").field("fixed", &self.fixed).finish_non_exhaustive()
+    }
+}
 
 impl StatusExtra {
     /// Sets (or replaces) the field `key` of the status document.
     pub fn set(&self, key: &str, value: serde_json::Value) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_owned(), value);
+        self.fixed.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_owned(), value);
+    }
+
+    /// Makes the field `key` whatever `value` returns each time the document is made.
+    pub fn set_live(&self, key: &str, value: impl Fn() -> serde_json::Value + Send + Sync + 'static) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(k, _)| k != key);
+        live.push((key.to_owned(), Arc::new(value)));
     }
 
     fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut m = self.fixed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let live: Vec<(String, LiveField)> = self.live.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (k, f) in live {
+            m.insert(k, f());
+        }
+        m
     }
 }
 
@@ -229,6 +254,21 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
                 u8::from(p["path"] == path)
             );
         }
+    }
+    if v["dns"].is_object() {
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_node_dns_refused_total DNS queries the client's listener dropped, by reason (source: not this host or its containers; busy: too many forwards in flight).\n# TYPE tunnel_node_dns_refused_total counter"
+        );
+        for (reason, key) in [("source", "refused_source"), ("busy", "refused_busy")] {
+            let _ =
+                writeln!(out, "tunnel_node_dns_refused_total{{reason=\"{reason}\"}} {}", n(&v["dns"][key]));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_node_dns_forwards DNS queries being forwarded upstream now.\n# TYPE tunnel_node_dns_forwards gauge\ntunnel_node_dns_forwards {}",
+            n(&v["dns"]["forwards"])
+        );
     }
     if let Some(targets) = v["resources"].as_array() {
         let _ = writeln!(

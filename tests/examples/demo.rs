@@ -124,6 +124,7 @@ async fn main() -> Result<()> {
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
         tcp: Default::default(),
+        dns: Default::default(),
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),

@@ -111,6 +111,7 @@ async fn client_with(token: &str, dir: &std::path::Path, force_relay: bool) -> C
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay,
         tcp: Default::default(),
+        dns: Default::default(),
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),

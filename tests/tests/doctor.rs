@@ -53,6 +53,7 @@ async fn start_client(token: &str, dir: &std::path::Path) -> Client {
         keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
         force_relay: false,
         tcp: Default::default(),
+        dns: Default::default(),
         dns_mode: tunnelctl::up::resolv::DnsMode::Off,
         tun_name: String::new(),
         resolv_conf: "/etc/resolv.conf".into(),

@@ -4,6 +4,7 @@
 //! SOCKS5 listener, with a local DNS listener for the private names.
 
 pub mod dns;
+pub mod dns_sources;
 pub mod resolv;
 pub mod socks;
 pub mod tun;
@@ -40,6 +41,8 @@ pub struct UpConfig {
     pub resolv_conf: PathBuf,
     /// Userspace mode: the TCP stack's congestion control and buffer budgets.
     pub tcp: tunnel_core::netstack::StackOptions,
+    /// The DNS listener's limits (TUN mode also answers only this host and its containers).
+    pub dns: dns::DnsOptions,
 }
 
 /// A running client.
@@ -104,7 +107,9 @@ pub async fn start(cfg: UpConfig) -> Result<Client> {
         }
     });
     let upstreams = dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-    let (dns_addr, dns_task) = dns::serve(cfg.dns_listen, zone_rx.clone(), upstreams).await?;
+    let (dns_addr, dns_task, dns_stats) =
+        dns::serve(cfg.dns_listen, zone_rx.clone(), upstreams, cfg.dns.clone()).await?;
+    node.status_extra.set_live("dns", move || dns_stats.snapshot());
     let (socks_addr, socks_task) =
         socks::serve(cfg.socks5, node.dataplane.clone(), node.maps.clone(), zone_rx).await?;
     node.status_extra.set(
@@ -166,7 +171,10 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
     let dns_listen = SocketAddr::from((addr, 53));
     let upstreams: Vec<SocketAddr> =
         upstreams.into_iter().filter(|u| u.ip() != std::net::IpAddr::V4(addr)).collect();
-    let (dns_addr, dns_task) = dns::serve(dns_listen, zone_rx, upstreams).await?;
+    // On the overlay address anyone who routes to it could ask: only this host and its containers.
+    let dns_opts = dns::DnsOptions { local_only: true, ..cfg.dns.clone() };
+    let (dns_addr, dns_task, dns_stats) = dns::serve(dns_listen, zone_rx, upstreams, dns_opts).await?;
+    node.status_extra.set_live("dns", move || dns_stats.snapshot());
     let applied = resolv::apply(
         cfg.dns_mode,
         &cfg.tun_name,
