@@ -47,10 +47,13 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A site's listening socket that has not taken its SYN by then is dropped.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// A TCP handshake not complete by then is abandoned: a site's flow in SYN-RECEIVED (the client
-/// never acknowledged the SYN-ACK) frees its target connection, a client's in SYN-SENT its waiter.
-/// Without it smoltcp keeps retrying for its 120 s timeout, holding the flow's buffers and target.
+/// A site's flow still in SYN-RECEIVED by then (the client never acknowledged the SYN-ACK) is reset
+/// and frees its target connection and buffers. Without it smoltcp keeps retrying for its 120 s
+/// timeout.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client's connection still in SYN-SENT by then is given up: the site may take up to
+/// [`DIAL_TIMEOUT`] to dial the target before it answers.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default keepalive: WireGuard's persistent keepalive and the idle path check, holding NAT mappings open.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(25);
 /// How often the node asks the STUN responder for its public address.
@@ -139,7 +142,8 @@ impl Dataplane {
             .send(Command::Connect { remote, reply })
             .await
             .map_err(|_| "data plane stopped".to_string())?;
-        match tokio::time::timeout(Duration::from_secs(15), rx).await {
+        // A little longer than the loop's own CONNECT_TIMEOUT, which then answers with the reason.
+        match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(2), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err("data plane stopped".into()),
             Err(_) => Err(format!("connection to {remote} timed out (no answer through the tunnel)")),
@@ -1320,9 +1324,12 @@ fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) 
             }
         }
         // Half-open: the other end never completed the handshake.
-        if matches!(s.state(), TcpState::SynReceived | TcpState::SynSent)
-            && f.created.elapsed() > HANDSHAKE_TIMEOUT
-        {
+        let half_open = match s.state() {
+            TcpState::SynReceived => f.created.elapsed() > HANDSHAKE_TIMEOUT,
+            TcpState::SynSent => f.created.elapsed() > CONNECT_TIMEOUT,
+            _ => false,
+        };
+        if half_open {
             if let Some((reply, _)) = f.connect_reply.take() {
                 let _ = reply.send(Err("the resource did not answer the connection (timed out)".into()));
             }
