@@ -342,37 +342,64 @@ fn split_full(mut map: pb::NetworkMap, budget: usize) -> Vec<pb::ServerMessage> 
     }
     let mut peers = std::mem::take(&mut map.peers).into_iter().peekable();
     let mut resources = std::mem::take(&mut map.resources).into_iter().peekable();
-    // Fill the full map first, then one delta after another. Each item is small (candidates and
-    // names are bounded), so an item alone always fits.
+    // The full map holds what fits; the rest follows as deltas.
     let mut size = map.encoded_len();
-    while let Some(p) = peers.next_if(|p| size + p.encoded_len() + 8 <= budget) {
-        size += p.encoded_len() + 8;
-        map.peers.push(p);
-    }
-    while let Some(r) = resources.next_if(|r| size + r.encoded_len() + 8 <= budget) {
-        size += r.encoded_len() + 8;
-        map.resources.push(r);
-    }
-    let mut version = map.version;
+    let mut took = true;
+    take_fitting(&mut peers, &mut map.peers, &mut size, budget, &mut took);
+    take_fitting(&mut resources, &mut map.resources, &mut size, budget, &mut took);
+    let next = pb::MapDelta { base_version: map.version, version: map.version + 1, ..Default::default() };
     let mut out = vec![pb::ServerMessage { msg: Some(pb::server_message::Msg::FullMap(map)) }];
-    while peers.peek().is_some() || resources.peek().is_some() {
-        let mut d = pb::MapDelta { base_version: version, version: version + 1, ..Default::default() };
-        let mut size = d.encoded_len();
-        let mut took = false;
-        while let Some(p) = peers.next_if(|p| !took || size + p.encoded_len() + 8 <= budget) {
-            size += p.encoded_len() + 8;
-            took = true;
-            d.upsert_peers.push(p);
-        }
-        while let Some(r) = resources.next_if(|r| !took || size + r.encoded_len() + 8 <= budget) {
-            size += r.encoded_len() + 8;
-            took = true;
-            d.upsert_resources.push(r);
-        }
-        version += 1;
-        out.push(pb::ServerMessage { msg: Some(pb::server_message::Msg::Delta(d)) });
+    if peers.peek().is_some() || resources.peek().is_some() {
+        let deltas = chain(next, peers, resources, budget);
+        out.extend(
+            deltas.into_iter().map(|d| pb::ServerMessage { msg: Some(pb::server_message::Msg::Delta(d)) }),
+        );
     }
     out
+}
+
+type Items<T> = std::iter::Peekable<std::vec::IntoIter<T>>;
+
+/// Moves items from the front of `items` into `into` while they fit `budget` (counting each item's
+/// field framing); with `took` false the first one goes in whatever its size, so every message makes
+/// progress. Each item is small (candidates and names are bounded), so an item alone always fits.
+fn take_fitting<T: prost::Message>(
+    items: &mut Items<T>,
+    into: &mut Vec<T>,
+    size: &mut usize,
+    budget: usize,
+    took: &mut bool,
+) {
+    while let Some(item) = items.next_if(|i| !*took || *size + i.encoded_len() + 8 <= budget) {
+        *size += item.encoded_len() + 8;
+        *took = true;
+        into.push(item);
+    }
+}
+
+/// `first` and as many following deltas (versions following on) as it takes to carry `peers` and
+/// `resources` within `budget` each.
+fn chain(
+    first: pb::MapDelta,
+    mut peers: Items<pb::Peer>,
+    mut resources: Items<pb::Resource>,
+    budget: usize,
+) -> Vec<pb::MapDelta> {
+    use prost::Message;
+    let mut out = Vec::new();
+    let mut cur = first;
+    loop {
+        let mut size = cur.encoded_len();
+        let mut took = false;
+        take_fitting(&mut peers, &mut cur.upsert_peers, &mut size, budget, &mut took);
+        take_fitting(&mut resources, &mut cur.upsert_resources, &mut size, budget, &mut took);
+        let next = cur.version;
+        out.push(cur);
+        if peers.peek().is_none() && resources.peek().is_none() {
+            return out;
+        }
+        cur = pb::MapDelta { base_version: next, version: next + 1, ..Default::default() };
+    }
 }
 
 fn send_delta(
@@ -468,30 +495,9 @@ fn split_delta(mut delta: pb::MapDelta, budget: usize) -> Vec<pb::MapDelta> {
     if delta.encoded_len() <= budget {
         return vec![delta];
     }
-    let mut peers = std::mem::take(&mut delta.upsert_peers).into_iter().peekable();
-    let mut resources = std::mem::take(&mut delta.upsert_resources).into_iter().peekable();
-    let mut out: Vec<pb::MapDelta> = Vec::new();
-    let mut cur = delta;
-    loop {
-        let mut size = cur.encoded_len();
-        let mut took = false;
-        while let Some(p) = peers.next_if(|p| !took || size + p.encoded_len() + 8 <= budget) {
-            size += p.encoded_len() + 8;
-            took = true;
-            cur.upsert_peers.push(p);
-        }
-        while let Some(r) = resources.next_if(|r| !took || size + r.encoded_len() + 8 <= budget) {
-            size += r.encoded_len() + 8;
-            took = true;
-            cur.upsert_resources.push(r);
-        }
-        let next = cur.version;
-        out.push(cur);
-        if peers.peek().is_none() && resources.peek().is_none() {
-            return out;
-        }
-        cur = pb::MapDelta { base_version: next, version: next + 1, ..Default::default() };
-    }
+    let peers = std::mem::take(&mut delta.upsert_peers).into_iter().peekable();
+    let resources = std::mem::take(&mut delta.upsert_resources).into_iter().peekable();
+    chain(delta, peers, resources, budget)
 }
 
 #[cfg(test)]
