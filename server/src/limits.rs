@@ -139,6 +139,11 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
+    /// Forgets `key`: its next attempt starts with a full bucket.
+    pub fn forget(&self, key: &K) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+
     /// Whether `key` has a token now (without taking it).
     pub fn has_token(&self, key: &K, now: Instant) -> bool {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());

@@ -283,6 +283,9 @@ impl Shared {
             m.hub.mark_dirty(&id);
             node_info(&m, &id)
         };
+        // Two machines fighting over a leaked identity spend its login budget; the rightful one,
+        // given the new token, must not then wait out the thief's logins.
+        self.gate.per_node.forget(&id.to_string());
         Ok(pb::JoinTokenReply { node: info, join_token: self.token(&id, secret).encode() })
     }
 
