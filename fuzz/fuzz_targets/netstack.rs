@@ -10,7 +10,8 @@
 //! Every packet is built with valid checksums, so it reaches the TCP state machine.
 //!
 //! Checks: no panic; everything the stack sends parses as a packet (`packet::summarize`); the bytes
-//! the application reads are the bytes the peer sent in order (up to its FIN, unless FUZZ_STRICT=1).
+//! the application reads are the bytes the peer sent in order; nothing the peer sends after its FIN
+//! reaches the application.
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -23,7 +24,7 @@ use smoltcp::wire::{
 };
 use tunnel_core::netstack::{Congestion, NetStack, StackOptions};
 use tunnel_core::packet;
-use tunnel_fuzz::{fix_checksums, strict, Input};
+use tunnel_fuzz::{fix_checksums, Input};
 
 const PEER: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
 const SERVICE: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 10);
@@ -128,9 +129,6 @@ fuzz_target!(|data: &[u8]| {
     let mut received = Vec::new();
     // Raw segments may carry any bytes at any place in the stream: then the data is not checked.
     let mut raw_used = false;
-    // Lowest stream offset of a FIN sent, in order or not. Data after it is checked only with FUZZ_STRICT=1:
-    // the stack delivers data a peer sends after its FIN (see README.md, findings).
-    let mut fin_at: Option<usize> = None;
     let mut ops = 0;
     // The first operation is always the handshake's ACK, then the input's.
     let mut first = true;
@@ -186,12 +184,6 @@ fuzz_target!(|data: &[u8]| {
                 stack.push_inbound(pkt.clone());
                 if flags & 16 != 0 {
                     stack.push_inbound(pkt);
-                }
-                if control == TcpControl::Fin {
-                    let at = start.wrapping_add(len as u32) as i32;
-                    if at >= 0 {
-                        fin_at = Some(fin_at.unwrap_or(usize::MAX).min(at as usize));
-                    }
                 }
                 if off == 0 {
                     peer.next = peer.next.wrapping_add(len as u32 + u32::from(control == TcpControl::Fin));
@@ -262,8 +254,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(n) => received.extend_from_slice(&buf[..n]),
         }
     }
-    let checked = if strict() { received.len() } else { received.len().min(fin_at.unwrap_or(usize::MAX)) };
-    for (i, b) in received[..checked].iter().enumerate().filter(|_| !raw_used) {
+    for (i, b) in received.iter().enumerate().filter(|_| !raw_used) {
         assert_eq!(*b, pattern(i as u32), "the application read byte {i} wrong");
     }
     let _ = stack.stats();

@@ -39,6 +39,8 @@ const RTT_UNKNOWN: Duration = Duration::from_millis(50);
 /// Upper bound on packets waiting to enter the stack; beyond it new packets are dropped (TCP
 /// retransmits), which is the backpressure a router gives.
 const RX_QUEUE: usize = 4096;
+/// Packets the stack may queue for the tunnel between two drains.
+const TX_QUEUE: usize = 4096;
 
 #[derive(Debug)]
 struct Queues {
@@ -75,6 +77,11 @@ impl Device for Queues {
     }
 
     fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        // A full queue stops the stack's egress for this poll: whatever a socket does, one poll
+        // never queues more than this.
+        if self.tx.len() >= TX_QUEUE {
+            return None;
+        }
         Some(Tx(&mut self.tx))
     }
 

@@ -1817,6 +1817,11 @@ impl<'a> Socket<'a> {
     ) -> Option<(IpRepr, TcpRepr<'static>)> {
         debug_assert!(self.accepts(cx, ip_repr, repr));
 
+        // Patch: the state before this segment. Once the peer's FIN is in, the text of later
+        // segments is ignored (RFC 9293 3.10.7.4); the state machine below may move past
+        // ESTABLISHED on this very segment, whose own text is still taken.
+        let state_before = self.state;
+
         // Consider how much the sequence number space differs from the transmit buffer space.
         let (sent_syn, sent_fin) = match self.state {
             // In SYN-SENT or SYN-RECEIVED, we've just sent a SYN.
@@ -2484,7 +2489,10 @@ impl<'a> Socket<'a> {
             tcp_trace!("starting zero-window-probe timer for t+{}", delay);
             self.timer.set_for_zero_window_probe(cx.now(), delay);
         }
-        if self.remote_win_len != 0 && self.timer.is_zero_window_probe() {
+        // Patch: also when nothing is left to probe for (upstream kept the timer after the last
+        // byte and the FIN were acknowledged at a zero window; in FIN-WAIT-2 each poll then sent
+        // an empty ACK, without end).
+        if (self.remote_win_len != 0 || self.tx_buffer.is_empty()) && self.timer.is_zero_window_probe() {
             tcp_trace!("stopping zero-window-probe timer");
             self.timer.set_for_idle(cx.now(), self.keep_alive);
         }
@@ -2492,6 +2500,16 @@ impl<'a> Socket<'a> {
         let payload_len = payload.len();
         if payload_len == 0 {
             return None;
+        }
+
+        // Patch: upstream took text after the peer's FIN and delivered it after the data before
+        // the FIN, one byte (the FIN's sequence number) out of place.
+        if matches!(
+            state_before,
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        ) {
+            net_debug!("ignoring {} octets after the peer's FIN", payload_len);
+            return Some(self.ack_reply(ip_repr, repr));
         }
 
         let assembler_was_empty = self.assembler.is_empty();
@@ -3177,8 +3195,9 @@ impl<'a> Socket<'a> {
         }
         self.ack_delay_timer = AckDelayTimer::Idle;
 
-        // Leave the rest of the state intact if sending a zero-window probe.
-        if is_zero_window_probe {
+        // Leave the rest of the state intact if sending a zero-window probe. Patch: whatever went
+        // instead of a due probe counts as one, so a due timer cannot make every poll send.
+        if is_zero_window_probe || self.timer.should_zero_window_probe(cx.now()) {
             self.timer.rewind_zero_window_probe(cx.now());
             return Ok(());
         }
@@ -6247,6 +6266,43 @@ mod test {
     }
 
     #[test]
+    fn test_close_wait_ignores_text_after_fin() {
+        // Patch: upstream delivered it after the data before the FIN.
+        let mut s = socket_established();
+        send!(
+            s,
+            TcpRepr {
+                control: TcpControl::Fin,
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.state, State::CloseWait);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3 + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"xyz"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 3 + 1),
+                window_len: 61,
+                ..RECV_TEMPL
+            })
+        );
+        assert_eq!(s.state, State::CloseWait);
+        let mut buf = [0u8; 16];
+        assert_eq!(s.recv_slice(&mut buf), Ok(3));
+        assert_eq!(&buf[..3], b"abc");
+        assert_eq!(s.recv_slice(&mut buf), Err(RecvError::Finished));
+    }
+
+    #[test]
     fn test_close_wait_close() {
         let mut s = socket_close_wait();
         s.close();
@@ -8688,6 +8744,47 @@ mod test {
         );
 
         assert!(!s.timer.is_zero_window_probe());
+    }
+
+    #[test]
+    fn test_zero_window_probe_stops_when_all_acked() {
+        // Patch: upstream's probe timer outlived the data, and in FIN-WAIT-2 every poll sent an ACK.
+        let mut s = socket_established();
+        s.send_slice(b"abc").unwrap();
+        s.close();
+        recv!(
+            s,
+            [TcpRepr {
+                control: TcpControl::Fin,
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"abc"[..],
+                ..RECV_TEMPL
+            }]
+        );
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 2),
+                window_len: 0,
+                ..SEND_TEMPL
+            }
+        );
+        assert!(s.timer.is_zero_window_probe());
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1 + 3 + 1),
+                window_len: 0,
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.state, State::FinWait2);
+        assert!(!s.timer.is_zero_window_probe());
+        recv_nothing!(s, time 5000);
+        recv_nothing!(s, time 5001);
     }
 
     #[test]
