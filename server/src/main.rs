@@ -90,8 +90,9 @@ struct LimitArgs {
     /// Relay: connections (QUIC and TCP) from one source address (IPv6: one /64) at once.
     #[arg(long, env = "TUNNEL_RELAY_MAX_CONNS_PER_SOURCE", default_value_t = 64)]
     relay_max_conns_per_source: usize,
-    /// Relay: connections at once in all.
-    #[arg(long, env = "TUNNEL_RELAY_MAX_CONNS", default_value_t = 20_000)]
+    /// Relay: connections at once in all. Each costs about 25 KB while open (bench/load.sh), and
+    /// glibc keeps the peak after a burst: 10,000 is about 250 MB at most.
+    #[arg(long, env = "TUNNEL_RELAY_MAX_CONNS", default_value_t = 10_000)]
     relay_max_conns: usize,
 }
 

@@ -266,6 +266,34 @@ async fn a_connection_that_shows_no_capability_is_closed_and_its_datagrams_dropp
 }
 
 #[tokio::test]
+async fn a_quic_handshake_left_unfinished_is_closed_within_the_registration_deadline() {
+    let r = relay().await;
+    // A client's first datagram (a real QUIC Initial), and then silence: the handshake never ends.
+    let tls = tunnel_node::tls::pinned_client_config(r.keys.pin, relay::ALPN).unwrap();
+    let qtls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep =
+        quinn_proto::Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), None, false, None);
+    let now = std::time::Instant::now();
+    let relay_addr = r.running.udp_addr.unwrap();
+    let (_, mut conn) =
+        ep.connect(now, quinn::ClientConfig::new(Arc::new(qtls)), relay_addr, "tunnel-relay").unwrap();
+    let mut initial = Vec::new();
+    let t = conn.poll_transmit(now, 1, &mut initial).expect("an Initial to send");
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&initial[..t.size], relay_addr).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(PATIENCE, sock.recv_from(&mut buf)).await.expect("the relay answers").unwrap();
+    assert_eq!(r.stats.conns.load(Ordering::Relaxed), 1, "the handshake holds a slot");
+    while r.stats.conns.load(Ordering::Relaxed) > 0 {
+        // Before: the slot was held until the handshake's idle timeout, 30 s.
+        assert!(start.elapsed() < relay::REGISTER_TIMEOUT + Duration::from_secs(3), "slot still held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(r.stats.register_timeouts.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
 async fn connections_are_capped_per_source_and_counted() {
     let r = relay_with(relay::Limits { conns_per_source: 2, ..relay::Limits::default() }).await;
     let held: Vec<_> = futures::future::join_all((0..2).map(|_| raw_quic(&r))).await;

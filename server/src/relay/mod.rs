@@ -47,6 +47,9 @@ const FLOW_IDLE: Duration = Duration::from_secs(60);
 /// How long a new connection has to present a valid capability before it is closed. Until then
 /// nothing it sends is forwarded or kept (QUIC datagrams are read and dropped).
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read size of a registered TCP connection, and of one that has not registered yet.
+const TCP_CHUNK: usize = 64 * 1024;
+const TCP_CHUNK_UNREGISTERED: usize = 4 * 1024;
 
 /// Limits per node and per source.
 #[derive(Debug, Clone, Copy)]
@@ -455,9 +458,17 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
                 let r = r.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match incoming.await {
-                        Ok(conn) => quic_conn(r, conn).await,
-                        Err(e) => tracing::debug!(error = %e, "relay QUIC handshake failed"),
+                    // REGISTER_TIMEOUT covers the QUIC handshake and the capability together, as
+                    // for TCP: a stranger that starts handshakes and never finishes them holds a
+                    // slot for 5 s, not for the 30 s idle timeout.
+                    let register_by = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+                    match tokio::time::timeout_at(register_by, incoming).await {
+                        Ok(Ok(conn)) => quic_conn(r, conn, register_by).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "relay QUIC handshake failed"),
+                        Err(_) => {
+                            r.stats.register_timeouts.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!("relay QUIC handshake not done within 5s");
+                        }
                     }
                 });
             }
@@ -501,7 +512,7 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
     Ok(RunningRelay { udp_addr, tcp_addr, stats, tasks, endpoint })
 }
 
-async fn quic_conn(relay: Arc<Relay>, conn: quinn::Connection) {
+async fn quic_conn(relay: Arc<Relay>, conn: quinn::Connection, register_by: tokio::time::Instant) {
     let conn_id = relay.table.next_conn.fetch_add(1, Ordering::Relaxed);
     // The first bidirectional stream carries the registration; later ones renew it. Until it is
     // accepted, datagrams are read and dropped (quinn would otherwise buffer them, up to its datagram
@@ -513,7 +524,7 @@ async fn quic_conn(relay: Arc<Relay>, conn: quinn::Connection) {
         std::future::pending::<()>().await;
     };
     let first = tokio::select! {
-        r = tokio::time::timeout(REGISTER_TIMEOUT, quic_register(&relay, &conn, conn_id)) => r,
+        r = tokio::time::timeout_at(register_by, quic_register(&relay, &conn, conn_id)) => r,
         _ = drain => return,
     };
     let sender = match first {
@@ -627,8 +638,9 @@ async fn tcp_conn(
             }
         }
     });
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    // Small until the connection registers: a stranger's connection costs little more than TLS.
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; TCP_CHUNK_UNREGISTERED];
     let mut sender: Option<Sender> = None;
     'conn: loop {
         // Until a capability is accepted the connection lives REGISTER_TIMEOUT at most.
@@ -650,6 +662,7 @@ async fn tcp_conn(
                 Ok(Some(Frame::Hello(cap))) => match relay.register(&cap, Handle::Tcp(tx.clone()), conn_id) {
                     Ok(s) => {
                         sender = Some(s);
+                        chunk.resize(TCP_CHUNK, 0);
                         let _ = tx.try_send(Bytes::from(Frame::Reply(Ok(())).encode()));
                     }
                     Err(why) => {
