@@ -223,3 +223,28 @@ async fn grpc_connections_are_capped_per_source() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn rotating_a_fought_over_identity_gives_the_new_token_a_fresh_login_budget() {
+    let s = TestServer::start_with(|c| {
+        c.login_limits.node_burst = 2;
+        c.login_limits.node_per_minute = 1;
+    })
+    .await
+    .unwrap();
+    let t = token(&s, &["client", "add", "laptop"]).await;
+    // Two machines with the leaked token take the identity from each other until the budget is spent.
+    let mut refused = None;
+    for i in 0..4u8 {
+        if let Err(e) = TestNode::join_with(TestNode::keyed(&t, [10 + i; 32]), None).await {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("the per-node budget ran out");
+    assert!(refused.contains("too many logins"), "{refused}");
+    // The operator rotates; the rightful machine joins with the new token at once (before: it waited
+    // out the budget the thief spent, a minute a login here).
+    let new = token(&s, &["client", "rotate", "laptop"]).await;
+    TestNode::join_with(TestNode::keyed(&new, [20; 32]), None).await.expect("the new token logs in");
+}
