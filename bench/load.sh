@@ -8,7 +8,7 @@
 #   LOAD_ARGS="--only relay --relay quic" bench/load.sh   some scenarios only (setup, idle, relay,
 #                                 logins, udp, tickets), QUIC or TCP only in the relay one
 #
-# Scenarios (tests/examples/load.rs says what each one sends): setup (200 nodes join once), idle
+# Scenarios (tests/examples/load/ says what each one sends): setup (200 nodes join once), idle
 # (100 sessions held 30 s), relay (3000 QUIC + 2000 TCP connections without a capability), logins
 # (failed-login flood from 500 sources), udp (20,000 garbage datagrams/s), tickets (200 nodes
 # reconnecting). The server keeps its production defaults (argon2 19 MiB, relay and login caps).
