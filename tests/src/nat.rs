@@ -26,7 +26,7 @@
 //!   filtering is address-and-port dependent (conntrack matches the exact 5-tuple): a hole admits only
 //!   the `ip:port` it was opened towards.
 //!
-//! Two facts of this kernel that the rules account for (checked by hand, see `tests/tests/lab_nat.rs`):
+//! Two facts of this kernel that the rules account for (checked by hand, see `tests/tests/lab_nat/`):
 //! - `br_netfilter` is active and `bridge-nf-call-iptables` is 1 in every new namespace, so frames
 //!   bridged between two LAN hosts pass the router's `forward` hook too (in `lan0`, out `lan0`): without
 //!   the LAN-to-LAN accept, the agent could not reach the service next to it.
