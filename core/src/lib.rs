@@ -5,6 +5,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod capability;
 pub mod dns;
 pub mod keyproof;
 pub mod map;

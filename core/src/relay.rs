@@ -16,6 +16,13 @@
 
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
+/// ALPN of the relay protocol (QUIC and TCP/TLS).
+pub const ALPN: &[u8] = b"tunnel-relay/1";
+/// QUIC packet size from the first packet on, at both ends: a full-size tunnel packet (inner MTU 1280,
+/// plus 32 bytes of WireGuard and 32 of relay header) must fit one datagram. 1452 fits any 1500-byte
+/// link (IPv6).
+pub const QUIC_MTU: u16 = 1452;
+
 const CAP_MAGIC: &[u8; 4] = b"TCP1";
 const SIG_LEN: usize = 64;
 /// Peers one capability may name; the server refuses to sign one for more ([`Capability::sign`]).

@@ -23,7 +23,7 @@ use crate::state::StateDir;
 use crate::tls::{self, ConnectError, ServerTarget};
 
 /// Capabilities this node understands.
-pub const NODE_CAPABILITIES: &[&str] = &["delta-v1", "ticket-v1", KEY_PROOF_CAPABILITY];
+pub const NODE_CAPABILITIES: &[&str] = tunnel_core::capability::ALL;
 
 /// The largest server message this node decodes, announced in Hello: the server splits bigger maps.
 /// (Nodes before this announcement decode 4 MiB, tonic's default.)

@@ -18,10 +18,7 @@ use tunnel_core::map::RelayInfo;
 use tunnel_core::relay::{self as wire, Frame};
 use tunnel_core::KeyPin;
 
-/// ALPN of the relay protocol.
-const ALPN: &[u8] = b"tunnel-relay/1";
-/// Must match the relay's (see the server's relay module): full-size tunnel packets fit one datagram.
-const QUIC_MTU: u16 = 1452;
+use tunnel_core::relay::{ALPN, QUIC_MTU};
 /// How long a QUIC attempt may take before TCP is tried.
 const QUIC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Packets queued towards the relay.

@@ -32,7 +32,7 @@ pub enum SessionEnd {
 }
 
 /// Capabilities this server offers in Welcome.
-pub const SERVER_CAPABILITIES: &[&str] = &["delta-v1", "ticket-v1", KEY_PROOF_CAPABILITY];
+pub const SERVER_CAPABILITIES: &[&str] = tunnel_core::capability::ALL;
 
 /// How long a node has to send Hello, and to answer a key challenge.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);

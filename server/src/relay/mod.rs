@@ -33,11 +33,7 @@ use crate::limits::{source_key, Full, InFlight, InFlightGuard};
 
 pub use bundle::{RelayBundle, RelayKeys};
 
-/// ALPN of the relay protocol (QUIC and TCP/TLS).
-pub const ALPN: &[u8] = b"tunnel-relay/1";
-/// QUIC packet size from the first packet on: a full-size tunnel packet (inner MTU 1280 + 32 bytes of
-/// WireGuard + 32 bytes of relay header) must fit one datagram. 1452 fits any 1500-byte link (IPv6).
-pub const QUIC_MTU: u16 = 1452;
+pub use tunnel_core::relay::{ALPN, QUIC_MTU};
 /// How long an idle relay connection lives (nodes send keepalives well inside it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Packets queued per TCP connection before the relay drops (as a congested link would).
