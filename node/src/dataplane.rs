@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State as TcpState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -172,7 +174,7 @@ struct Flow {
 
 impl Flow {
     /// A flow and the application's ends of its channels. `peer` is set for a site's flows.
-    fn new(peer: Option<[u8; 32]>, wake: Arc<Notify>) -> (Flow, FlowEnds) {
+    fn new(peer: Option<[u8; 32]>, wake: Arc<Notify>, now: Instant) -> (Flow, FlowEnds) {
         let (to_app_tx, to_app_rx) = mpsc::channel(FLOW_CHANNEL);
         let (from_app_tx, from_app_rx) = mpsc::channel(FLOW_CHANNEL);
         let flow = Flow {
@@ -183,7 +185,7 @@ impl Flow {
             connect_reply: None,
             peer,
             accepted: false,
-            created: Instant::now(),
+            created: now,
         };
         (flow, FlowEnds { tx: from_app_tx, rx: to_app_rx, wake })
     }
@@ -298,6 +300,8 @@ struct Loop {
     wake: Arc<Notify>,
     counters: Counters,
     seed: u64,
+    /// All the loop's own randomness (STUN transaction ids), from `seed`.
+    rng: StdRng,
     started: Instant,
     paths: Paths,
     keepalive: Duration,
@@ -420,6 +424,7 @@ pub async fn start_on(
         wake: Arc::new(Notify::new()),
         counters: Counters::default(),
         seed,
+        rng: StdRng::seed_from_u64(seed.rotate_left(31)),
         started: now,
         paths: Paths::new(private_key, opts.keepalive, seed.rotate_left(17), now),
         keepalive: opts.keepalive,
@@ -449,14 +454,18 @@ pub async fn start_on(
         let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; 65_536]).collect();
         let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         if let Some(m) = maps.borrow_and_update().clone() {
-            lp.apply_map(m);
+            lp.apply_map(m, Instant::now());
         }
         loop {
-            let now = Instant::now();
+            // The clock is read once per wake-up, when the wait ends: every handler and the pump
+            // after it see that time (the handlers saw the time before the wait, which could be
+            // seconds old).
+            let mut now = Instant::now();
             let deadline = lp.next_deadline(now);
             let wake = lp.wake.clone();
             tokio::select! {
                 r = udp.readable() => {
+                    now = Instant::now();
                     if r.is_ok() {
                         let mut handled = 0;
                         while handled < DATAGRAM_BUDGET {
@@ -486,6 +495,7 @@ pub async fn start_on(
                     }
                 }
                 Some((from, p)) = relay_in.recv() => {
+                    now = Instant::now();
                     lp.relayed(from, &p);
                     for _ in 1..DATAGRAM_BUDGET {
                         match relay_in.try_recv() {
@@ -495,38 +505,53 @@ pub async fn start_on(
                     }
                 }
                 r = relay_state.changed() => {
+                    now = Instant::now();
                     if r.is_ok() {
                         let st = relay_state.borrow_and_update().clone();
-                        lp.paths.set_relay(st.up, Instant::now());
+                        lp.paths.set_relay(st.up, now);
                         lp.relay_state = st;
                     }
                 }
-                Some((name, addr)) = stun_resolve_rx.recv() => lp.stun_resolved(name, addr),
+                Some((name, addr)) = stun_resolve_rx.recv() => {
+                    now = Instant::now();
+                    lp.stun_resolved(name, addr, now);
+                }
                 c = cmd_rx.recv() => match c {
-                    Some(c) => lp.command(c),
+                    Some(c) => {
+                        now = Instant::now();
+                        lp.command(c, now);
+                    }
                     None => break,
                 },
                 r = maps.changed() => {
                     if r.is_err() { break; }
-                    if let Some(m) = maps.borrow_and_update().clone() { lp.apply_map(m); }
+                    now = Instant::now();
+                    if let Some(m) = maps.borrow_and_update().clone() { lp.apply_map(m, now); }
                 }
                 Some(p) = async { match from_os.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
-                    lp.send_from_os(&p);
+                    now = Instant::now();
+                    lp.send_from_os(&p, now);
                     if let Some(r) = from_os.as_mut() {
                         for _ in 1..DATAGRAM_BUDGET {
                             match r.try_recv() {
-                                Ok(p) => lp.send_from_os(&p),
+                                Ok(p) => lp.send_from_os(&p, now),
                                 Err(_) => break,
                             }
                         }
                     }
                 }
-                Some((tuple, result)) = dial_rx.recv() => lp.dialed(tuple, result),
-                Some(ev) = udp_reply_rx.recv() => lp.udp_event(ev),
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                Some((tuple, result)) = dial_rx.recv() => {
+                    now = Instant::now();
+                    lp.dialed(tuple, result, now);
+                }
+                Some(ev) = udp_reply_rx.recv() => {
+                    now = Instant::now();
+                    lp.udp_event(ev, now);
+                }
+                _ = wake.notified() => now = Instant::now(),
+                _ = tokio::time::sleep_until(deadline.into()) => now = Instant::now(),
             }
-            lp.pump().await;
+            lp.pump(now).await;
         }
     });
     Ok((Dataplane { commands: cmd_tx, local_addr }, task))
@@ -580,8 +605,7 @@ impl Loop {
         d
     }
 
-    fn apply_map(&mut self, map: Arc<NetworkMap>) {
-        let now = Instant::now();
+    fn apply_map(&mut self, map: Arc<NetworkMap>, now: Instant) {
         let own: Option<Ipv4Addr> = map.overlay_addr.parse().ok();
         if self.stack.is_none() || own != self.own_addr {
             if let Some(addr) = own {
@@ -730,12 +754,12 @@ impl Loop {
         self.device.handle_relayed(&from, data);
     }
 
-    fn stun_resolved(&mut self, name: String, addr: Option<SocketAddr>) {
+    fn stun_resolved(&mut self, name: String, addr: Option<SocketAddr>, now: Instant) {
         if addr.is_none() {
             tracing::warn!(server = %name, "cannot resolve the STUN server; the node will not learn its public address");
         }
         self.stun.server = Some((name, addr));
-        self.stun.next = addr.map(|_| Instant::now());
+        self.stun.next = addr.map(|_| now);
     }
 
     /// Sends a STUN request when one is due.
@@ -746,7 +770,7 @@ impl Loop {
         }
         let Some((_, Some(server))) = self.stun.server.clone() else { return };
         let mut txid = [0u8; 12];
-        txid.copy_from_slice(&rand::random::<[u8; 12]>());
+        self.rng.fill_bytes(&mut txid);
         self.stun.outstanding = Some(txid);
         self.stun.next = Some(now + STUN_RETRY);
         if let Err(e) = self.udp.try_send_to(&stun::request(txid), server) {
@@ -785,7 +809,7 @@ impl Loop {
         }
     }
 
-    fn command(&mut self, c: Command) {
+    fn command(&mut self, c: Command, now: Instant) {
         match c {
             Command::Connect { remote, reply } => {
                 let (Some(stack), Some(own)) = (self.stack.as_mut(), self.own_addr) else {
@@ -800,7 +824,7 @@ impl Loop {
                         return;
                     }
                 };
-                let (mut flow, ends) = Flow::new(None, self.wake.clone());
+                let (mut flow, ends) = Flow::new(None, self.wake.clone(), now);
                 flow.connect_reply = Some((reply, ends));
                 self.flows.insert(h, flow);
             }
@@ -874,17 +898,17 @@ impl Loop {
     }
 
     /// A packet the system sends into the tunnel (TUN mode).
-    fn send_from_os(&mut self, p: &[u8]) {
-        self.filter.outbound(p, Instant::now());
+    fn send_from_os(&mut self, p: &[u8], now: Instant) {
+        self.filter.outbound(p, now);
         self.device.handle_outbound(p);
     }
 
-    fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>) {
+    fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>, now: Instant) {
         if self.to_os.is_some() {
             // What a site may send to this machine: replies to what it started, for its own address
             // only. A compromised site must reach neither the client's services nor, through a
             // kernel that forwards, its LAN.
-            match self.filter.inbound(&pkt, Instant::now()) {
+            match self.filter.inbound(&pkt, now) {
                 Ok(()) => {
                     if let Some(os) = &self.to_os {
                         // Full queue: drop, as a congested link would; TCP backs off.
@@ -985,7 +1009,7 @@ impl Loop {
                 };
                 let Some(payload) = packet::udp_payload(&pkt).map(<[u8]>::to_vec) else { return };
                 if let Some(f) = self.udp_flows.get_mut(&tuple) {
-                    f.last = Instant::now();
+                    f.last = now;
                     match &f.sock {
                         Some(sock) => {
                             let _ = sock.try_send(&payload);
@@ -1015,13 +1039,8 @@ impl Loop {
                         Err(_) => tracing::debug!(%target, "UDP target did not resolve in time"),
                     }
                 });
-                let flow = UdpFlow {
-                    peer,
-                    sock: None,
-                    queued: vec![payload],
-                    last: Instant::now(),
-                    task: task.abort_handle(),
-                };
+                let flow =
+                    UdpFlow { peer, sock: None, queued: vec![payload], last: now, task: task.abort_handle() };
                 self.udp_flows.insert(tuple, flow);
             }
             Proto::EchoRequest => {
@@ -1102,7 +1121,7 @@ impl Loop {
         }
     }
 
-    fn path_changed(&mut self, ev: tunnel_core::path::PathEvent) {
+    fn path_changed(&mut self, ev: tunnel_core::path::PathEvent, now: Instant) {
         self.device.set_endpoint(&ev.key, ev.via, !ev.proven);
         let name = self.peer_names.get(&ev.key).map(|n| n.0.as_str()).unwrap_or("?");
         match ev.via {
@@ -1116,7 +1135,7 @@ impl Loop {
                 tracing::info!(peer = %name, path = "relay", "path changed");
                 // The direct path may have died because our public address moved: ask again now.
                 if self.stun.server.as_ref().is_some_and(|s| s.1.is_some()) {
-                    self.stun.next = Some(Instant::now());
+                    self.stun.next = Some(now);
                 }
             }
             None => tracing::info!(peer = %name, path = "down", "path changed"),
@@ -1136,7 +1155,7 @@ impl Loop {
         })
     }
 
-    fn dialed(&mut self, tuple: Tuple, result: Result<TcpStream, String>) {
+    fn dialed(&mut self, tuple: Tuple, result: Result<TcpStream, String>, now: Instant) {
         let Some((peer, syn)) = self.pending_syn.remove(&tuple) else { return };
         self.pending_count.remove(Some(&peer));
         // A revoke that arrived while the target was being dialled holds.
@@ -1161,7 +1180,7 @@ impl Loop {
                         return;
                     }
                 };
-                let (flow, ends) = Flow::new(Some(peer), self.wake.clone());
+                let (flow, ends) = Flow::new(Some(peer), self.wake.clone(), now);
                 self.flows.insert(h, flow);
                 stack.push_inbound(syn);
                 self.counters.flows_opened += 1;
@@ -1177,7 +1196,7 @@ impl Loop {
         }
     }
 
-    fn udp_event(&mut self, ev: UdpEvent) {
+    fn udp_event(&mut self, ev: UdpEvent, now: Instant) {
         match ev {
             UdpEvent::Ready(tuple, sock) => {
                 if let Some(f) = self.udp_flows.get_mut(&tuple) {
@@ -1189,7 +1208,7 @@ impl Loop {
             }
             UdpEvent::Data(tuple, payload) => {
                 let Some(f) = self.udp_flows.get_mut(&tuple) else { return };
-                f.last = Instant::now();
+                f.last = now;
                 let Some(peer) = self.device.route(*tuple.src.ip()) else { return };
                 let p = packet::udp_packet(tuple.dst, tuple.src, &payload);
                 self.device.send_to_peer(&peer, &p);
@@ -1199,8 +1218,7 @@ impl Loop {
 
     /// Moves everything that can move: decrypted packets into the stack, socket data to and from the
     /// application channels, stack output into the tunnel, datagrams onto the socket.
-    async fn pump(&mut self) {
-        let now = Instant::now();
+    async fn pump(&mut self, now: Instant) {
         self.device.handle_timeout(now);
         self.paths.handle_timeout(now);
         self.stun_tick(now);
@@ -1237,11 +1255,11 @@ impl Loop {
             let mut moved = false;
             while let Some(inb) = self.device.poll_inbound() {
                 moved = true;
-                self.inbound(inb.peer, inb.packet);
+                self.inbound(inb.peer, inb.packet, now);
             }
             if let Some(stack) = self.stack.as_mut() {
                 stack.poll(now);
-                moved |= service_flows(stack, &mut self.flows);
+                moved |= service_flows(stack, &mut self.flows, now);
                 stack.poll(now);
                 while let Some(p) = stack.pop_outbound() {
                     moved = true;
@@ -1249,7 +1267,7 @@ impl Loop {
                 }
             }
             while let Some(ev) = self.paths.poll_event() {
-                self.path_changed(ev);
+                self.path_changed(ev, now);
             }
             while let Some((dst, p)) = self.paths.poll_transmit() {
                 self.send_udp(&p, dst).await;
@@ -1307,7 +1325,7 @@ impl Loop {
 
 /// Moves data between sockets and application channels; drops finished flows. Returns whether
 /// anything moved.
-fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) -> bool {
+fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>, now: Instant) -> bool {
     let mut moved = false;
     let mut done = Vec::new();
     for (h, f) in flows.iter_mut() {
@@ -1317,7 +1335,7 @@ fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) 
             // taken, it must not wait for (and hand the target to) somebody else's SYN.
             if s.state() != TcpState::Listen {
                 f.accepted = true;
-            } else if f.accepted || f.created.elapsed() > LISTEN_TIMEOUT {
+            } else if f.accepted || now.saturating_duration_since(f.created) > LISTEN_TIMEOUT {
                 s.abort();
                 done.push(*h);
                 continue;
@@ -1325,8 +1343,8 @@ fn service_flows(stack: &mut NetStack, flows: &mut HashMap<SocketHandle, Flow>) 
         }
         // Half-open: the other end never completed the handshake.
         let half_open = match s.state() {
-            TcpState::SynReceived => f.created.elapsed() > HANDSHAKE_TIMEOUT,
-            TcpState::SynSent => f.created.elapsed() > CONNECT_TIMEOUT,
+            TcpState::SynReceived => now.saturating_duration_since(f.created) > HANDSHAKE_TIMEOUT,
+            TcpState::SynSent => now.saturating_duration_since(f.created) > CONNECT_TIMEOUT,
             _ => false,
         };
         if half_open {

@@ -386,3 +386,121 @@ async fn a_site_caps_udp_flows_per_peer() {
     assert!(text.contains("tunnel_node_udp_flows 5"), "{text}");
     drop(link_tx);
 }
+
+/// `service_flows` on synthetic time: two real stacks wired back to back, packets moved by hand, so
+/// no test waits for a real timeout.
+mod flow_timeouts {
+    use std::collections::HashMap;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use smoltcp::iface::SocketHandle;
+    use smoltcp::socket::tcp::State;
+    use tokio::sync::{oneshot, Notify};
+    use tunnel_core::netstack::NetStack;
+
+    use super::super::{service_flows, Flow, FlowEnds};
+
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
+    const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(100, 96, 0, 10), 80);
+    const PEER: [u8; 32] = [7; 32];
+
+    fn stack(addr: Ipv4Addr, any_ip: bool, t0: Instant) -> NetStack {
+        NetStack::new(addr, 16, 1280, any_ip, 1, t0)
+    }
+
+    /// Moves every packet `from` has queued into `to`; how many.
+    fn carry(from: &mut NetStack, to: &mut NetStack, now: Instant) -> usize {
+        from.poll(now);
+        let mut n = 0;
+        while let Some(p) = from.pop_outbound() {
+            to.push_inbound(p);
+            n += 1;
+        }
+        to.poll(now);
+        n
+    }
+
+    /// A site's listening flow, as `inbound` makes one for a granted SYN.
+    fn site_flow(site: &mut NetStack, t0: Instant) -> (SocketHandle, HashMap<SocketHandle, Flow>, FlowEnds) {
+        let h = site.listen(SERVICE, Some(&PEER)).unwrap();
+        let (flow, ends) = Flow::new(Some(PEER), Arc::new(Notify::new()), t0);
+        (h, HashMap::from([(h, flow)]), ends)
+    }
+
+    #[test]
+    fn a_site_socket_nobody_takes_is_dropped_after_the_listen_timeout() {
+        let t0 = Instant::now();
+        let mut site = stack(Ipv4Addr::new(100, 96, 0, 1), true, t0);
+        let (_, mut flows, _ends) = site_flow(&mut site, t0);
+        service_flows(&mut site, &mut flows, t0 + Duration::from_secs(4));
+        assert_eq!(flows.len(), 1, "kept while the SYN may still come");
+        service_flows(&mut site, &mut flows, t0 + Duration::from_secs(6));
+        assert!(flows.is_empty(), "dropped after 5 s in Listen");
+    }
+
+    #[test]
+    fn a_handshake_the_client_never_finishes_ends_after_ten_seconds() {
+        let t0 = Instant::now();
+        let mut site = stack(Ipv4Addr::new(100, 96, 0, 1), true, t0);
+        let mut client = stack(CLIENT, false, t0);
+        let (h, mut flows, _ends) = site_flow(&mut site, t0);
+        client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
+        assert_eq!(carry(&mut client, &mut site, t0), 1, "the SYN");
+        // The SYN-ACK is never carried back: the site's socket stays half open.
+        assert_eq!(site.socket(h).state(), State::SynReceived);
+        service_flows(&mut site, &mut flows, t0 + Duration::from_secs(9));
+        assert_eq!(site.socket(h).state(), State::SynReceived, "kept within 10 s");
+        service_flows(&mut site, &mut flows, t0 + Duration::from_secs(11));
+        assert_eq!(site.socket(h).state(), State::Closed, "aborted after 10 s half open");
+        service_flows(&mut site, &mut flows, t0 + Duration::from_secs(11));
+        assert!(flows.is_empty());
+    }
+
+    #[test]
+    fn a_client_connect_nobody_answers_fails_after_fifteen_seconds() {
+        let t0 = Instant::now();
+        let mut client = stack(CLIENT, false, t0);
+        let h = client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
+        client.poll(t0);
+        let (mut flow, ends) = Flow::new(None, Arc::new(Notify::new()), t0);
+        let (reply_tx, mut reply_rx) = oneshot::channel();
+        flow.connect_reply = Some((reply_tx, ends));
+        let mut flows = HashMap::from([(h, flow)]);
+        assert_eq!(client.socket(h).state(), State::SynSent);
+        service_flows(&mut client, &mut flows, t0 + Duration::from_secs(14));
+        assert!(reply_rx.try_recv().is_err(), "no answer yet within 15 s (a site may take its 10 s dial)");
+        service_flows(&mut client, &mut flows, t0 + Duration::from_secs(16));
+        let e = reply_rx.try_recv().expect("answered after 15 s").expect_err("a failure");
+        assert!(e.contains("timed out"), "{e}");
+        service_flows(&mut client, &mut flows, t0 + Duration::from_secs(16));
+        assert!(flows.is_empty());
+    }
+
+    #[test]
+    fn a_fin_from_the_client_ends_the_applications_stream_after_the_data() {
+        let t0 = Instant::now();
+        let mut site = stack(Ipv4Addr::new(100, 96, 0, 1), true, t0);
+        let mut client = stack(CLIENT, false, t0);
+        let (_, mut flows, mut ends) = site_flow(&mut site, t0);
+        let c = client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
+        let mut now = t0;
+        for _ in 0..4 {
+            now += Duration::from_millis(1);
+            carry(&mut client, &mut site, now);
+            carry(&mut site, &mut client, now);
+        }
+        assert_eq!(client.socket(c).state(), State::Established);
+        client.socket(c).send_slice(b"hello").unwrap();
+        client.socket(c).close();
+        carry(&mut client, &mut site, now);
+        service_flows(&mut site, &mut flows, now);
+        assert_eq!(ends.rx.try_recv().unwrap(), &b"hello"[..]);
+        assert!(
+            matches!(ends.rx.try_recv(), Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)),
+            "end of stream after the data"
+        );
+        assert_eq!(flows.len(), 1, "the site's half stays open for its answer");
+    }
+}
