@@ -307,8 +307,9 @@ impl NetStack {
     }
 
     /// Doubles the buffers that limit their flow, as far as the budgets allow: a receive buffer
-    /// smaller than two round trips at the flow's receive rate, or whose window the sender filled
-    /// while a hole was open (loss recovery needs room for what arrives behind the hole); a send
+    /// smaller than two round trips at the flow's receive rate, or smaller than four whose window
+    /// the sender filled while a hole was open (loss recovery needs room for what arrives behind
+    /// the hole); a send
     /// buffer the application keeps full while the congestion window would take more than half.
     fn grow_buffers(&mut self, now: Instant) {
         let max = self.budget.limits().max;
@@ -323,7 +324,11 @@ impl NetStack {
                 let needed = 2 * received as u128 * rtt.as_micros() / elapsed.as_micros().max(1);
                 let filled = s.rx_window_filled() != b.filled_seen;
                 b.filled_seen = s.rx_window_filled();
-                if needed > b.rx as u128 || filled {
+                // Behind a hole a receiver holds what arrives for about a round trip more, so
+                // the hole rule stops at twice the rate rule's size: unbounded, a sender that
+                // fills every window (a kernel's BBR does) grew a 1 ms path's buffer to 8 MiB, a
+                // queue of its own that cost a third of the throughput.
+                if needed > b.rx as u128 || (filled && (b.rx as u128) < 2 * needed) {
                     double(&mut self.budget, b.owner.as_ref(), &mut b.rx, max, |v| s.grow_rx_buffer(v));
                 }
             }
