@@ -15,6 +15,7 @@ pub mod packet;
 pub mod path;
 pub mod probe;
 pub mod relay;
+pub mod relay_window;
 pub mod stun;
 pub mod token;
 pub mod wg;

@@ -162,8 +162,14 @@ async fn quic_connect(addr: &str, pin: KeyPin, cap: &[u8]) -> Result<quinn::Conn
     t.max_idle_timeout(Duration::from_secs(30).try_into().ok());
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.initial_mtu(QUIC_MTU);
+    // Never below it: loss looks like an MTU black hole to quinn, which then fell back to 1200
+    // bytes, and full-size tunnel packets no longer fit a datagram (every TCP through the relay
+    // stalled at 1% loss).
+    t.min_mtu(QUIC_MTU);
     t.datagram_receive_buffer_size(Some(8 << 20));
     t.datagram_send_buffer_size(8 << 20);
+    // Loss on the path is for the tunnelled flows to see, not for QUIC to back off from.
+    t.congestion_controller_factory(Arc::new(tunnel_core::relay_window::FixedWindowFactory::default()));
     cfg.transport_config(Arc::new(t));
     let bind: SocketAddr =
         if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };

@@ -406,8 +406,14 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.initial_mtu(QUIC_MTU);
+    // Never below it: loss looks like an MTU black hole to quinn, which then fell back to 1200
+    // bytes, and full-size tunnel packets no longer fit a datagram (every TCP through the relay
+    // stalled at 1% loss).
+    t.min_mtu(QUIC_MTU);
     t.datagram_receive_buffer_size(Some(8 << 20));
     t.datagram_send_buffer_size(8 << 20);
+    // Loss on the path is for the tunnelled flows to see, not for QUIC to back off from.
+    t.congestion_controller_factory(Arc::new(tunnel_core::relay_window::FixedWindowFactory::default()));
     t.max_concurrent_uni_streams(0u32.into());
     t.max_concurrent_bidi_streams(4u32.into());
     t
