@@ -10,6 +10,8 @@
 #   BENCH_BIN=DIR bench/throughput.sh ...             binaries from DIR (e.g. another commit's build)
 #   BENCH_KEEP=DIR, BENCH_STATS=1, AGENT_LOG=FILTER   keep logs and results; print the agent's TCP
 #                                                     counters per run; the agent's TUNNEL_LOG
+#   BENCH_CALLGRIND=MB bench/throughput.sh            instead of the table: instructions per packet
+#                                                     (below)
 #
 # Loss: an nftables `numgen random` drop of LOSS% of the UDP packets in each direction on the
 # client's link, so both tunnels lose alike (this kernel has no netem). It is applied where packets
@@ -22,6 +24,10 @@
 # socks = `tunnelctl up --userspace`, iperf3 through its SOCKS5 listener (proxychains4), so the
 # client's userspace stack is the sender on uploads; relay = TUN with --force-relay (QUIC relay).
 # Prints a table in Gbit/s with ratios against wireguard-go. Every namespace is removed on exit.
+# BENCH_CALLGRIND=MB runs the site agent and the TUN client under valgrind's callgrind and counts the
+# instructions each executes per datagram on the client's link while MB megabytes go up, then down, on
+# a clean link: an exact count, where a timer on this noisy machine is not (start-up is not counted:
+# the counters are zeroed just before each transfer). Slow (tens of seconds per direction).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-10}"
@@ -29,9 +35,16 @@ shift || true
 LOSSES=("$@")
 [ "${#LOSSES[@]}" -gt 0 ] || LOSSES=(0 1 3)
 MODES="${MODES:-tun socks relay}"
+CG="${BENCH_CALLGRIND:-}"
+WRAP=()
+if [ -n "$CG" ]; then
+    MODES=callgrind
+    LOSSES=(0)
+    WRAP=(valgrind --tool=callgrind -q)
+fi
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 1; }
 need=""
-for cmd_pkg in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 nft:nftables proxychains4:proxychains4 ping:iputils-ping ethtool:ethtool; do
+for cmd_pkg in ${CG:+valgrind:valgrind callgrind_control:valgrind} iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools ip:iproute2 nft:nftables proxychains4:proxychains4 ping:iputils-ping ethtool:ethtool; do
     command -v "${cmd_pkg%%:*}" >/dev/null || need="$need ${cmd_pkg#*:}"
 done
 # shellcheck disable=SC2086
@@ -118,7 +131,7 @@ for c in bench benchsocks benchrelay; do
     ctl client add "$c" >"$WORK/$c.token"
     ctl grant --client "$c" --resource iperf >/dev/null
 done
-ip netns exec "$A" env TUNNEL_LOG="${AGENT_LOG:-info}" ${AGENT_ENV:-} "$BIN/tunnel-agent" --token-file "$WORK/site.token" --state-dir "$WORK/agent" >"$WORK/agent.log" 2>&1 &
+ip netns exec "$A" env TUNNEL_LOG="${AGENT_LOG:-info}" ${AGENT_ENV:-} "${WRAP[@]}" ${CG:+--callgrind-out-file="$WORK/cg-agent"} "$BIN/tunnel-agent" --token-file "$WORK/site.token" --state-dir "$WORK/agent" >"$WORK/agent.log" 2>&1 &
 
 stop_clients() {
     for pid in $(pgrep -f "tunnelctl up" || true); do
@@ -131,8 +144,8 @@ stop_clients() {
 }
 start_tun_client() { # token-name [flags...]
     local c=$1; shift
-    ip netns exec "$C" "$BIN/tunnelctl" up --token-file "$WORK/$c.token" --state-dir "$WORK/$c" --dns-mode resolv-conf "$@" >"$WORK/$c.log" 2>&1 &
-    for _ in $(seq 100); do grep -q "managed by tunnelctl" "/etc/netns/$C/resolv.conf" && break; sleep 0.1; done
+    ip netns exec "$C" "${WRAP[@]}" ${CG:+--callgrind-out-file="$WORK/cg-$c"} "$BIN/tunnelctl" up --token-file "$WORK/$c.token" --state-dir "$WORK/$c" --dns-mode resolv-conf "$@" >"$WORK/$c.log" 2>&1 &
+    for _ in $(seq 1200); do grep -q "managed by tunnelctl" "/etc/netns/$C/resolv.conf" && break; sleep 0.1; done
     for _ in $(seq 50); do ip netns exec "$C" ping -c 1 -W 1 iperf.tunnel.internal >/dev/null 2>&1 && break; done
 }
 rtt() { ip netns exec "$C" ping -n -c 20 -i 0.05 "$1" | awk -F/ '/^rtt/ {print $5}'; }
@@ -161,6 +174,35 @@ ip -n "$C" route add 10.9.0.0/24 dev wg0
 ip -n "$S" route add 10.200.0.0/24 via 10.9.0.1
 ip netns exec "$A" sysctl -qw net.ipv4.ip_forward=1
 ip netns exec "$C" ping -c 1 -W 2 10.9.0.2 >/dev/null
+
+# callgrind_total NAME PID: dumps the process's counters since they were last zeroed; prints the
+# instructions (Ir) in that dump.
+callgrind_total() {
+    callgrind_control -d "$2" >/dev/null 2>&1
+    local f
+    f=$(ls -t "$WORK/cg-$1".* 2>/dev/null | head -1)
+    awk '/^(summary|totals):/ {print $2; exit}' "$f"
+}
+link_packets() { echo $(( $(ip netns exec "$C" cat /sys/class/net/eth0/statistics/rx_packets) + $(ip netns exec "$C" cat /sys/class/net/eth0/statistics/tx_packets) )); }
+if [ -n "$CG" ]; then
+    start_tun_client bench
+    AGENT_PID=$(for p in $(pgrep -f "tunnel-agent --token-file $WORK/site.token"); do [ "$(ip netns identify "$p")" = "$A" ] && echo "$p"; done | head -1)
+    CLIENT_PID=$(for p in $(pgrep -f "tunnelctl up --token-file $WORK/bench.token"); do [ "$(ip netns identify "$p")" = "$C" ] && echo "$p"; done | head -1)
+    echo "callgrind: ${CG} MB each way through the TUN client and the site agent, clean link"
+    for dir in up down; do
+        rev=(); [ "$dir" = down ] && rev=(-R)
+        callgrind_control -z "$AGENT_PID" >/dev/null 2>&1; callgrind_control -z "$CLIENT_PID" >/dev/null 2>&1
+        before=$(link_packets)
+        ip netns exec "$C" iperf3 -c iperf.tunnel.internal -n "${CG}M" "${rev[@]}" -J >"$WORK/cg-$dir.json" 2>&1 || true
+        packets=$(( $(link_packets) - before ))
+        ia=$(callgrind_total agent "$AGENT_PID"); ic=$(callgrind_total bench "$CLIENT_PID")
+        python3 -c 'import sys
+d, p, a, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print("  %-4s %d datagrams on the link; instructions per datagram: site agent %.0f, TUN client %.0f" % (d, p, a / p, c / p))' \
+            "$dir" "$packets" "$ia" "$ic"
+    done
+    exit 0
+fi
 
 declare -A R
 RTT_W=$(rtt 10.9.0.2)
