@@ -1,4 +1,5 @@
-//! The congestion controller of the relay's QUIC connections: a fixed window.
+//! The QUIC settings of the relay's connections, the same at both ends ([`transport_config`]), and
+//! their congestion controller: a fixed window.
 //!
 //! Those connections carry WireGuard packets as unreliable datagrams, and whatever runs inside them
 //! (TCP, almost always) controls its own rate end to end. QUIC's own controller on top (quinn's
@@ -11,9 +12,37 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn_proto::congestion::{Controller, ControllerFactory};
+use quinn_proto::TransportConfig;
+
+use crate::relay::QUIC_MTU;
+
+/// How long an idle relay connection lives (nodes send keep-alives well inside it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Datagrams either end queues to send, and received ones waiting to be read, in bytes.
+pub const DATAGRAM_BUFFER: usize = 8 << 20;
+
+/// The transport settings of a relay connection, node and relay alike.
+pub fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.initial_mtu(QUIC_MTU);
+    // Never below it: loss looks like an MTU black hole to quinn, which then fell back to 1200
+    // bytes, and full-size tunnel packets no longer fit a datagram (every TCP through the relay
+    // stalled at 1% loss).
+    t.min_mtu(QUIC_MTU);
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    // Loss on the path is for the tunnelled flows to see, not for QUIC to back off from.
+    t.congestion_controller_factory(Arc::new(FixedWindowFactory::default()));
+    // One stream per connection carries the registration; the relay opens none.
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_bidi_streams(4u32.into());
+    t
+}
 
 /// Bytes a relay connection may have in flight: 50 ms at about 1.3 Gbit/s.
 pub const RELAY_WINDOW: u64 = 8 << 20;

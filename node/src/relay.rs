@@ -18,7 +18,7 @@ use tunnel_core::map::RelayInfo;
 use tunnel_core::relay::{self as wire, Frame};
 use tunnel_core::KeyPin;
 
-use tunnel_core::relay::{ALPN, QUIC_MTU};
+use tunnel_core::relay::ALPN;
 /// How long a QUIC attempt may take before TCP is tried.
 const QUIC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Packets queued towards the relay.
@@ -158,19 +158,7 @@ async fn quic_connect(addr: &str, pin: KeyPin, cap: &[u8]) -> Result<quinn::Conn
     let tls = crate::tls::pinned_client_config(pin, ALPN)?;
     let qtls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(qtls));
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Duration::from_secs(30).try_into().ok());
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.initial_mtu(QUIC_MTU);
-    // Never below it: loss looks like an MTU black hole to quinn, which then fell back to 1200
-    // bytes, and full-size tunnel packets no longer fit a datagram (every TCP through the relay
-    // stalled at 1% loss).
-    t.min_mtu(QUIC_MTU);
-    t.datagram_receive_buffer_size(Some(8 << 20));
-    t.datagram_send_buffer_size(8 << 20);
-    // Loss on the path is for the tunnelled flows to see, not for QUIC to back off from.
-    t.congestion_controller_factory(Arc::new(tunnel_core::relay_window::FixedWindowFactory::default()));
-    cfg.transport_config(Arc::new(t));
+    cfg.transport_config(Arc::new(tunnel_core::relay_window::transport_config()));
     let bind: SocketAddr =
         if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;

@@ -2,6 +2,7 @@
 //! real `tunnelctl` command code, and real nodes speaking `Control.Connect`.
 
 pub mod lab;
+pub mod lossy;
 pub mod nat;
 
 use std::net::SocketAddr;

@@ -270,55 +270,11 @@ async fn a_client_forced_onto_the_relay_moves_the_same_bytes_through_it() {
     }
 }
 
-/// A UDP forwarder in front of a relay that drops `loss` of the datagrams each way (seeded), one
-/// upstream socket per client so the relay sees each client as its own source.
-async fn lossy_forwarder(loss: f64) -> (SocketAddr, tokio::sync::watch::Sender<Option<SocketAddr>>) {
-    use rand::{Rng, SeedableRng};
-    let front = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = front.local_addr().unwrap();
-    let (target_tx, target_rx) = tokio::sync::watch::channel(None::<SocketAddr>);
-    tokio::spawn(async move {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let mut ups: std::collections::HashMap<SocketAddr, std::sync::Arc<UdpSocket>> = Default::default();
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
-            let Some(target) = *target_rx.borrow() else { continue };
-            if ups.len() >= 16 && !ups.contains_key(&from) {
-                continue;
-            }
-            let up = match ups.get(&from) {
-                Some(u) => u.clone(),
-                None => {
-                    let u = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-                    u.connect(target).await.unwrap();
-                    let (u2, f2) = (u.clone(), front.clone());
-                    tokio::spawn(async move {
-                        let mut rng = rand::rngs::StdRng::seed_from_u64(from.port() as u64);
-                        let mut b = vec![0u8; 65_536];
-                        while let Ok(n) = u2.recv(&mut b).await {
-                            if !rng.gen_bool(loss) {
-                                let _ = f2.send_to(&b[..n], from).await;
-                            }
-                        }
-                    });
-                    ups.insert(from, u.clone());
-                    u
-                }
-            };
-            if !rng.gen_bool(loss) {
-                let _ = up.send(&buf[..n]).await;
-            }
-        }
-    });
-    (addr, target_tx)
-}
-
 #[tokio::test]
 async fn a_relay_path_losing_three_percent_each_way_still_carries_a_transfer() {
     // Loss looked like an MTU black hole to QUIC, which fell back to 1200-byte packets: full-size
     // tunnel packets stopped fitting a datagram and the transfer stalled after its first second.
-    let (fwd, target) = lossy_forwarder(0.03).await;
+    let (fwd, target) = tunnel_tests::lossy::udp_forwarder(0.03).await;
     let server = TestServer::start_with(|c| {
         c.relay_listen = None;
         c.relay_tcp_listen = None;

@@ -34,8 +34,6 @@ use crate::limits::{source_key, Full, InFlight, InFlightGuard};
 pub use bundle::{RelayBundle, RelayKeys};
 
 pub use tunnel_core::relay::{ALPN, QUIC_MTU};
-/// How long an idle relay connection lives (nodes send keepalives well inside it).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Packets queued per TCP connection before the relay drops (as a congested link would).
 const TCP_QUEUE: usize = 1024;
 /// A peer counts as one of a node's relayed flows for this long after its last packet.
@@ -400,25 +398,6 @@ fn tls_config(bundle: &RelayBundle) -> Result<rustls::ServerConfig> {
     Ok(cfg)
 }
 
-/// The QUIC transport settings both ends use.
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.initial_mtu(QUIC_MTU);
-    // Never below it: loss looks like an MTU black hole to quinn, which then fell back to 1200
-    // bytes, and full-size tunnel packets no longer fit a datagram (every TCP through the relay
-    // stalled at 1% loss).
-    t.min_mtu(QUIC_MTU);
-    t.datagram_receive_buffer_size(Some(8 << 20));
-    t.datagram_send_buffer_size(8 << 20);
-    // Loss on the path is for the tunnelled flows to see, not for QUIC to back off from.
-    t.congestion_controller_factory(Arc::new(tunnel_core::relay_window::FixedWindowFactory::default()));
-    t.max_concurrent_uni_streams(0u32.into());
-    t.max_concurrent_bidi_streams(4u32.into());
-    t
-}
-
 /// Starts the relay's listeners.
 pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRelay> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -437,7 +416,7 @@ pub async fn start(cfg: RelayConfig, stats: Arc<RelayStats>) -> Result<RunningRe
         let qcfg = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone())
             .context("QUIC TLS configuration")?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
-        server.transport_config(Arc::new(transport_config()));
+        server.transport_config(Arc::new(tunnel_core::relay_window::transport_config()));
         server.migration(true);
         let sock =
             crate::stun::bind_udp(addr).with_context(|| format!("cannot listen on {addr} (relay, UDP)"))?;
@@ -647,7 +626,7 @@ async fn tcp_conn(
     'conn: loop {
         // Until a capability is accepted the connection lives REGISTER_TIMEOUT at most.
         let wait = match sender {
-            Some(_) => IDLE_TIMEOUT,
+            Some(_) => tunnel_core::relay_window::IDLE_TIMEOUT,
             None => register_by.saturating_duration_since(tokio::time::Instant::now()),
         };
         let n = match tokio::time::timeout(wait, rd.read(&mut chunk)).await {
