@@ -11,8 +11,13 @@
 #   * uses initdb/pg_ctl from /usr/lib/postgresql/<highest>/bin — never the
 #     /usr/local/bin ones that some machines carry;
 #   * keeps the cluster in $TUNNEL_CI_PG_DIR (default /tmp/tunnel-ci-pg), owned
-#     by the `postgres` system user, listening on 127.0.0.1:$PGPORT_TEST only
-#     (default 55432), with its unix socket in a private 0700 directory;
+#     by the `postgres` system user, listening on 127.0.0.1 only, with its unix
+#     socket in a private 0700 directory;
+#   * port: $PGPORT_TEST if set (that port or an error); otherwise the first
+#     of 25432..25447 the server can bind. The default range lies below Linux's
+#     ephemeral range (32768-60999), where any outgoing connection on the
+#     machine can hold a port for a while: the red CI of 2026-12-03 was a bind
+#     on 55432 failing with "Address already in use" while nothing listened;
 #   * auth: scram-sha-256 over TCP, trust on the private unix socket only;
 #   * creates role `tunnel` (password `tunnel`, LOGIN CREATEDB) and database
 #     `tunnel_test` owned by it;
@@ -23,7 +28,7 @@
 # (started again if it was stopped, moved to the requested port if needed).
 #
 # Environment:
-#   PGPORT_TEST        TCP port (default 55432)
+#   PGPORT_TEST        TCP port (default: first free of 25432..25447)
 #   TUNNEL_CI_PG_DIR   base directory (default /tmp/tunnel-ci-pg)
 #   PG_READY_TIMEOUT   seconds to wait for the server to accept connections (default 60)
 set -euo pipefail
@@ -35,7 +40,13 @@ exec 3>&1 1>&2
 log() { printf '[postgres.sh] %s\n' "$*" >&2; }
 die() { printf '[postgres.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 
-PORT="${PGPORT_TEST:-55432}"
+if [[ -n "${PGPORT_TEST:-}" ]]; then
+    PORT="$PGPORT_TEST"
+    PORT_CANDIDATES=("$PORT")
+else
+    PORT=25432
+    PORT_CANDIDATES=($(seq 25432 25447))
+fi
 BASE="${TUNNEL_CI_PG_DIR:-/tmp/tunnel-ci-pg}"
 READY_TIMEOUT="${PG_READY_TIMEOUT:-60}"
 DATA="$BASE/data"
@@ -142,12 +153,17 @@ wait_ready() {
 }
 
 # Server settings passed on every start, so a reused data dir always ends up
-# on the requested port/address no matter what an earlier run used.
-PG_OPTS="-c port=$PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$SOCK"
+# on the chosen port/address no matter what an earlier run used.
+pg_opts() {
+    printf '%s' "-c port=$PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$SOCK"
+}
 
-pg_start() {
+# One attempt on $PORT. Returns 2 when the port is taken (something accepts on
+# it, or the server's bind failed with "Address already in use"), 1 otherwise.
+pg_start_once() {
     if port_in_use; then
-        die "port $PORT on 127.0.0.1 is already in use by something that is not this cluster; set PGPORT_TEST to a free port"
+        log "port $PORT on 127.0.0.1 is already in use by something that is not this cluster"
+        return 2
     fi
     # Only called with no live postmaster on $DATA: socket lock files left in
     # our private socket dir by a crashed server hold its dead pid, which
@@ -156,11 +172,32 @@ pg_start() {
     log "starting server on 127.0.0.1:$PORT (log: $LOGFILE)"
     local log_off
     log_off="$(stat -c %s "$LOGFILE" 2>/dev/null || echo 0)"
-    if ! as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$LOGFILE" -o "$PG_OPTS" -w -t "$READY_TIMEOUT" start >&2; then
+    if ! as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$LOGFILE" -o "$(pg_opts)" -w -t "$READY_TIMEOUT" start >&2; then
         log "pg_ctl start failed; server log of this attempt:"
         tail -c +"$((log_off + 1))" "$LOGFILE" | tail -n 40 >&2 2>/dev/null || true
-        die "could not start PostgreSQL"
+        if tail -c +"$((log_off + 1))" "$LOGFILE" 2>/dev/null | grep -q 'Address already in use'; then
+            return 2
+        fi
+        return 1
     fi
+}
+
+pg_start() {
+    local candidate rc
+    for candidate in "${PORT_CANDIDATES[@]}"; do
+        PORT=$candidate
+        rc=0
+        pg_start_once || rc=$?
+        case $rc in
+            0) return 0 ;;
+            2) continue ;;
+            *) die "could not start PostgreSQL" ;;
+        esac
+    done
+    if [[ -n "${PGPORT_TEST:-}" ]]; then
+        die "port $PGPORT_TEST on 127.0.0.1 is in use; set PGPORT_TEST to a free port"
+    fi
+    die "ports ${PORT_CANDIDATES[0]}..${PORT_CANDIDATES[-1]} on 127.0.0.1 are all in use; set PGPORT_TEST to a free port"
 }
 
 # ------------------------------------------------------------ directories ---
@@ -258,11 +295,12 @@ fi
 if postmaster_alive; then
     # Line 4 of postmaster.pid is the port the running server uses.
     running_port="$(sed -n 4p "$DATA/postmaster.pid" 2>/dev/null || true)"
-    if [[ "$running_port" == "$PORT" ]]; then
+    if [[ " ${PORT_CANDIDATES[*]} " == *" $running_port "* ]]; then
+        PORT=$running_port
         log "reusing running cluster in $DATA on 127.0.0.1:$PORT"
     else
         # An earlier run with another PGPORT_TEST: move it to this port.
-        log "cluster in $DATA is running on port '${running_port}', not $PORT; restarting it"
+        log "cluster in $DATA is running on port '${running_port}', not one of ${PORT_CANDIDATES[*]}; restarting it"
         as_pg "$BINDIR/pg_ctl" -D "$DATA" -m fast -w -t "$READY_TIMEOUT" stop >&2 || die "could not stop the old server"
         pg_start
     fi
