@@ -41,12 +41,11 @@ log() { printf '[postgres.sh] %s\n' "$*" >&2; }
 die() { printf '[postgres.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 
 if [[ -n "${PGPORT_TEST:-}" ]]; then
-    PORT="$PGPORT_TEST"
-    PORT_CANDIDATES=("$PORT")
+    PORT_CANDIDATES=("$PGPORT_TEST")
 else
-    PORT=25432
-    PORT_CANDIDATES=($(seq 25432 25447))
+    PORT_CANDIDATES=({25432..25447})
 fi
+PORT="${PORT_CANDIDATES[0]}"
 BASE="${TUNNEL_CI_PG_DIR:-/tmp/tunnel-ci-pg}"
 READY_TIMEOUT="${PG_READY_TIMEOUT:-60}"
 DATA="$BASE/data"
@@ -173,11 +172,11 @@ pg_start_once() {
     local log_off
     log_off="$(stat -c %s "$LOGFILE" 2>/dev/null || echo 0)"
     if ! as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$LOGFILE" -o "$(pg_opts)" -w -t "$READY_TIMEOUT" start >&2; then
+        local attempt
+        attempt="$(tail -c +"$((log_off + 1))" "$LOGFILE" 2>/dev/null | tail -n 40 || true)"
         log "pg_ctl start failed; server log of this attempt:"
-        tail -c +"$((log_off + 1))" "$LOGFILE" | tail -n 40 >&2 2>/dev/null || true
-        if tail -c +"$((log_off + 1))" "$LOGFILE" 2>/dev/null | grep -q 'Address already in use'; then
-            return 2
-        fi
+        printf '%s\n' "$attempt" >&2
+        [[ "$attempt" == *'Address already in use'* ]] && return 2
         return 1
     fi
 }
