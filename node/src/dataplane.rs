@@ -1230,6 +1230,7 @@ impl Loop {
                     let direct =
                         matches!(self.paths.current(key), Some(Via::Direct(_))) && self.paths.is_direct(key);
                     let rtt = self.paths.stats(key).and_then(|s| s.rtt_us).filter(|_| direct);
+                    tracing::trace!(peer = ?self.peer_names.get(key), rtt_us = ?rtt, "rtt hint");
                     stack.set_rtt_hint(key, rtt.map(Duration::from_micros));
                 }
                 let names = &self.peer_names;
@@ -1246,6 +1247,10 @@ impl Loop {
                         state = ?s.sender_state(),
                         recovery = ?s.recovery_stats(),
                         queued = s.send_queue(),
+                        rx_capacity = s.recv_capacity(),
+                        rx_queued = s.recv_queue(),
+                        rx_delivered = s.rx_delivered(),
+                        rx_filled = s.rx_window_filled(),
                         "tcp flow"
                     );
                 }
