@@ -1231,7 +1231,7 @@ impl Loop {
                         matches!(self.paths.current(key), Some(Via::Direct(_))) && self.paths.is_direct(key);
                     let rtt = self.paths.stats(key).and_then(|s| s.rtt_us).filter(|_| direct);
                     tracing::trace!(peer = ?self.peer_names.get(key), rtt_us = ?rtt, "rtt hint");
-                    stack.set_rtt_hint(key, rtt.map(Duration::from_micros));
+                    stack.set_rtt_hint(key, rtt.map(Duration::from_micros), now);
                 }
                 let names = &self.peer_names;
                 stack.retain_rtt_hints(|k| names.contains_key(k));

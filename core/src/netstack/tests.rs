@@ -206,8 +206,8 @@ fn run(sim: Sim) -> Transfer {
     site.set_congestion(cc);
     client.set_congestion(cc);
     let (site_key, client_key) = ([1u8; 32], [2u8; 32]);
-    site.set_rtt_hint(&client_key, rtt_hint);
-    client.set_rtt_hint(&site_key, rtt_hint);
+    site.set_rtt_hint(&client_key, rtt_hint, base);
+    client.set_rtt_hint(&site_key, rtt_hint, base);
     let one_way = rtt_ms * 1000 / 2;
     let mut up = Link::new(seed + 2, loss, duplicate, reorder, one_way);
     let mut down = Link::new(seed + 3, loss, duplicate, reorder, one_way);
@@ -546,4 +546,26 @@ fn lossy_link_report() {
         let t = lossy_transfer(7, loss, dup, reorder, 20, 2_000_000);
         eprintln!("loss {loss} dup {dup} reorder {reorder}: {t:?}");
     }
+}
+
+/// The hint that sizes receive buffers is the smallest round trip of its window: a probe delayed
+/// behind the flow's own queue must not make the buffer, and with it the queue, grow.
+#[test]
+fn the_rtt_hint_is_the_minimum_of_its_window() {
+    let base = Instant::now();
+    let at = |s: u64| base + Duration::from_secs(s);
+    let mut stack = NetStack::new("100.96.0.1".parse().unwrap(), 16, 1280, true, 1, base);
+    let peer = [7u8; 32];
+    let hint = |s: &NetStack| s.rtt_hints.get(&peer).map(|h| h.0);
+    stack.set_rtt_hint(&peer, Some(Duration::from_micros(300)), at(0));
+    assert_eq!(hint(&stack), Some(RTT_FLOOR), "below the floor counts as the floor");
+    stack.set_rtt_hint(&peer, Some(Duration::from_millis(2)), at(0));
+    stack.set_rtt_hint(&peer, Some(Duration::from_millis(4)), at(5));
+    assert_eq!(hint(&stack), Some(RTT_FLOOR), "a queued probe does not raise the hint");
+    stack.set_rtt_hint(&peer, Some(Duration::from_millis(4)), at(10));
+    assert_eq!(hint(&stack), Some(Duration::from_millis(4)), "the window's minimum expires");
+    stack.set_rtt_hint(&peer, Some(Duration::from_millis(3)), at(11));
+    assert_eq!(hint(&stack), Some(Duration::from_millis(3)), "a smaller sample replaces it at once");
+    stack.set_rtt_hint(&peer, None, at(12));
+    assert_eq!(hint(&stack), None, "a peer that lost its direct path has no hint");
 }
