@@ -161,7 +161,13 @@ async fn quic_connect(addr: &str, pin: KeyPin, cap: &[u8]) -> Result<quinn::Conn
     cfg.transport_config(Arc::new(tunnel_core::relay_window::transport_config()));
     let bind: SocketAddr =
         if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    // Large socket buffers: quinn sends a fixed window's datagrams in bursts of up to 256, and with
+    // the default 208 KiB receive buffer 4% of a clean relayed download was dropped by this host's
+    // own kernel (UdpRcvbufErrors in `bench/throughput.sh`, MODES=relay).
+    let sock = crate::dataplane::bind_udp_std(bind).map_err(|e| format!("relay socket: {e}"))?;
+    let runtime = quinn::default_runtime().ok_or("relay: no async runtime")?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime)
+        .map_err(|e| format!("relay socket: {e}"))?;
     endpoint.set_default_client_config(cfg);
     let conn = endpoint
         .connect(remote, &host_of(addr))
