@@ -9,7 +9,9 @@
 #   MODES="tun socks relay" bench/throughput.sh ...   which tunnel modes to run (default: all three)
 #   BENCH_BIN=DIR bench/throughput.sh ...             binaries from DIR (e.g. another commit's build)
 #   BENCH_KEEP=DIR, BENCH_STATS=1, AGENT_LOG=FILTER   keep logs and results; print the agent's TCP
-#                                                     counters per run; the agent's TUNNEL_LOG
+#                                                     counters, ping under load and the kernels'
+#                                                     TCP and UDP drop counters per run; the
+#                                                     agent's TUNNEL_LOG
 #   BENCH_CALLGRIND=MB bench/throughput.sh            instead of the table: instructions per packet
 #                                                     (below)
 #
@@ -98,13 +100,24 @@ EOF
 
 gbps() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null || echo 0; }
 # The site agent's userspace TCP counters (loss recovery), to show what each run cost it.
-agent_tcp() { ip netns exec "$A" curl -s --max-time 2 http://127.0.0.1:9181/status | python3 -c 'import json,sys; t=json.load(sys.stdin).get("tcp") or {}; print(" ".join("%s=%s" % (k, t.get(k, 0)) for k in ("retransmitted_segments","recoveries","tail_loss_probes","timeouts")))' 2>/dev/null || true; }
+agent_tcp() { ip netns exec "$A" curl -s --max-time 2 http://127.0.0.1:9181/status | python3 -c 'import json,sys; t=json.load(sys.stdin).get("tcp") or {}; print(" ".join("%s=%s" % (k, t.get(k, 0)) for k in ("retransmitted_segments","recoveries","tail_loss_probes","timeouts","rx_dropped")))' 2>/dev/null || true; }
+# Kernel counters a run changes (BENCH_STATS=1): the client's TCP sender and receiver, and UDP
+# datagrams each host dropped for a full socket buffer. nstat -az prints totals; kstat NAME prints
+# them, kdelta NAME prints what changed since.
+KCOUNTERS=(TcpRetransSegs TcpExtTCPLostRetransmit TcpExtTCPSackRecovery TcpExtTCPTimeouts TcpExtTCPSpuriousRTOs TcpExtTCPDSACKRecv UdpRcvbufErrors)
+kstat() {
+    for ns in "$C" "$A"; do ip netns exec "$ns" nstat -azs "${KCOUNTERS[@]}" 2>/dev/null | awk -v ns="${ns: -1}" 'NF >= 2 && $1 !~ /^#/ {print ns ":" $1, $2}'; done >"$WORK/$1.kstat"
+}
+kdelta() {
+    kstat "$1.after"
+    awk 'NR == FNR {b[$1] = $2; next} $2 - b[$1] != 0 {printf "%s=%d ", $1, $2 - b[$1]}' "$WORK/$1.kstat" "$WORK/$1.after.kstat"
+}
 # iperf3 NAME HOST DIR [wrapper...]: one run, prints Gbit/s (0 if it failed). With BENCH_STATS=1 the
 # agent's loss-recovery counters before and after go to stderr.
 iperf() {
     local name=$1 host=$2 dir=$3; shift 3
     local rev=(); [ "$dir" = down ] && rev=(-R)
-    [ -z "${BENCH_STATS:-}" ] || echo "$name before: $(agent_tcp)" >&2
+    [ -z "${BENCH_STATS:-}" ] || { echo "$name before: $(agent_tcp)" >&2; kstat "$name"; }
     local pinger=""
     if [ -n "${BENCH_STATS:-}" ] && [ "$#" = 0 ]; then
         ip netns exec "$C" ping -n -i 0.1 -w "$SECS" "$host" >"$WORK/$name.ping" 2>&1 &
@@ -118,6 +131,7 @@ iperf() {
     fi
     if [ -n "$pinger" ]; then wait "$pinger" 2>/dev/null || true; fi
     [ -z "${BENCH_STATS:-}" ] || echo "$name after:  $(agent_tcp) retransmits(iperf3 sender)=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_sent"].get("retransmits","-"))' "$WORK/$name.json" 2>/dev/null) ping-under-load(min/avg/max)=$(awk -F' = ' '/^rtt/ {print $2}' "$WORK/$name.ping" 2>/dev/null)" >&2
+    [ -z "${BENCH_STATS:-}" ] || echo "$name kernel (c: client, a: agent host): $(kdelta "$name")" >&2
 }
 
 # --- control server, site agent ---
