@@ -12,6 +12,7 @@
 #                                                     counters, ping under load and the kernels'
 #                                                     TCP and UDP drop counters per run; the
 #                                                     agent's TUNNEL_LOG
+#   WG_MTU=1280 bench/throughput.sh ...               wireguard-go at the tunnel's MTU (default 1420)
 #   BENCH_CALLGRIND=MB bench/throughput.sh            instead of the table: instructions per packet
 #                                                     (below)
 #
@@ -38,6 +39,9 @@ LOSSES=("$@")
 [ "${#LOSSES[@]}" -gt 0 ] || LOSSES=(0 1 3)
 MODES="${MODES:-tun socks relay}"
 CG="${BENCH_CALLGRIND:-}"
+# wireguard-go's MTU: its default, 1420; WG_MTU=1280 gives it the tunnel's packet size, so that
+# on a lossy link both lose the same share of bytes per packet lost.
+WG_MTU="${WG_MTU:-1420}"
 WRAP=()
 if [ -n "$CG" ]; then
     MODES=callgrind
@@ -182,8 +186,8 @@ wgpid() {
 WC=$(wgpid "$C"); WA=$(wgpid "$A")
 nsenter -t "$WA" -m -n wg set wg0 listen-port 51820 private-key "$WORK/a.key" peer "$(cat "$WORK/c.pub")" allowed-ips 10.200.0.2/32
 nsenter -t "$WC" -m -n wg set wg0 private-key "$WORK/c.key" peer "$(cat "$WORK/a.pub")" allowed-ips 10.200.0.1/32,10.9.0.0/24 endpoint 192.0.2.1:51820
-ip -n "$A" addr add 10.200.0.1/24 dev wg0; ip -n "$A" link set wg0 mtu 1420 up
-ip -n "$C" addr add 10.200.0.2/24 dev wg0; ip -n "$C" link set wg0 mtu 1420 up
+ip -n "$A" addr add 10.200.0.1/24 dev wg0; ip -n "$A" link set wg0 mtu "$WG_MTU" up
+ip -n "$C" addr add 10.200.0.2/24 dev wg0; ip -n "$C" link set wg0 mtu "$WG_MTU" up
 ip -n "$C" route add 10.9.0.0/24 dev wg0
 ip -n "$S" route add 10.200.0.0/24 via 10.9.0.1
 ip netns exec "$A" sysctl -qw net.ipv4.ip_forward=1
