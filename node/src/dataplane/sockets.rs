@@ -1,0 +1,141 @@
+//! The data plane's sockets: the node's UDP socket, and the target-side connections a site opens
+//! (TCP dials, UDP flows) with the tasks that copy between them and the loop's flow channels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use super::{FlowEnds, Tuple, UdpEvent, CHUNK, DIAL_TIMEOUT, UDP_IDLE};
+
+/// Binds the node's one UDP socket (WireGuard, STUN, probes).
+pub fn bind_socket(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    bind_udp(listen).map_err(|e| anyhow::anyhow!("cannot bind the WireGuard UDP socket on {listen}: {e}"))
+}
+
+/// Socket buffers asked for the WireGuard and relay sockets: bursts of a full TCP window must not
+/// overflow the kernel's default (about 200 KiB). The kernel grants at most `net.core.rmem_max`.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+fn bind_udp(listen: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::from_std(bind_udp_std(listen)?)
+}
+
+/// A non-blocking UDP socket with `UDP_BUFFER`-sized buffers (the kernel caps them at
+/// `net.core.rmem_max` / `wmem_max`): the WireGuard socket, and the relay's QUIC socket, whose
+/// bursts overflowed the default 208 KiB receive buffer.
+pub(crate) fn bind_udp_std(listen: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let domain = if listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    // Linux reports twice what it granted; a host with the default 208 KiB cap drops bursts. Said
+    // once per process (the relay socket is bound again on every reconnect).
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let got = s.recv_buffer_size().unwrap_or(UDP_BUFFER);
+    if got < UDP_BUFFER && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            granted = got,
+            wanted = UDP_BUFFER,
+            "UDP receive buffer capped by the host: raise net.core.rmem_max and net.core.wmem_max to 8388608 \
+             on the host (not settable from a container) or fast transfers lose packets here"
+        );
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&listen.into())?;
+    Ok(s.into())
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    let mut addrs =
+        tokio::net::lookup_host(target).await.map_err(|e| format!("cannot resolve {target}: {e}"))?;
+    // Prefer IPv4; the site's own network decides the rest.
+    let all: Vec<SocketAddr> = addrs.by_ref().collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{target} has no address"))
+}
+
+/// Resolves and connects to a target within [`DIAL_TIMEOUT`] in all (a resolver that hangs must
+/// not hold a pending dial longer than an unreachable target does).
+pub(super) async fn dial(target: &str) -> Result<TcpStream, String> {
+    let connect = async {
+        let addr = resolve(target).await?;
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Err(e) => Err(format!("{target} ({addr}): {e}")),
+        }
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{target}: timed out")),
+    }
+}
+
+pub(super) async fn udp_dial(target: &str) -> Result<UdpSocket, String> {
+    let addr = resolve(target).await?;
+    let bind: SocketAddr =
+        if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap_or(addr) } else { "[::]:0".parse().unwrap_or(addr) };
+    let s = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+    s.connect(addr).await.map_err(|e| e.to_string())?;
+    // The loop sends with try_send: until the reactor has seen the new socket writable, that would
+    // fail and drop the flow's first datagrams.
+    s.writable().await.map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+pub(super) async fn udp_flow_reader(sock: Arc<UdpSocket>, tuple: Tuple, events: mpsc::Sender<UdpEvent>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match tokio::time::timeout(UDP_IDLE, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                if events.send(UdpEvent::Data(tuple, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Copies between a TCP stream and a flow's channels until both directions are done.
+pub async fn bridge_stream(stream: TcpStream, ends: FlowEnds) {
+    let FlowEnds { tx, mut rx, wake } = ends;
+    let (mut r, mut w) = stream.into_split();
+    let w1 = wake.clone();
+    let up = async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        break;
+                    }
+                    w1.notify_one();
+                }
+            }
+        }
+        drop(tx);
+        w1.notify_one();
+    };
+    let down = async move {
+        while let Some(b) = rx.recv().await {
+            wake.notify_one();
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+        wake.notify_one();
+    };
+    tokio::join!(up, down);
+}
