@@ -104,7 +104,7 @@ EOF
 
 gbps() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null || echo 0; }
 # The site agent's userspace TCP counters (loss recovery), to show what each run cost it.
-agent_tcp() { ip netns exec "$A" curl -s --max-time 2 http://127.0.0.1:9181/status | python3 -c 'import json,sys; t=json.load(sys.stdin).get("tcp") or {}; print(" ".join("%s=%s" % (k, t.get(k, 0)) for k in ("retransmitted_segments","recoveries","tail_loss_probes","timeouts","rx_dropped")))' 2>/dev/null || true; }
+agent_tcp() { ip netns exec "$A" curl -s --max-time 2 http://127.0.0.1:9181/status | python3 -c 'import json,sys; t=json.load(sys.stdin).get("tcp") or {}; print(" ".join("%s=%s" % (k, t.get(k, 0)) for k in ("retransmitted_segments","recoveries","tail_loss_probes","timeouts","rx_dropped","acks_merged")))' 2>/dev/null || true; }
 # Kernel counters a run changes (BENCH_STATS=1): the client's TCP sender and receiver, and UDP
 # datagrams each host dropped for a full socket buffer. nstat -az prints totals; kstat NAME prints
 # them, kdelta NAME prints what changed since.
@@ -112,6 +112,9 @@ KCOUNTERS=(TcpRetransSegs TcpExtTCPLostRetransmit TcpExtTCPSackRecovery TcpExtTC
 kstat() {
     for ns in "$C" "$A"; do ip netns exec "$ns" nstat -azs "${KCOUNTERS[@]}" 2>/dev/null | awk -v ns="${ns: -1}" 'NF >= 2 && $1 !~ /^#/ {print ns ":" $1, $2}'; done >"$WORK/$1.kstat"
 }
+# Packets through the TUN client's device (BENCH_STATS=1): "out" the kernel handed the client
+# (an upload's data), "in" the client wrote (its ACKs), so ACKs per segment show; empty without it.
+tunpk() { ip netns exec "$C" sh -c 'd=/sys/class/net/tunnel0/statistics; [ -d $d ] && echo "$(cat $d/tx_packets) $(cat $d/rx_packets)"' 2>/dev/null || true; }
 kdelta() {
     kstat "$1.after"
     awk 'NR == FNR {b[$1] = $2; next} $2 - b[$1] != 0 {printf "%s=%d ", $1, $2 - b[$1]}' "$WORK/$1.kstat" "$WORK/$1.after.kstat"
@@ -121,7 +124,8 @@ kdelta() {
 iperf() {
     local name=$1 host=$2 dir=$3; shift 3
     local rev=(); [ "$dir" = down ] && rev=(-R)
-    [ -z "${BENCH_STATS:-}" ] || { echo "$name before: $(agent_tcp)" >&2; kstat "$name"; }
+    local tp0=""
+    [ -z "${BENCH_STATS:-}" ] || { echo "$name before: $(agent_tcp)" >&2; kstat "$name"; tp0=$(tunpk); }
     local pinger=""
     if [ -n "${BENCH_STATS:-}" ] && [ "$#" = 0 ]; then
         ip netns exec "$C" ping -n -i 0.1 -w "$SECS" "$host" >"$WORK/$name.ping" 2>&1 &
@@ -136,6 +140,11 @@ iperf() {
     if [ -n "$pinger" ]; then wait "$pinger" 2>/dev/null || true; fi
     [ -z "${BENCH_STATS:-}" ] || echo "$name after:  $(agent_tcp) retransmits(iperf3 sender)=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_sent"].get("retransmits","-"))' "$WORK/$name.json" 2>/dev/null) ping-under-load(min/avg/max)=$(awk -F' = ' '/^rtt/ {print $2}' "$WORK/$name.ping" 2>/dev/null)" >&2
     [ -z "${BENCH_STATS:-}" ] || echo "$name kernel (c: client, a: agent host): $(kdelta "$name")" >&2
+    if [ -n "$tp0" ]; then
+        local o0 i0 o1 i1
+        read -r o0 i0 o1 i1 <<<"$tp0 $(tunpk)"
+        echo "$name TUN device: $((o1 - o0)) packets to the client, $((i1 - i0)) from it" >&2
+    fi
 }
 
 # --- control server, site agent ---

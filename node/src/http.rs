@@ -151,6 +151,7 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
         ("recoveries", "Loss recovery episodes of the userspace TCP stack."),
         ("tail_loss_probes", "Tail loss probes the userspace TCP stack sent."),
         ("timeouts", "Retransmission timeouts in the userspace TCP stack."),
+        ("acks_merged", "Duplicate ACKs of the userspace TCP stack merged into a later one."),
     ];
     for (key, help) in tcp {
         let _ = writeln!(

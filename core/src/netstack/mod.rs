@@ -10,6 +10,7 @@
 //! minimum RTO, and buffers that grow while a flow uses them, within the budgets of [`budget`], which
 //! also caps the number of flows per peer and per node.
 
+mod ack_thin;
 mod budget;
 
 pub use budget::{BufferLimits, FlowCount, FlowLimits, Limit, Owner};
@@ -169,6 +170,9 @@ pub struct StackStats {
     pub refused_node_flows: u64,
     /// Inbound packets dropped because the stack's queue was full.
     pub rx_dropped: u64,
+    /// Duplicate ACKs left unsent because a later one, sent in the same batch, covered them.
+    #[serde(default)]
+    pub acks_merged: u64,
 }
 
 /// Why a new socket was not made.
@@ -209,6 +213,8 @@ pub struct NetStack {
     pub refused_flows: (u64, u64),
     /// Loss recovery of the flows already removed.
     closed: RecoveryStats,
+    /// Merges the duplicate ACKs a batch of out-of-order segments produces.
+    acks: ack_thin::AckThinner,
 }
 
 impl std::fmt::Debug for NetStack {
@@ -258,6 +264,7 @@ impl NetStack {
             refused_budget: 0,
             refused_flows: (0, 0),
             closed: RecoveryStats::default(),
+            acks: ack_thin::AckThinner::default(),
         }
     }
 
@@ -287,6 +294,7 @@ impl NetStack {
                 break;
             }
         }
+        self.acks.thin(&mut self.dev.tx);
         if now >= self.next_tune {
             self.next_tune = now + TUNE_EVERY;
             self.grow_buffers(now);
@@ -506,6 +514,7 @@ impl NetStack {
             refused_peer_flows: self.refused_flows.0,
             refused_node_flows: self.refused_flows.1,
             rx_dropped: self.rx_dropped,
+            acks_merged: self.acks.thinned,
         }
     }
 
