@@ -14,7 +14,7 @@
 //! its own overlay address (checked by the device) and go to a resource that peer was granted;
 //! anything else is dropped and counted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,11 +36,12 @@ use tunnel_core::{probe, stun};
 
 use crate::relay::{RelayLink, RelayState};
 
+mod effects;
 mod sockets;
 
+use effects::{Effect, Tasks};
 pub(crate) use sockets::bind_udp_std;
 pub use sockets::{bind_socket, bridge_stream};
-use sockets::{dial, udp_dial, udp_flow_reader};
 
 /// Datagrams handled per wake-up before the loop services its other inputs.
 const DATAGRAM_BUDGET: usize = 256;
@@ -209,13 +210,16 @@ struct UdpFlow {
     sock: Option<Arc<UdpSocket>>,
     queued: Vec<Vec<u8>>,
     last: Instant,
-    /// The task that dials the target and reads its replies; it ends with the flow.
-    task: tokio::task::AbortHandle,
+    /// The task that dials the target and reads its replies, once the shell started it
+    /// ([`Effect::OpenUdp`]); it ends with the flow.
+    task: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for UdpFlow {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
@@ -295,12 +299,12 @@ struct Loop {
     /// Site: SYNs held while their targets are dialled, counted in `pending_count`.
     pending_syn: HashMap<Tuple, ([u8; 32], Vec<u8>)>,
     pending_count: FlowCount,
-    dial_tx: mpsc::Sender<(Tuple, Result<TcpStream, String>)>,
     /// Site: UDP flows, counted in `udp_count`.
     udp_flows: HashMap<Tuple, UdpFlow>,
     udp_count: FlowCount,
     refused: Refused,
-    udp_reply_tx: mpsc::Sender<UdpEvent>,
+    /// What the handlers asked the shell to do, performed after each pump ([`effects`]).
+    effects: VecDeque<Effect>,
     client_udp: HashMap<u16, mpsc::Sender<(SocketAddrV4, Vec<u8>)>>,
     wake: Arc<Notify>,
     counters: Counters,
@@ -318,7 +322,6 @@ struct Loop {
     stun: StunClient,
     base_candidates: Vec<Candidate>,
     candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
-    stun_resolve_tx: mpsc::Sender<(String, Option<SocketAddr>)>,
     next_flow_trace: Instant,
     next_rtt_hints: Instant,
     stack_options: tunnel_core::netstack::StackOptions,
@@ -329,6 +332,8 @@ struct Loop {
 struct StunClient {
     /// `HOST:PORT` as the map names it, and its address once resolved.
     server: Option<(String, Option<SocketAddr>)>,
+    /// A resolution of `server`'s name was asked for and has not answered yet.
+    resolving: bool,
     outstanding: Option<stun::TxId>,
     next: Option<Instant>,
     reflexive: Option<SocketAddr>,
@@ -384,9 +389,7 @@ pub async fn start_on(
     );
     let local_addr = udp.local_addr()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
-    let (dial_tx, mut dial_rx) = mpsc::channel(64);
     let (udp_reply_tx, mut udp_reply_rx) = mpsc::channel(1024);
-    let seed: u64 = rand::random();
     let (mut from_os, to_os) = match os {
         Some(o) => (Some(o.from_os), Some(o.to_os)),
         None => (None, None),
@@ -395,52 +398,8 @@ pub async fn start_on(
     let RelayLink { out: relay_out, inbound: mut relay_in, state: mut relay_state, relays: relay_list } =
         relay;
     let (stun_resolve_tx, mut stun_resolve_rx) = mpsc::channel(4);
-    let now = Instant::now();
-    let flow_limits = opts.stack.flows.sane();
-    let mut lp = Loop {
-        to_os,
-        filter: InboundFilter::default(),
-        kind,
-        udp: udp.clone(),
-        udp_state: udp_state.clone(),
-        out_batch: Vec::with_capacity(64),
-        gso_buf: Vec::with_capacity(64 * 1024),
-        device: Device::new(private_key, seed as u32),
-        stack: None,
-        own_addr: None,
-        map: None,
-        grants: HashMap::new(),
-        served: HashMap::new(),
-        peer_names: BTreeMap::new(),
-        flows: HashMap::new(),
-        pending_syn: HashMap::new(),
-        pending_count: FlowCount::new(flow_limits.pending_dials_per_peer, flow_limits.pending_dials),
-        dial_tx,
-        udp_flows: HashMap::new(),
-        udp_count: FlowCount::new(flow_limits.udp_per_peer, flow_limits.udp),
-        refused: Refused::default(),
-        udp_reply_tx,
-        client_udp: HashMap::new(),
-        wake: Arc::new(Notify::new()),
-        counters: Counters::default(),
-        seed,
-        rng: StdRng::seed_from_u64(seed.rotate_left(31)),
-        started: now,
-        paths: Paths::new(private_key, opts.keepalive, seed.rotate_left(17), now),
-        keepalive: opts.keepalive,
-        force_relay: opts.force_relay,
-        relay_out,
-        relay_list,
-        relay_state: RelayState::default(),
-        relay_bytes: HashMap::new(),
-        stun: StunClient::default(),
-        base_candidates: opts.base_candidates,
-        candidates_tx: opts.candidates_tx,
-        stun_resolve_tx,
-        next_flow_trace: now,
-        next_rtt_hints: now,
-        stack_options: opts.stack,
-    };
+    let mut lp =
+        Loop::new(kind, private_key, udp.clone(), udp_state.clone(), to_os, opts, relay_out, relay_list);
     let task = tokio::spawn(async move {
         // The relay link lives and dies with the loop.
         struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -453,8 +412,14 @@ pub async fn start_on(
         // One buffer per datagram of a recvmmsg batch; with GRO each may hold many datagrams.
         let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; 65_536]).collect();
         let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let mut tasks = Tasks {
+            dials: tokio::task::JoinSet::new(),
+            stun_resolved: stun_resolve_tx,
+            udp_events: udp_reply_tx,
+        };
         if let Some(m) = maps.borrow_and_update().clone() {
             lp.apply_map(m, Instant::now());
+            lp.perform_effects(&mut tasks);
         }
         loop {
             // The clock is read once per wake-up, when the wait ends: every handler and the pump
@@ -540,9 +505,13 @@ pub async fn start_on(
                         }
                     }
                 }
-                Some((tuple, result)) = dial_rx.recv() => {
+                Some(r) = tasks.dials.join_next(), if !tasks.dials.is_empty() => {
                     now = Instant::now();
-                    lp.dialed(tuple, result, now);
+                    // A dial task cannot panic short of a bug; it is then dropped with its SYN,
+                    // which the pending-dial timeout of the client's connect covers.
+                    if let Ok((tuple, result)) = r {
+                        lp.dialed(tuple, result, now);
+                    }
                 }
                 Some(ev) = udp_reply_rx.recv() => {
                     now = Instant::now();
@@ -552,9 +521,71 @@ pub async fn start_on(
                 _ = tokio::time::sleep_until(deadline.into()) => now = Instant::now(),
             }
             lp.pump(now).await;
+            lp.perform_effects(&mut tasks);
         }
     });
     Ok((Dataplane { commands: cmd_tx, local_addr }, task))
+}
+
+impl Loop {
+    /// A loop on `udp` that has seen no map yet; its relay link is `relay_out` and `relay_list`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: NodeKind,
+        private_key: [u8; 32],
+        udp: Arc<UdpSocket>,
+        udp_state: Arc<quinn_udp::UdpSocketState>,
+        to_os: Option<mpsc::Sender<Vec<u8>>>,
+        opts: PathOptions,
+        relay_out: mpsc::Sender<Vec<u8>>,
+        relay_list: watch::Sender<Vec<RelayInfo>>,
+    ) -> Loop {
+        let seed: u64 = rand::random();
+        let now = Instant::now();
+        let flow_limits = opts.stack.flows.sane();
+        Loop {
+            to_os,
+            filter: InboundFilter::default(),
+            kind,
+            udp,
+            udp_state,
+            out_batch: Vec::with_capacity(64),
+            gso_buf: Vec::with_capacity(64 * 1024),
+            device: Device::new(private_key, seed as u32),
+            stack: None,
+            own_addr: None,
+            map: None,
+            grants: HashMap::new(),
+            served: HashMap::new(),
+            peer_names: BTreeMap::new(),
+            flows: HashMap::new(),
+            pending_syn: HashMap::new(),
+            pending_count: FlowCount::new(flow_limits.pending_dials_per_peer, flow_limits.pending_dials),
+            udp_flows: HashMap::new(),
+            udp_count: FlowCount::new(flow_limits.udp_per_peer, flow_limits.udp),
+            refused: Refused::default(),
+            effects: VecDeque::new(),
+            client_udp: HashMap::new(),
+            wake: Arc::new(Notify::new()),
+            counters: Counters::default(),
+            seed,
+            rng: StdRng::seed_from_u64(seed.rotate_left(31)),
+            started: now,
+            paths: Paths::new(private_key, opts.keepalive, seed.rotate_left(17), now),
+            keepalive: opts.keepalive,
+            force_relay: opts.force_relay,
+            relay_out,
+            relay_list,
+            relay_state: RelayState::default(),
+            relay_bytes: HashMap::new(),
+            stun: StunClient::default(),
+            base_candidates: opts.base_candidates,
+            candidates_tx: opts.candidates_tx,
+            next_flow_trace: now,
+            next_rtt_hints: now,
+            stack_options: opts.stack,
+        }
+    }
 }
 
 fn normalize(a: SocketAddr) -> SocketAddr {
@@ -652,20 +683,16 @@ impl Loop {
         if *self.relay_list.borrow() != map.relays {
             self.relay_list.send_replace(map.relays.clone());
         }
+        // Resolved once per name; a name that did not resolve is tried again with the next map.
         let stun_name = map.stun_addr.clone();
-        if self.stun.server.as_ref().map(|s| &s.0) != stun_name.as_ref() {
-            self.stun.server = None;
+        let same = self.stun.server.as_ref().map(|s| &s.0) == stun_name.as_ref();
+        let unresolved = self.stun.server.as_ref().is_some_and(|s| s.1.is_none());
+        if !same || (unresolved && !self.stun.resolving) {
             self.stun.next = None;
+            self.stun.resolving = stun_name.is_some();
+            self.stun.server = stun_name.clone().map(|n| (n, None));
             if let Some(name) = stun_name {
-                // Resolved off the loop: the server may announce a host name.
-                let tx = self.stun_resolve_tx.clone();
-                tokio::spawn(async move {
-                    let addr = match tokio::net::lookup_host(name.as_str()).await {
-                        Ok(mut a) => a.find(SocketAddr::is_ipv4),
-                        Err(_) => None,
-                    };
-                    let _ = tx.send((name, addr)).await;
-                });
+                self.effects.push_back(Effect::ResolveStun(name));
             }
         }
         // Flows of peers that lost their grant end now (revocation takes effect at once).
@@ -741,6 +768,10 @@ impl Loop {
     }
 
     fn stun_resolved(&mut self, name: String, addr: Option<SocketAddr>, now: Instant) {
+        if self.stun.server.as_ref().map(|s| &s.0) != Some(&name) {
+            return; // a name the map no longer names
+        }
+        self.stun.resolving = false;
         if addr.is_none() {
             tracing::warn!(server = %name, "cannot resolve the STUN server; the node will not learn its public address");
         }
@@ -972,12 +1003,7 @@ impl Loop {
                         return;
                     }
                     self.pending_syn.insert(tuple, (peer, pkt));
-                    let tx = self.dial_tx.clone();
-                    let target = res.target.clone();
-                    tokio::spawn(async move {
-                        let r = dial(&target).await;
-                        let _ = tx.send((tuple, r)).await;
-                    });
+                    self.effects.push_back(Effect::DialTcp { tuple, target: res.target });
                     return;
                 }
                 if let Some(stack) = self.stack.as_mut() {
@@ -1011,22 +1037,8 @@ impl Loop {
                     tracing::debug!(flow = ?tuple, limit = limit.as_str(), "too many UDP flows; dropping a new one");
                     return;
                 }
-                let events = self.udp_reply_tx.clone();
-                let target = res.target.clone();
-                let task = tokio::spawn(async move {
-                    match tokio::time::timeout(DIAL_TIMEOUT, udp_dial(&target)).await {
-                        Ok(Ok(sock)) => {
-                            let sock = Arc::new(sock);
-                            if events.send(UdpEvent::Ready(tuple, sock.clone())).await.is_ok() {
-                                udp_flow_reader(sock, tuple, events).await;
-                            }
-                        }
-                        Ok(Err(e)) => tracing::debug!(%target, error = %e, "UDP target unreachable"),
-                        Err(_) => tracing::debug!(%target, "UDP target did not resolve in time"),
-                    }
-                });
-                let flow =
-                    UdpFlow { peer, sock: None, queued: vec![payload], last: now, task: task.abort_handle() };
+                self.effects.push_back(Effect::OpenUdp { tuple, target: res.target });
+                let flow = UdpFlow { peer, sock: None, queued: vec![payload], last: now, task: None };
                 self.udp_flows.insert(tuple, flow);
             }
             Proto::EchoRequest => {
@@ -1170,13 +1182,26 @@ impl Loop {
                 self.flows.insert(h, flow);
                 stack.push_inbound(syn);
                 self.counters.flows_opened += 1;
-                tokio::spawn(bridge_stream(stream, ends));
+                self.effects.push_back(Effect::Bridge(stream, ends));
             }
             Err(e) => {
                 self.counters.dial_failures += 1;
                 tracing::info!(target_flow = ?tuple, error = %e, "target refused; answering the client with a reset");
                 if let Some(rst) = packet::rst_for_syn(&syn) {
                     self.device.send_to_peer(&peer, &rst);
+                }
+            }
+        }
+    }
+
+    /// Hands the queued effects to the shell's tasks; a UDP flow keeps the handle of its task (and
+    /// one that ended in the meantime has it aborted at once).
+    fn perform_effects(&mut self, tasks: &mut Tasks) {
+        while let Some(e) = self.effects.pop_front() {
+            if let Some((tuple, task)) = tasks.perform(e) {
+                match self.udp_flows.get_mut(&tuple) {
+                    Some(f) => f.task = Some(task),
+                    None => task.abort(),
                 }
             }
         }

@@ -504,3 +504,113 @@ mod flow_timeouts {
         assert_eq!(flows.len(), 1, "the site's half stays open for its answer");
     }
 }
+
+/// The decisions the loop leaves to the shell, read from its queue of effects without performing
+/// them (docs/plans/engine-split.md, step 2).
+mod effects {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use tokio::sync::{mpsc, watch};
+    use tunnel_core::map::NodeKind;
+    use tunnel_core::packet;
+    use tunnel_core::wg;
+
+    use super::super::{effects::Effect, Loop, PathOptions};
+    use super::{map, peer, resource, syn, NODE_KEY, RAW_KEY};
+
+    async fn site_loop() -> Loop {
+        let udp = Arc::new(super::super::bind_socket("127.0.0.1:0".parse().unwrap()).unwrap());
+        let state = Arc::new(quinn_udp::UdpSocketState::new((&*udp).into()).unwrap());
+        let (relay_out, _) = mpsc::channel(1);
+        let (relay_list, _) = watch::channel(vec![]);
+        Loop::new(NodeKind::Site, NODE_KEY, udp, state, None, PathOptions::default(), relay_out, relay_list)
+    }
+
+    fn site_map(resources: &[&str], stun: Option<&str>) -> Arc<tunnel_core::map::NetworkMap> {
+        let mut m = map(
+            NodeKind::Site,
+            "100.96.0.1",
+            peer(&["100.96.0.2/32"], resources),
+            vec![
+                resource("web", "100.96.0.10", Some("127.0.0.1:9".into()), 80),
+                resource("dns", "100.96.0.11", Some("127.0.0.1:53".into()), 53),
+            ],
+        );
+        m.stun_addr = stun.map(str::to_string);
+        Arc::new(m)
+    }
+
+    fn taken(lp: &mut Loop) -> Vec<Effect> {
+        lp.effects.drain(..).collect()
+    }
+
+    #[tokio::test]
+    async fn a_stun_server_is_resolved_once_per_name() {
+        let mut lp = site_loop().await;
+        let now = Instant::now();
+        lp.apply_map(site_map(&["web"], Some("stun.example:3478")), now);
+        let e = taken(&mut lp);
+        assert!(matches!(&e[..], [Effect::ResolveStun(n)] if n == "stun.example:3478"), "{e:?}");
+        lp.apply_map(site_map(&["web"], Some("stun.example:3478")), now);
+        assert!(taken(&mut lp).is_empty(), "the same name again is not resolved again");
+        lp.apply_map(site_map(&["web"], Some("stun2.example:3478")), now);
+        let e = taken(&mut lp);
+        assert!(matches!(&e[..], [Effect::ResolveStun(n)] if n == "stun2.example:3478"), "{e:?}");
+        // The first name's late answer is not taken for the second's.
+        lp.stun_resolved("stun.example:3478".into(), Some("192.0.2.1:3478".parse().unwrap()), now);
+        assert!(lp.stun.next.is_none(), "no request to a server the map no longer names");
+        // A name that did not resolve is tried again with the next map, and only then.
+        lp.stun_resolved("stun2.example:3478".into(), None, now);
+        lp.apply_map(site_map(&["web"], Some("stun2.example:3478")), now);
+        let e = taken(&mut lp);
+        assert!(matches!(&e[..], [Effect::ResolveStun(n)] if n == "stun2.example:3478"), "{e:?}");
+        lp.stun_resolved("stun2.example:3478".into(), Some("192.0.2.2:3478".parse().unwrap()), now);
+        assert_eq!(lp.stun.next, Some(now), "a request is due at once");
+        lp.apply_map(site_map(&["web"], Some("stun2.example:3478")), now);
+        assert!(taken(&mut lp).is_empty(), "a resolved name is kept");
+        lp.apply_map(site_map(&["web"], None), now);
+        assert!(taken(&mut lp).is_empty());
+        assert!(lp.stun.server.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_granted_syn_asks_for_one_dial_and_its_retransmission_for_none() {
+        let mut lp = site_loop().await;
+        let now = Instant::now();
+        lp.apply_map(site_map(&["web"], None), now);
+        let client = wg::public_key(RAW_KEY);
+        lp.inbound(client, syn(40_000), now);
+        let e = taken(&mut lp);
+        assert!(
+            matches!(&e[..], [Effect::DialTcp { tuple, target }]
+                if target == "127.0.0.1:9" && tuple.src.port() == 40_000 && *tuple.dst.ip() == Ipv4Addr::new(100, 96, 0, 10)),
+            "{e:?}"
+        );
+        lp.inbound(client, syn(40_000), now);
+        assert!(taken(&mut lp).is_empty(), "a retransmitted SYN is the dial already asked for");
+        // A peer without the grant gets nothing dialled (a reset goes back instead).
+        lp.apply_map(site_map(&["dns"], None), now);
+        lp.inbound(client, syn(40_001), now);
+        assert!(taken(&mut lp).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_udp_flow_asks_for_its_socket_once_and_ends_with_its_grant() {
+        let mut lp = site_loop().await;
+        let now = Instant::now();
+        lp.apply_map(site_map(&["dns"], None), now);
+        let client = wg::public_key(RAW_KEY);
+        let q =
+            packet::udp_packet("100.96.0.2:5000".parse().unwrap(), "100.96.0.11:53".parse().unwrap(), b"q");
+        lp.inbound(client, q.clone(), now);
+        lp.inbound(client, q, now);
+        let e = taken(&mut lp);
+        assert!(matches!(&e[..], [Effect::OpenUdp { target, .. }] if target == "127.0.0.1:53"), "{e:?}");
+        assert_eq!(lp.udp_flows.len(), 1);
+        assert_eq!(lp.udp_flows.values().next().map(|f| f.queued.len()), Some(2), "both wait for the socket");
+        lp.apply_map(site_map(&["web"], None), now);
+        assert!(lp.udp_flows.is_empty(), "the revoked grant ends the flow");
+    }
+}
