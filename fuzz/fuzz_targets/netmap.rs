@@ -44,7 +44,7 @@ fn derive(m: &NetworkMap, device: &mut Device, paths: &mut Paths, now: Instant) 
     let _ = m.overlay_cidr.parse::<ipnet::Ipv4Net>();
     let _ = m.overlay_addr.parse::<Ipv4Addr>();
 
-    // As node/src/dataplane.rs `apply_map` turns peers into installed state.
+    // As `Engine::handle_map` (core/src/engine/mod.rs) turns peers into installed state.
     let mut peers = Vec::new();
     let mut path_peers = Vec::new();
     for p in m.peers.values().filter(|p| p.public_key.is_some()).take(MAX_INSTALLED) {

@@ -2,7 +2,7 @@
 //!
 //! Two nodes, A and B, each a `wg::Device` plus a `path::Paths`, are wired back to back and complete a
 //! real handshake (with path probes) before the fuzzer's input is read. Datagrams reach a node through
-//! the same dispatch as node/src/dataplane.rs (`Loop::datagram`): probe, STUN, else WireGuard, with
+//! the same dispatch as `Engine::handle_datagram` (core/src/engine/mod.rs): probe, STUN, else WireGuard, with
 //! authenticated packets confirming paths and path events moving the device's endpoint. The input is
 //! then a list of operations on B: arbitrary datagrams from A's address, from any address, or via the
 //! relay (named as A, as a stranger, or not named); real packets of A's with bytes changed; replays of A's earlier datagrams; validly signed
@@ -54,7 +54,7 @@ struct Node {
 }
 
 impl Node {
-    /// As `Loop::datagram` in node/src/dataplane.rs.
+    /// As `Engine::handle_datagram` in core/src/engine/mod.rs.
     fn datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
         if probe::is_probe(data) {
             self.paths.handle_probe(from, data, now);

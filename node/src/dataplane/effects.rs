@@ -1,46 +1,53 @@
-//! What the loop's handlers decide to have done outside the loop, as data.
-//!
-//! A handler never spawns: it pushes an [`Effect`], and the loop performs its queue once per
-//! wake-up, after the pump. The answers come back as inputs: a dial's result through the loop's
-//! [`JoinSet`] (`dialed`), a STUN server's address through a channel (`stun_resolved`), a UDP
-//! target's socket and replies through another (`udp_event`). This is the first step of the engine
-//! split (docs/plans/engine-split.md, step 2): the decisions can be tested by reading the queue,
-//! and the I/O they ask for lives in one place.
+//! The I/O the engine asks for ([`Effect`]), performed off the loop, and the sockets of a site's UDP
+//! flows. The answers come back as inputs: a dial's result through the [`JoinSet`], a STUN server's
+//! address and a UDP target's socket and replies through channels.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
+use tunnel_core::engine::{Effect, FlowTuple};
 
-use super::sockets::{bridge_stream, dial, udp_dial, udp_flow_reader};
-use super::{FlowEnds, Tuple, UdpEvent, DIAL_TIMEOUT};
+use super::sockets::{dial, udp_dial, udp_flow_reader};
+use super::{UdpEvent, DIAL_TIMEOUT};
 
-/// Something for the shell to do.
+/// A site's UDP flow on the shell's side: the task that opens the target's socket and reads its
+/// replies, and the socket once open.
 #[derive(Debug)]
-pub(super) enum Effect {
-    /// Resolve the STUN server the map names (`HOST:PORT`); the answer comes to `stun_resolved`.
-    ResolveStun(String),
-    /// Dial a site's TCP target for a SYN held in `pending_syn`; the result comes to `dialed`.
-    DialTcp { tuple: Tuple, target: String },
-    /// Open a site's UDP flow to its target and read the target's replies (`udp_event`).
-    OpenUdp { tuple: Tuple, target: String },
-    /// Move bytes between an accepted flow's target connection and its stack socket.
-    Bridge(TcpStream, FlowEnds),
+struct UdpTarget {
+    task: AbortHandle,
+    sock: Option<Arc<UdpSocket>>,
 }
 
-/// The shell's side of the effects: the tasks it runs for the loop and where their answers go.
+impl Drop for UdpTarget {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The tasks the shell runs for the engine and where their answers go.
+#[derive(Debug)]
 pub(super) struct Tasks {
     /// Dials of TCP targets; aborted with the loop.
-    pub(super) dials: JoinSet<(Tuple, Result<TcpStream, String>)>,
-    pub(super) stun_resolved: mpsc::Sender<(String, Option<SocketAddr>)>,
-    pub(super) udp_events: mpsc::Sender<UdpEvent>,
+    pub(super) dials: JoinSet<(FlowTuple, Result<TcpStream, String>)>,
+    stun_resolved: mpsc::Sender<(String, Option<SocketAddr>)>,
+    udp_events: mpsc::Sender<UdpEvent>,
+    udp_targets: HashMap<FlowTuple, UdpTarget>,
 }
 
 impl Tasks {
-    /// Starts what `effect` asks for. For a UDP flow, returns the handle that ends its task.
-    pub(super) fn perform(&mut self, effect: Effect) -> Option<(Tuple, AbortHandle)> {
+    pub(super) fn new(
+        stun_resolved: mpsc::Sender<(String, Option<SocketAddr>)>,
+        udp_events: mpsc::Sender<UdpEvent>,
+    ) -> Tasks {
+        Tasks { dials: JoinSet::new(), stun_resolved, udp_events, udp_targets: HashMap::new() }
+    }
+
+    /// Starts what `effect` asks for.
+    pub(super) fn perform(&mut self, effect: Effect) {
         match effect {
             Effect::ResolveStun(name) => {
                 // Off the loop: the server may announce a host name.
@@ -52,33 +59,47 @@ impl Tasks {
                     };
                     let _ = tx.send((name, addr)).await;
                 });
-                None
             }
-            Effect::DialTcp { tuple, target } => {
-                self.dials.spawn(async move { (tuple, dial(&target).await) });
-                None
+            Effect::DialTcp { flow, target } => {
+                self.dials.spawn(async move { (flow, dial(&target).await) });
             }
-            Effect::OpenUdp { tuple, target } => {
+            Effect::OpenUdp { flow, target } => {
                 let events = self.udp_events.clone();
                 let task = tokio::spawn(async move {
                     match tokio::time::timeout(DIAL_TIMEOUT, udp_dial(&target)).await {
                         Ok(Ok(sock)) => {
                             let sock = Arc::new(sock);
-                            if events.send(UdpEvent::Ready(tuple, sock.clone())).await.is_ok() {
-                                udp_flow_reader(sock, tuple, events).await;
+                            if events.send(UdpEvent::Ready(flow, sock.clone())).await.is_ok() {
+                                udp_flow_reader(sock, flow, events).await;
                             }
                         }
                         Ok(Err(e)) => tracing::debug!(%target, error = %e, "UDP target unreachable"),
                         Err(_) => tracing::debug!(%target, "UDP target did not resolve in time"),
                     }
                 });
-                Some((tuple, task.abort_handle()))
+                self.udp_targets.insert(flow, UdpTarget { task: task.abort_handle(), sock: None });
             }
-            Effect::Bridge(stream, ends) => {
-                // It ends by itself when either side closes.
-                tokio::spawn(bridge_stream(stream, ends));
-                None
+            Effect::CloseUdp { flow } => {
+                self.udp_targets.remove(&flow);
             }
+        }
+    }
+
+    /// A UDP flow's socket is open; false if the flow ended meanwhile (the socket is dropped).
+    pub(super) fn udp_ready(&mut self, flow: FlowTuple, sock: Arc<UdpSocket>) -> bool {
+        match self.udp_targets.get_mut(&flow) {
+            Some(t) => {
+                t.sock = Some(sock);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A datagram for a UDP flow's target. A full socket buffer drops it, as a congested link would.
+    pub(super) fn send_to_target(&self, flow: &FlowTuple, payload: &[u8]) {
+        if let Some(sock) = self.udp_targets.get(flow).and_then(|t| t.sock.as_ref()) {
+            let _ = sock.try_send(payload);
         }
     }
 }

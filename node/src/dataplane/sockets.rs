@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
-use super::{FlowEnds, Tuple, UdpEvent, CHUNK, DIAL_TIMEOUT, UDP_IDLE};
+use tunnel_core::engine::{FlowTuple as Tuple, UDP_IDLE};
+
+use super::{FlowEnds, UdpEvent, CHUNK, DIAL_TIMEOUT};
 
 /// Binds the node's one UDP socket (WireGuard, STUN, probes).
 pub fn bind_socket(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
