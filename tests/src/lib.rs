@@ -4,6 +4,7 @@
 pub mod lab;
 pub mod lossy;
 pub mod nat;
+pub mod sim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -33,6 +33,7 @@ use crate::path::{CandidateKind, PathEvent, Paths, PeerCandidates, Via};
 use crate::wg::{Device, PeerConfig};
 use crate::{probe, stun};
 
+mod buffer_port;
 mod client;
 mod flows;
 mod site;
@@ -41,6 +42,7 @@ mod stun_client;
 #[cfg(test)]
 mod tests;
 
+pub use buffer_port::BufferPort;
 pub use flows::{FlowPort, Outgoing, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, LISTEN_TIMEOUT};
 pub use status::{Counters, EngineStatus, PeerStatus, Refused};
 

@@ -1,7 +1,7 @@
 //! The engine without a socket: its decisions read from its queues, its flows on synthetic time,
 //! and a site and a client back to back in memory, real WireGuard between them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,46 +22,7 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 2);
 const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(100, 96, 0, 10), 80);
 const PEER: [u8; 32] = [7; 32];
 
-/// The application side of the flows, as plain buffers.
-#[derive(Default, Debug)]
-struct Port {
-    got: HashMap<FlowId, Vec<u8>>,
-    eos: HashSet<FlowId>,
-    out: HashMap<FlowId, Vec<u8>>,
-    out_closed: HashSet<FlowId>,
-    connected: HashMap<FlowId, Result<(), String>>,
-    closed: HashSet<FlowId>,
-}
-
-impl FlowPort for Port {
-    fn has_room(&mut self, _: FlowId) -> bool {
-        true
-    }
-    fn deliver(&mut self, id: FlowId, chunk: &[u8]) {
-        self.got.entry(id).or_default().extend_from_slice(chunk);
-    }
-    fn end_of_stream(&mut self, id: FlowId) {
-        self.eos.insert(id);
-    }
-    fn outgoing(&mut self, id: FlowId) -> Outgoing<'_> {
-        match self.out.get(&id) {
-            Some(d) if !d.is_empty() => Outgoing::Data(d),
-            _ if self.out_closed.contains(&id) => Outgoing::Closed,
-            _ => Outgoing::Idle,
-        }
-    }
-    fn consumed(&mut self, id: FlowId, n: usize) {
-        if let Some(d) = self.out.get_mut(&id) {
-            d.drain(..n);
-        }
-    }
-    fn connected(&mut self, id: FlowId, result: Result<(), String>) {
-        self.connected.insert(id, result);
-    }
-    fn closed(&mut self, id: FlowId) {
-        self.closed.insert(id);
-    }
-}
+type Port = BufferPort;
 
 fn peer(name: &str, key: [u8; 32], allowed: &[&str], udp: &str, resources: &[&str]) -> PeerInfo {
     PeerInfo {
@@ -470,9 +431,7 @@ mod pair {
         /// Steps until the client's connect to `remote` is answered; the answer.
         fn connect(&mut self, remote: SocketAddrV4) -> (FlowId, Result<(), String>) {
             let id = self.client.connect(remote, self.now).unwrap();
-            // A handle is reused once its flow is gone: forget what the old one was told.
-            self.client_port.connected.remove(&id);
-            self.client_port.closed.remove(&id);
+            self.client_port.reuse(id);
             self.until("the connect's answer", 5_000, |p| p.client_port.connected.contains_key(&id));
             (id, self.client_port.connected[&id].clone())
         }
