@@ -13,6 +13,7 @@
 # whole run.
 #
 #   bench/paths.sh
+#   BENCH_BIN=DIR bench/paths.sh      binaries from DIR (e.g. another commit's build)
 # Prints:
 #   1. `tunnelctl up` (userspace) launch -> first HTTP response from the resource through SOCKS5, by
 #      private name, fresh state dir each run, agent already up; 5 runs direct, 5 relayed (goal 1 s / 2 s).
@@ -30,8 +31,9 @@ for cmd_pkg in iperf3:iperf3 curl:curl ip:iproute2 ping:iputils-ping taskset:uti
 done
 if [ -n "${need:-}" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; fi
 
-cargo build --release -q --workspace --bins
-BIN="$PWD/target/release"
+# BENCH_BIN=DIR runs binaries built elsewhere (another commit) instead of building these.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release -q --workspace --bins; fi
+BIN="${BENCH_BIN:-$PWD/target/release}"
 RUNS=5
 P="tp$$"
 N="${P}n"; SRV="${P}srv"; RLY="${P}rly"; A="${P}agt"; C="${P}cli"; S="${P}svc"

@@ -20,18 +20,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tunnel_core::engine::{self, Deliver, Engine, EngineConfig, Event, FlowTuple, Transmit, DRIVE_ROUNDS};
+use tunnel_core::engine::{
+    self, Client, Deliver, Engine, EngineConfig, Event, FlowTuple, Role, Site, Transmit, DRIVE_ROUNDS,
+};
 use tunnel_core::map::{Candidate, NetworkMap, NodeKind, RelayInfo};
 
 use crate::relay::{RelayLink, RelayState};
 
 mod bridge;
 mod effects;
+mod roles;
 mod sockets;
 mod udp_out;
 
 use bridge::Bridge;
 use effects::Tasks;
+use roles::ShellRole;
 pub(crate) use sockets::bind_udp_std;
 pub use sockets::{bind_socket, bridge_stream};
 use udp_out::UdpOut;
@@ -143,8 +147,8 @@ enum UdpEvent {
 }
 
 /// The loop's state: the engine and everything it needs that is I/O.
-struct Shell {
-    engine: Engine,
+struct Shell<R: Role> {
+    engine: Engine<R>,
     /// The node's UDP socket, for sending: datagrams in GSO batches.
     out: UdpOut,
     /// TUN mode: decrypted packets go here instead of into the userspace stack.
@@ -160,7 +164,7 @@ struct Shell {
     started: Instant,
 }
 
-impl std::fmt::Debug for Shell {
+impl<R: Role> std::fmt::Debug for Shell<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shell").field("engine", &self.engine).finish_non_exhaustive()
     }
@@ -203,7 +207,7 @@ pub async fn start_on(
     kind: NodeKind,
     private_key: [u8; 32],
     socket: UdpSocket,
-    mut maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    maps: watch::Receiver<Option<Arc<NetworkMap>>>,
     os: Option<OsPackets>,
     opts: PathOptions,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
@@ -213,19 +217,18 @@ pub async fn start_on(
             .map_err(|e| anyhow::anyhow!("cannot set up the WireGuard UDP socket: {e}"))?,
     );
     let local_addr = udp.local_addr()?;
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
-    let (udp_event_tx, mut udp_event_rx) = mpsc::channel(1024);
-    let (mut from_os, to_os) = match os {
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(64);
+    let (udp_event_tx, udp_event_rx) = mpsc::channel(1024);
+    let (from_os, to_os) = match os {
         Some(o) => (Some(o.from_os), Some(o.to_os)),
         None => (None, None),
     };
     let (relay, relay_task) = crate::relay::start();
-    let RelayLink { out: relay_out, inbound: mut relay_in, state: mut relay_state, relays: relay_list } =
-        relay;
-    let (stun_resolve_tx, mut stun_resolve_rx) = mpsc::channel(4);
+    let RelayLink { out: relay_out, inbound: relay_in, state: relay_state, relays: relay_list } = relay;
+    let (stun_resolve_tx, stun_resolve_rx) = mpsc::channel(4);
+    let out = UdpOut::new(udp.clone(), udp_state.clone());
     let now = Instant::now();
     let cfg = EngineConfig {
-        kind,
         private_key,
         seed: rand::random(),
         tun: to_os.is_some(),
@@ -234,140 +237,208 @@ pub async fn start_on(
         base_candidates: opts.base_candidates,
         stack: opts.stack,
     };
-    let mut sh = Shell {
-        engine: Engine::new(cfg, now),
-        out: UdpOut::new(udp.clone(), udp_state.clone()),
+    let inputs = Inputs {
+        udp,
+        udp_state,
+        maps,
+        cmd_rx,
+        udp_event_rx,
+        from_os,
+        relay_in,
+        relay_state,
+        stun_resolve_rx,
+        relay_task,
+    };
+    let parts = Parts {
+        out,
         to_os,
-        client_udp: HashMap::new(),
-        bridge: Bridge::new(),
         tasks: Tasks::new(stun_resolve_tx, udp_event_tx),
         relay_out,
         relay_list,
-        relay_state: RelayState::default(),
         candidates_tx: opts.candidates_tx,
-        started: now,
     };
-    let task = tokio::spawn(async move {
-        // The relay link lives and dies with the loop.
-        struct AbortOnDrop(tokio::task::JoinHandle<()>);
-        impl Drop for AbortOnDrop {
-            fn drop(&mut self) {
-                self.0.abort();
-            }
+    // The one place the node's kind is looked at: everything after is the role's type.
+    let task = match kind {
+        NodeKind::Site => tokio::spawn(run(Shell::<Site>::new(cfg, parts, now), inputs)),
+        NodeKind::Client => tokio::spawn(run(Shell::<Client>::new(cfg, parts, now), inputs)),
+    };
+    Ok((Dataplane { commands: cmd_tx, local_addr }, task))
+}
+
+/// What the loop waits on.
+struct Inputs {
+    udp: Arc<UdpSocket>,
+    udp_state: Arc<quinn_udp::UdpSocketState>,
+    maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    cmd_rx: mpsc::Receiver<Command>,
+    udp_event_rx: mpsc::Receiver<UdpEvent>,
+    from_os: Option<mpsc::Receiver<Vec<u8>>>,
+    relay_in: mpsc::Receiver<([u8; 32], Vec<u8>)>,
+    relay_state: watch::Receiver<RelayState>,
+    stun_resolve_rx: mpsc::Receiver<(String, Option<SocketAddr>)>,
+    relay_task: tokio::task::JoinHandle<()>,
+}
+
+/// The shell's outputs, before the engine exists.
+struct Parts {
+    out: UdpOut,
+    to_os: Option<mpsc::Sender<Vec<u8>>>,
+    tasks: Tasks,
+    relay_out: mpsc::Sender<Vec<u8>>,
+    relay_list: watch::Sender<Vec<RelayInfo>>,
+    candidates_tx: Option<mpsc::Sender<Vec<Candidate>>>,
+}
+
+impl<R: ShellRole> Shell<R> {
+    fn new(cfg: EngineConfig, p: Parts, now: Instant) -> Shell<R> {
+        Shell {
+            engine: Engine::new(cfg, now),
+            out: p.out,
+            to_os: p.to_os,
+            client_udp: HashMap::new(),
+            bridge: Bridge::new(),
+            tasks: p.tasks,
+            relay_out: p.relay_out,
+            relay_list: p.relay_list,
+            relay_state: RelayState::default(),
+            candidates_tx: p.candidates_tx,
+            started: now,
         }
-        let _relay_task = AbortOnDrop(relay_task);
-        // One buffer per datagram of a recvmmsg batch; with GRO each may hold many datagrams.
-        let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; 65_536]).collect();
-        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-        if let Some(m) = maps.borrow_and_update().clone() {
-            sh.apply_map(m, Instant::now());
+    }
+}
+
+/// The loop: waits for any input, hands it to the engine, then pumps.
+async fn run<R: ShellRole>(mut sh: Shell<R>, inputs: Inputs) {
+    let Inputs {
+        udp,
+        udp_state,
+        mut maps,
+        mut cmd_rx,
+        mut udp_event_rx,
+        mut from_os,
+        mut relay_in,
+        mut relay_state,
+        mut stun_resolve_rx,
+        relay_task,
+    } = inputs;
+    // The relay link lives and dies with the loop.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
         }
-        loop {
-            // The clock is read once per wake-up, when the wait ends: every handler and the pump
-            // after it see that time (the handlers saw the time before the wait, which could be
-            // seconds old).
-            let mut now = Instant::now();
-            let deadline = sh.engine.next_deadline(now);
-            let wake: Arc<Notify> = sh.bridge.wake.clone();
-            tokio::select! {
-                r = udp.readable() => {
-                    now = Instant::now();
-                    if r.is_ok() {
-                        let mut handled = 0;
-                        while handled < DATAGRAM_BUDGET {
-                            let mut iovs: Vec<std::io::IoSliceMut<'_>> =
-                                bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
-                            let got = udp.try_io(tokio::io::Interest::READABLE, || {
-                                udp_state.recv((&*udp).into(), &mut iovs, &mut metas)
-                            });
-                            let n = match got {
-                                Ok(n) => n,
-                                Err(e) => {
-                                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                                        tracing::debug!(error = %e, "UDP receive failed");
-                                    }
-                                    break;
+    }
+    let _relay_task = AbortOnDrop(relay_task);
+    // One buffer per datagram of a recvmmsg batch; with GRO each may hold many datagrams.
+    let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; 65_536]).collect();
+    let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    if let Some(m) = maps.borrow_and_update().clone() {
+        sh.apply_map(m, Instant::now());
+    }
+    loop {
+        // The clock is read once per wake-up, when the wait ends: every handler and the pump
+        // after it see that time (the handlers saw the time before the wait, which could be
+        // seconds old).
+        let mut now = Instant::now();
+        let deadline = sh.engine.next_deadline(now);
+        let wake: Arc<Notify> = sh.bridge.wake.clone();
+        tokio::select! {
+            r = udp.readable() => {
+                now = Instant::now();
+                if r.is_ok() {
+                    let mut handled = 0;
+                    while handled < DATAGRAM_BUDGET {
+                        let mut iovs: Vec<std::io::IoSliceMut<'_>> =
+                            bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                        let got = udp.try_io(tokio::io::Interest::READABLE, || {
+                            udp_state.recv((&*udp).into(), &mut iovs, &mut metas)
+                        });
+                        let n = match got {
+                            Ok(n) => n,
+                            Err(e) => {
+                                if e.kind() != std::io::ErrorKind::WouldBlock {
+                                    tracing::debug!(error = %e, "UDP receive failed");
                                 }
-                            };
-                            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
-                                let from = engine::normalize(meta.addr);
-                                let stride = if meta.stride == 0 { meta.len } else { meta.stride };
-                                for d in buf[..meta.len].chunks(stride.max(1)) {
-                                    sh.engine.handle_datagram(from, d, now);
-                                    handled += 1;
-                                }
+                                break;
+                            }
+                        };
+                        for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                            let from = engine::normalize(meta.addr);
+                            let stride = if meta.stride == 0 { meta.len } else { meta.stride };
+                            for d in buf[..meta.len].chunks(stride.max(1)) {
+                                sh.engine.handle_datagram(from, d, now);
+                                handled += 1;
                             }
                         }
                     }
                 }
-                Some((from, p)) = relay_in.recv() => {
+            }
+            Some((from, p)) = relay_in.recv() => {
+                now = Instant::now();
+                sh.engine.handle_relayed(from, &p);
+                for _ in 1..DATAGRAM_BUDGET {
+                    match relay_in.try_recv() {
+                        Ok((from, p)) => sh.engine.handle_relayed(from, &p),
+                        Err(_) => break,
+                    }
+                }
+            }
+            r = relay_state.changed() => {
+                now = Instant::now();
+                if r.is_ok() {
+                    let st = relay_state.borrow_and_update().clone();
+                    sh.engine.handle_relay_up(st.up, now);
+                    sh.relay_state = st;
+                }
+            }
+            Some((name, addr)) = stun_resolve_rx.recv() => {
+                now = Instant::now();
+                sh.engine.handle_stun_resolved(name, addr, now);
+            }
+            c = cmd_rx.recv() => match c {
+                Some(c) => {
                     now = Instant::now();
-                    sh.engine.handle_relayed(from, &p);
+                    sh.command(c, now);
+                }
+                None => break,
+            },
+            r = maps.changed() => {
+                if r.is_err() { break; }
+                now = Instant::now();
+                if let Some(m) = maps.borrow_and_update().clone() { sh.apply_map(m, now); }
+            }
+            Some(p) = async { match from_os.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                now = Instant::now();
+                R::os_packet(&mut sh.engine, &p, now);
+                if let Some(r) = from_os.as_mut() {
                     for _ in 1..DATAGRAM_BUDGET {
-                        match relay_in.try_recv() {
-                            Ok((from, p)) => sh.engine.handle_relayed(from, &p),
+                        match r.try_recv() {
+                            Ok(p) => R::os_packet(&mut sh.engine, &p, now),
                             Err(_) => break,
                         }
                     }
                 }
-                r = relay_state.changed() => {
-                    now = Instant::now();
-                    if r.is_ok() {
-                        let st = relay_state.borrow_and_update().clone();
-                        sh.engine.handle_relay_up(st.up, now);
-                        sh.relay_state = st;
-                    }
-                }
-                Some((name, addr)) = stun_resolve_rx.recv() => {
-                    now = Instant::now();
-                    sh.engine.handle_stun_resolved(name, addr, now);
-                }
-                c = cmd_rx.recv() => match c {
-                    Some(c) => {
-                        now = Instant::now();
-                        sh.command(c, now);
-                    }
-                    None => break,
-                },
-                r = maps.changed() => {
-                    if r.is_err() { break; }
-                    now = Instant::now();
-                    if let Some(m) = maps.borrow_and_update().clone() { sh.apply_map(m, now); }
-                }
-                Some(p) = async { match from_os.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
-                    now = Instant::now();
-                    sh.engine.handle_os_packet(&p, now);
-                    if let Some(r) = from_os.as_mut() {
-                        for _ in 1..DATAGRAM_BUDGET {
-                            match r.try_recv() {
-                                Ok(p) => sh.engine.handle_os_packet(&p, now),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                }
-                Some(r) = sh.tasks.dials.join_next(), if !sh.tasks.dials.is_empty() => {
-                    now = Instant::now();
-                    // A dial task cannot panic short of a bug; it is then dropped with its SYN,
-                    // which the pending-dial timeout of the client's connect covers.
-                    if let Ok((flow, result)) = r {
-                        sh.dialed(flow, result, now);
-                    }
-                }
-                Some(ev) = udp_event_rx.recv() => {
-                    now = Instant::now();
-                    sh.udp_event(ev, now);
-                }
-                _ = wake.notified() => now = Instant::now(),
-                _ = tokio::time::sleep_until(deadline.into()) => now = Instant::now(),
             }
-            sh.pump(now).await;
+            Some(r) = sh.tasks.dials.join_next(), if !sh.tasks.dials.is_empty() => {
+                now = Instant::now();
+                // A dial task cannot panic short of a bug; it is then dropped with its SYN,
+                // which the pending-dial timeout of the client's connect covers.
+                if let Ok((flow, result)) = r {
+                    sh.dialed(flow, result, now);
+                }
+            }
+            Some(ev) = udp_event_rx.recv() => {
+                now = Instant::now();
+                sh.udp_event(ev, now);
+            }
+            _ = wake.notified() => now = Instant::now(),
+            _ = tokio::time::sleep_until(deadline.into()) => now = Instant::now(),
         }
-    });
-    Ok((Dataplane { commands: cmd_tx, local_addr }, task))
+        sh.pump(now).await;
+    }
 }
 
-impl Shell {
+impl<R: ShellRole> Shell<R> {
     fn apply_map(&mut self, map: Arc<NetworkMap>, now: Instant) {
         if *self.relay_list.borrow() != map.relays {
             self.relay_list.send_replace(map.relays.clone());
@@ -377,7 +448,7 @@ impl Shell {
 
     fn command(&mut self, c: Command, now: Instant) {
         match c {
-            Command::Connect { remote, reply } => match self.engine.connect(remote, now) {
+            Command::Connect { remote, reply } => match R::connect(&mut self.engine, remote, now) {
                 Ok(id) => {
                     self.bridge.open(id, Some(reply));
                 }
@@ -387,11 +458,11 @@ impl Shell {
             },
             Command::UdpSend { local_port, remote, payload, replies } => {
                 self.client_udp.insert(local_port, replies);
-                self.engine.handle_udp_send(local_port, remote, &payload);
+                R::udp_send(&mut self.engine, local_port, remote, &payload);
             }
             Command::UdpClose { local_port } => {
                 self.client_udp.remove(&local_port);
-                self.engine.handle_udp_close(local_port);
+                R::udp_close(&mut self.engine, local_port);
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -406,7 +477,7 @@ impl Shell {
             Ok(s) => (Some(s), Ok(())),
             Err(e) => (None, Err(e)),
         };
-        let Some(id) = self.engine.handle_dial_result(flow, result, now) else { return };
+        let Some(id) = R::dial_result(&mut self.engine, flow, result, now) else { return };
         let (Some(stream), Some(ends)) = (stream, self.bridge.open(id, None)) else { return };
         // It ends by itself when either side closes.
         tokio::spawn(bridge_stream(stream, ends));
@@ -415,11 +486,11 @@ impl Shell {
     fn udp_event(&mut self, ev: UdpEvent, now: Instant) {
         match ev {
             UdpEvent::Ready(flow, sock) => {
-                if self.tasks.udp_ready(flow, sock) && !self.engine.handle_udp_ready(flow) {
+                if self.tasks.udp_ready(flow, sock) && !R::udp_ready(&mut self.engine, flow) {
                     self.tasks.perform(engine::Effect::CloseUdp { flow });
                 }
             }
-            UdpEvent::Data(flow, payload) => self.engine.handle_udp_reply(flow, &payload, now),
+            UdpEvent::Data(flow, payload) => R::udp_reply(&mut self.engine, flow, &payload, now),
         }
     }
 

@@ -13,7 +13,7 @@
 //! messages by default (a lost one is retried only after 5 real seconds). WireGuard's timers stay in
 //! the real-time tests.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use tunnel_core::engine::{
-    BufferPort, Effect, Engine, EngineConfig, Event, FlowId, FlowTuple, Transmit, DRIVE_ROUNDS,
+    BufferPort, Client, Effect, Engine, EngineConfig, Event, FlowId, FlowTuple, Role, Site, Transmit,
+    DRIVE_ROUNDS,
 };
 use tunnel_core::map::{Candidate, NetworkMap, NodeKind, PeerInfo, ResourceInfo};
 use tunnel_core::{stun, wg, NodeId};
@@ -147,12 +148,47 @@ impl Router {
     }
 }
 
+/// A site's or a client's engine.
+#[derive(Debug)]
+pub enum SimEngine {
+    Site(Engine<Site>),
+    Client(Engine<Client>),
+}
+
+/// `$body` with `$e` bound to whichever engine it is.
+macro_rules! with_engine {
+    ($engine:expr, $e:ident => $body:expr) => {
+        match $engine {
+            SimEngine::Site($e) => $body,
+            SimEngine::Client($e) => $body,
+        }
+    };
+}
+
+/// One wake-up of an engine, as the shell runs it: its transmits, effects, events, deliveries.
+fn wake_engine<R: Role>(e: &mut Engine<R>, port: &mut BufferPort, now: Instant) -> Vec<Transmit> {
+    let mut out = vec![];
+    e.handle_timeout(now);
+    for _ in 0..DRIVE_ROUNDS {
+        let mut moved = e.drive(port, now);
+        while let Some(t) = e.poll_transmit(now) {
+            moved = true;
+            out.push(t);
+        }
+        if !moved {
+            break;
+        }
+    }
+    e.settle(now);
+    out
+}
+
 /// One engine on the simulated internet.
 #[derive(Debug)]
 pub struct SimNode {
     pub name: String,
     pub kind: NodeKind,
-    pub engine: Engine,
+    pub engine: SimEngine,
     pub port: BufferPort,
     /// Its socket's address (inside its router's network, or public without a router).
     pub host: SocketAddr,
@@ -177,12 +213,12 @@ impl SimNode {
 
     /// The path to its first peer, as `/status` shows it.
     pub fn path(&self) -> &'static str {
-        self.engine.status().peers.first().map(|p| p.path).unwrap_or("none")
+        with_engine!(&self.engine, e => e.status()).peers.first().map(|p| p.path).unwrap_or("none")
     }
 
     /// The endpoint its first peer is reached at, if direct.
     pub fn endpoint(&self) -> Option<String> {
-        self.engine.status().peers.first().and_then(|p| p.endpoint.clone())
+        with_engine!(&self.engine, e => e.status()).peers.first().and_then(|p| p.endpoint.clone())
     }
 }
 
@@ -266,7 +302,6 @@ impl Sim {
         let overlay = Ipv4Addr::new(100, 96, 1, i as u8 + 1);
         let lan = Candidate { addr: host.to_string(), kind: "lan".into() };
         let cfg = EngineConfig {
-            kind,
             private_key: key,
             seed: self.rng.next_u64(),
             tun: false,
@@ -278,7 +313,10 @@ impl Sim {
         self.nodes.push(SimNode {
             name: name.into(),
             kind,
-            engine: Engine::new(cfg, self.now),
+            engine: match kind {
+                NodeKind::Site => SimEngine::Site(Engine::new(cfg, self.now)),
+                NodeKind::Client => SimEngine::Client(Engine::new(cfg, self.now)),
+            },
             port: BufferPort::default(),
             host,
             overlay,
@@ -303,7 +341,7 @@ impl Sim {
         self.relay_up = up;
         let now = self.now;
         for n in &mut self.nodes {
-            n.engine.handle_relay_up(up, now);
+            with_engine!(&mut n.engine, e => e.handle_relay_up(up, now));
         }
     }
 
@@ -376,7 +414,7 @@ impl Sim {
             }
             let (i, map) = entry.remove();
             let n = &mut self.nodes[i];
-            n.engine.handle_map(map, &mut n.port, now);
+            with_engine!(&mut n.engine, e => e.handle_map(map, &mut n.port, now));
         }
     }
 
@@ -455,10 +493,12 @@ impl Sim {
             match entry.remove() {
                 Payload::Udp { src, dst, data } => {
                     if let Some((i, from)) = self.arrive(src, dst, &data) {
-                        self.nodes[i].engine.handle_datagram(from, &data, now);
+                        with_engine!(&mut self.nodes[i].engine, e => e.handle_datagram(from, &data, now));
                     }
                 }
-                Payload::Relay { from, to, data } => self.nodes[to].engine.handle_relayed(from, &data),
+                Payload::Relay { from, to, data } => {
+                    with_engine!(&mut self.nodes[to].engine, e => e.handle_relayed(from, &data))
+                }
             }
         }
         for i in 0..self.nodes.len() {
@@ -470,22 +510,10 @@ impl Sim {
     /// One wake-up of node `i`, as the shell runs it.
     fn wake(&mut self, i: usize) {
         let now = self.now;
-        let mut out = VecDeque::new();
-        {
+        let out = {
             let n = &mut self.nodes[i];
-            n.engine.handle_timeout(now);
-            for _ in 0..DRIVE_ROUNDS {
-                let mut moved = n.engine.drive(&mut n.port, now);
-                while let Some(t) = n.engine.poll_transmit(now) {
-                    moved = true;
-                    out.push_back(t);
-                }
-                if !moved {
-                    break;
-                }
-            }
-            n.engine.settle(now);
-        }
+            with_engine!(&mut n.engine, e => wake_engine(e, &mut n.port, now))
+        };
         for t in out {
             match t {
                 Transmit::Udp { dst, payload } => self.send_udp(i, dst, payload),
@@ -509,24 +537,28 @@ impl Sim {
         }
         let mut republish = false;
         let n = &mut self.nodes[i];
-        while let Some(e) = n.engine.poll_effect() {
-            match e {
-                Effect::ResolveStun(name) => {
-                    n.engine.handle_stun_resolved(name.clone(), name.parse().ok(), now)
+        let effects: Vec<Effect> =
+            with_engine!(&mut n.engine, e => std::iter::from_fn(|| e.poll_effect()).collect());
+        for effect in effects {
+            match (effect, &mut n.engine) {
+                (Effect::ResolveStun(name), engine) => {
+                    with_engine!(engine, e => e.handle_stun_resolved(name.clone(), name.parse().ok(), now))
                 }
-                Effect::DialTcp { flow, .. } => {
-                    if let Some(id) = n.engine.handle_dial_result(flow, Ok(()), now) {
+                (Effect::DialTcp { flow, .. }, SimEngine::Site(e)) => {
+                    if let Some(id) = e.handle_dial_result(flow, Ok(()), now) {
                         n.bridged.insert(flow, id);
                         n.last_bridged = Some(id);
                     }
                 }
-                Effect::OpenUdp { flow, .. } => {
-                    n.engine.handle_udp_ready(flow);
+                (Effect::OpenUdp { flow, .. }, SimEngine::Site(e)) => {
+                    e.handle_udp_ready(flow);
                 }
-                Effect::CloseUdp { .. } => {}
+                _ => {}
             }
         }
-        while let Some(ev) = n.engine.poll_event() {
+        let events: Vec<Event> =
+            with_engine!(&mut n.engine, e => std::iter::from_fn(|| e.poll_event()).collect());
+        for ev in events {
             match ev {
                 Event::Candidates(c) => {
                     n.candidates = c;
@@ -534,7 +566,7 @@ impl Sim {
                 }
             }
         }
-        while n.engine.poll_deliver().is_some() {}
+        with_engine!(&mut n.engine, e => while e.poll_deliver().is_some() {});
         if republish {
             self.publish();
         }
@@ -560,10 +592,18 @@ impl Sim {
         }
     }
 
+    /// Client `client` starts a flow to [`WEB`] (`None` without a map, or if it is no client).
+    pub fn start_connect(&mut self, client: usize) -> Option<FlowId> {
+        let now = self.now;
+        match &mut self.nodes[client].engine {
+            SimEngine::Client(e) => e.connect(WEB, now).ok(),
+            SimEngine::Site(_) => None,
+        }
+    }
+
     /// Client `client` opens a flow to [`WEB`]; the flow and the site's end once both exist.
     pub fn connect(&mut self, client: usize, site: usize, limit: Duration) -> Option<(FlowId, FlowId)> {
-        let now = self.now;
-        let c = self.nodes[client].engine.connect(WEB, now).ok()?;
+        let c = self.start_connect(client)?;
         self.nodes[client].port.reuse(c);
         let before = self.nodes[site].bridged.len();
         let ok = self.run_until(limit, |s| {

@@ -113,8 +113,7 @@ fn without_the_relay_a_symmetric_pair_has_no_path() {
     let (s, c) = place(&mut sim, Some(NatKind::Symmetric), Some(NatKind::Symmetric));
     sim.set_relay(false);
     sim.publish();
-    let now = sim.now;
-    sim.nodes[c].engine.connect(tunnel_tests::sim::WEB, now).expect("a map");
+    sim.start_connect(c).expect("a map");
     sim.run_for(Duration::from_secs(5));
     assert_eq!(sim.nodes[c].path(), "down");
     assert_eq!(sim.nodes[s].path(), "down");
@@ -136,8 +135,7 @@ fn a_router_that_records_early_inbound_packets_still_goes_direct() {
     // A client joins; the site's control link is slow, so the client punches first.
     let c = sim.add_node("client", NodeKind::Client, SocketAddr::from((CLIENT_WAN, 51820)), None);
     sim.nodes[s].map_delay = Duration::from_millis(500);
-    let now = sim.now;
-    sim.nodes[c].engine.handle_relay_up(true, now);
+    sim.set_relay(true);
     sim.publish();
     transfer(&mut sim, s, c, 100_000, 100_000, Duration::from_secs(10));
     settle_on(&mut sim, s, c, "direct");

@@ -10,6 +10,10 @@
 //! for the control link). Then [`Engine::settle`], and [`Engine::next_deadline`] says when to wake
 //! up at the latest.
 //!
+//! The engine is generic over its [`Role`]: [`Site`] and [`Client`] share the [`Node`] half
+//! (WireGuard, paths, STUN, the stack) and keep what only they decide; the inputs only one role
+//! has are inherent methods of `Engine<Site>` or `Engine<Client>`.
+//!
 //! The engine never spawns and never reads the clock; its randomness comes from
 //! [`EngineConfig::seed`]. boringtun, inside [`Device`], reads its own clock for its session timers
 //! (see DESIGN-NOTES: WireGuard's timers are left to the real-time tests).
@@ -18,7 +22,7 @@
 //! reached through a [`FlowPort`] the shell implements over its channels; the engine keeps each
 //! flow's protocol state (who it belongs to, its timeouts, whether each side has ended).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,8 +31,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::map::{Candidate, NetworkMap, NodeKind};
-use crate::netstack::{FlowCount, NetStack, StackOptions};
-use crate::packet::filter::InboundFilter;
+use crate::netstack::{NetStack, StackOptions};
 use crate::path::{CandidateKind, PathEvent, Paths, PeerCandidates, Via};
 use crate::wg::{Device, PeerConfig};
 use crate::{probe, stun};
@@ -43,11 +46,12 @@ mod stun_client;
 mod tests;
 
 pub use buffer_port::BufferPort;
+pub use client::Client;
 pub use flows::{FlowPort, Outgoing, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, LISTEN_TIMEOUT};
+pub use site::Site;
 pub use status::{Counters, EngineStatus, PeerStatus, Refused};
 
 use flows::FlowState;
-use site::{ServedResource, UdpFlow};
 use stun_client::StunClient;
 
 /// A TCP flow through the userspace stack: the handle of its socket.
@@ -73,14 +77,12 @@ pub const DRIVE_ROUNDS: usize = 64;
 /// What the engine is given once.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Site or client.
-    pub kind: NodeKind,
     /// This node's WireGuard key.
     pub private_key: [u8; 32],
     /// Every random choice of the engine derives from it.
     pub seed: u64,
-    /// A client whose inner packets go to and from the system (a TUN device) rather than the
-    /// userspace stack.
+    /// Clients: inner packets go to and from the system (a TUN device) rather than the userspace
+    /// stack. Sites ignore it.
     pub tun: bool,
     /// WireGuard's persistent keepalive (clients) and the idle path check.
     pub keepalive: Duration,
@@ -140,32 +142,38 @@ struct RelayBytes {
     rx: u64,
 }
 
-/// One node's data plane (module docs).
-pub struct Engine {
-    kind: NodeKind,
-    tun: bool,
-    /// TUN mode: what this client started, so that only replies to it come in, and only for its
-    /// own address.
-    filter: InboundFilter,
+/// What a site or a client decides on its own; the rest of the engine is the same for both.
+/// Implemented by [`Site`] and [`Client`] only.
+pub trait Role: Sized + std::fmt::Debug {
+    /// Which one it is, for the status document.
+    const KIND: NodeKind;
+    /// The userspace stack answers for any address (a site's resources) rather than only its own.
+    const STACK_ANY_IP: bool;
+    /// WireGuard's persistent keepalive on every peer (clients keep their NAT mappings open).
+    const PERSISTENT_KEEPALIVE: bool;
+    /// A role for this configuration.
+    fn new(cfg: &EngineConfig) -> Self;
+    /// The node has an overlay address, first or new.
+    fn on_address(&mut self, _addr: Ipv4Addr) {}
+    /// A map was applied to the shared half: the role's own state follows it.
+    fn on_map(&mut self, node: &mut Node, map: &NetworkMap);
+    /// A decrypted packet from `peer`.
+    fn on_inbound(&mut self, node: &mut Node, peer: [u8; 32], packet: Vec<u8>, now: Instant);
+    /// The end of a wake-up.
+    fn on_settle(&mut self, _node: &mut Node, _now: Instant) {}
+    /// The role's part of the status document.
+    fn status(&self, _out: &mut EngineStatus) {}
+}
+
+/// The half of an engine both roles share: WireGuard, paths, STUN, the stack and its flows, the
+/// output queues.
+pub struct Node {
     device: Device,
     stack: Option<NetStack>,
     own_addr: Option<Ipv4Addr>,
     map: Option<Arc<NetworkMap>>,
-    /// Site: peer key -> resource addresses it may reach.
-    grants: HashMap<[u8; 32], Vec<Ipv4Addr>>,
-    /// Site: resource address -> what to dial.
-    served: HashMap<Ipv4Addr, ServedResource>,
     peer_names: BTreeMap<[u8; 32], (String, String)>,
     flows: HashMap<FlowId, FlowState>,
-    /// Site: SYNs held while their targets are dialled, counted in `pending_count`.
-    pending_syn: HashMap<FlowTuple, ([u8; 32], Vec<u8>)>,
-    pending_count: FlowCount,
-    /// Site: UDP flows, counted in `udp_count`.
-    udp_flows: HashMap<FlowTuple, UdpFlow>,
-    udp_count: FlowCount,
-    refused: Refused,
-    /// Userspace client: local ports with a UDP association.
-    client_udp: HashSet<u16>,
     counters: Counters,
     seed: u64,
     /// All the engine's own randomness after construction (STUN transaction ids).
@@ -186,16 +194,21 @@ pub struct Engine {
     events: VecDeque<Event>,
 }
 
-impl std::fmt::Debug for Engine {
+impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("kind", &self.kind)
+        f.debug_struct("Node")
             .field("own_addr", &self.own_addr)
             .field("peers", &self.peer_names.len())
             .field("flows", &self.flows.len())
-            .field("udp_flows", &self.udp_flows.len())
             .finish_non_exhaustive()
     }
+}
+
+/// One node's data plane (module docs): the shared [`Node`] and a site's or a client's [`Role`].
+#[derive(Debug)]
+pub struct Engine<R: Role> {
+    node: Node,
+    role: R,
 }
 
 /// `::ffff:a.b.c.d` as `a.b.c.d`: a dual-stack socket reports IPv4 peers that way (DESIGN.md).
@@ -213,29 +226,16 @@ fn parse_net(s: &str) -> Option<ipnet::Ipv4Net> {
     s.parse().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(ipnet::Ipv4Net::from))
 }
 
-impl Engine {
-    /// An engine that has seen no map yet.
-    pub fn new(cfg: EngineConfig, now: Instant) -> Engine {
-        let flow_limits = cfg.stack.flows.sane();
+impl Node {
+    fn new(cfg: EngineConfig, now: Instant) -> Node {
         let seed = cfg.seed;
-        Engine {
-            kind: cfg.kind,
-            tun: cfg.tun,
-            filter: InboundFilter::default(),
+        Node {
             device: Device::new(cfg.private_key, seed as u32),
             stack: None,
             own_addr: None,
             map: None,
-            grants: HashMap::new(),
-            served: HashMap::new(),
             peer_names: BTreeMap::new(),
             flows: HashMap::new(),
-            pending_syn: HashMap::new(),
-            pending_count: FlowCount::new(flow_limits.pending_dials_per_peer, flow_limits.pending_dials),
-            udp_flows: HashMap::new(),
-            udp_count: FlowCount::new(flow_limits.udp_per_peer, flow_limits.udp),
-            refused: Refused::default(),
-            client_udp: HashSet::new(),
             counters: Counters::default(),
             seed,
             rng: StdRng::seed_from_u64(seed.rotate_left(31)),
@@ -256,9 +256,7 @@ impl Engine {
         }
     }
 
-    /// The latest time the shell must call [`Engine::handle_timeout`] by; at most a second ahead,
-    /// which paces the flows' listen, handshake and connect timeouts.
-    pub fn next_deadline(&mut self, now: Instant) -> Instant {
+    fn next_deadline(&mut self, now: Instant) -> Instant {
         let mut d = now + Duration::from_secs(1);
         if let Some((t, _why)) = self.device.poll_timeout() {
             d = d.min(t);
@@ -277,39 +275,39 @@ impl Engine {
         d
     }
 
-    /// A new network map. Flows that cannot go on end here: all of them when the overlay address
-    /// changed (their ends are closed through `port`), a site's flows of peers that lost their
-    /// grant, a client's flows to resources it lost.
-    pub fn handle_map(&mut self, map: Arc<NetworkMap>, port: &mut impl FlowPort, now: Instant) {
+    /// The shared half of a new map: the stack (rebuilt, its flows' ends closed through `port`,
+    /// when the overlay address changed: the new address is returned), the peers of the device and
+    /// the paths, STUN.
+    fn apply_map(
+        &mut self,
+        map: &NetworkMap,
+        any_ip: bool,
+        persistent_keepalive: bool,
+        port: &mut impl FlowPort,
+        now: Instant,
+    ) -> Option<Ipv4Addr> {
+        let mut new_addr = None;
         let own: Option<Ipv4Addr> = map.overlay_addr.parse().ok();
         if self.stack.is_none() || own != self.own_addr {
             if let Some(addr) = own {
                 let prefix = map.overlay_cidr.parse::<ipnet::Ipv4Net>().map(|n| n.prefix_len()).unwrap_or(16);
-                let any_ip = self.kind == NodeKind::Site;
                 let (seed, opts) = (self.seed, self.stack_options);
                 self.stack = Some(NetStack::with_options(addr, prefix, map.mtu, any_ip, seed, now, opts));
                 for (h, _) in self.flows.drain() {
                     port.closed(h);
                 }
                 self.own_addr = own;
-                self.filter.set_address(addr);
+                new_addr = own;
             }
         }
         let mut peers = Vec::new();
         let mut path_peers = Vec::new();
-        self.grants.clear();
         self.peer_names.clear();
-        let addr_of: HashMap<&str, Ipv4Addr> = map
-            .resources
-            .values()
-            .filter_map(|r| Some((r.name.as_str(), r.overlay_addr.parse().ok()?)))
-            .collect();
         for p in map.peers.values() {
             let Some(key) = p.public_key else { continue };
             let allowed: Vec<_> = p.allowed_ips.iter().filter_map(|s| parse_net(s)).collect();
             // The path logic picks the endpoint; the device starts without one.
-            let keepalive =
-                (self.kind == NodeKind::Client).then_some(self.keepalive.as_secs().clamp(1, 600) as u16);
+            let keepalive = persistent_keepalive.then_some(self.keepalive.as_secs().clamp(1, 600) as u16);
             peers.push(PeerConfig { key, allowed, endpoint: None, keepalive });
             let candidates = p
                 .candidates
@@ -321,21 +319,7 @@ impl Engine {
                 })
                 .collect();
             path_peers.push(PeerCandidates { key, candidates });
-            if self.kind == NodeKind::Site {
-                self.grants.insert(
-                    key,
-                    p.resources.iter().filter_map(|r| addr_of.get(r.as_str()).copied()).collect(),
-                );
-            }
             self.peer_names.insert(key, (p.name.clone(), p.node_id.to_string()));
-        }
-        self.served.clear();
-        if self.kind == NodeKind::Site {
-            for r in map.resources.values() {
-                if let (Ok(addr), Some(target)) = (r.overlay_addr.parse(), r.target.clone()) {
-                    self.served.insert(addr, ServedResource { target, port: r.port });
-                }
-            }
         }
         self.device.set_peers(peers, now);
         self.paths.set_peers(path_peers, now);
@@ -343,23 +327,11 @@ impl Engine {
         if let Some(name) = self.stun.set_server(map.stun_addr.clone()) {
             self.effects.push_back(Effect::ResolveStun(name));
         }
-        if self.kind == NodeKind::Site {
-            self.site_revoke();
-        }
-        if self.kind == NodeKind::Client {
-            self.client_lost_resources(&map);
-        }
-        tracing::info!(
-            version = map.version,
-            peers = map.peers.len(),
-            resources = map.resources.len(),
-            "network map applied"
-        );
-        self.map = Some(map);
+        new_addr
     }
 
     /// A datagram on the node's UDP socket: a path probe, a STUN answer, or WireGuard.
-    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+    fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
         if probe::is_probe(data) {
             if !self.force_relay {
                 self.paths.handle_probe(from, data, now);
@@ -379,7 +351,7 @@ impl Engine {
     }
 
     /// A WireGuard packet the relay brought from peer `from`.
-    pub fn handle_relayed(&mut self, from: [u8; 32], data: &[u8]) {
+    fn handle_relayed(&mut self, from: [u8; 32], data: &[u8]) {
         if let Some(b) = self.relay_bytes.get_mut(&from) {
             b.rx += data.len() as u64;
         } else if self.peer_names.contains_key(&from) {
@@ -390,19 +362,19 @@ impl Engine {
     }
 
     /// The relay link went up or down.
-    pub fn handle_relay_up(&mut self, up: bool, now: Instant) {
+    fn handle_relay_up(&mut self, up: bool, now: Instant) {
         self.relay_up = up;
         self.paths.set_relay(up, now);
     }
 
     /// The answer to [`Effect::ResolveStun`].
-    pub fn handle_stun_resolved(&mut self, name: String, addr: Option<SocketAddr>, now: Instant) {
+    fn handle_stun_resolved(&mut self, name: String, addr: Option<SocketAddr>, now: Instant) {
         self.stun.resolved(name, addr, now);
     }
 
     /// Timers: WireGuard's, the paths', STUN's, the flows' RTT hints and trace. A no-op when nothing
     /// is due.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    fn handle_timeout(&mut self, now: Instant) {
         self.device.handle_timeout(now);
         self.paths.handle_timeout(now);
         if let Some((server, request)) = self.stun.tick(&mut self.rng, now) {
@@ -444,16 +416,10 @@ impl Engine {
         }
     }
 
-    /// One round: decrypted packets to the role, the stack polled, flow bytes moved through `port`,
-    /// the stack's output encrypted, path changes applied. Whether anything moved; the shell drains
-    /// the outputs after each round and runs another while something did (at most
-    /// [`DRIVE_ROUNDS`]), counting a round that had transmits as one that moved.
-    pub fn drive(&mut self, port: &mut impl FlowPort, now: Instant) -> bool {
+    /// The stack's part of a round: polled, flow bytes moved through `port`, its output encrypted,
+    /// path changes applied. Whether anything moved.
+    fn drive_stack(&mut self, port: &mut impl FlowPort, now: Instant) -> bool {
         let mut moved = false;
-        while let Some(inb) = self.device.poll_inbound() {
-            moved = true;
-            self.inbound(inb.peer, inb.packet, now);
-        }
         if let Some(stack) = self.stack.as_mut() {
             stack.poll(now);
             moved |= flows::service(stack, &mut self.flows, port, now);
@@ -469,15 +435,9 @@ impl Engine {
         moved
     }
 
-    /// The end of a wake-up: a site's UDP flows idle for [`UDP_IDLE`] end.
-    pub fn settle(&mut self, now: Instant) {
-        let idle_cutoff = now.checked_sub(UDP_IDLE).unwrap_or(now);
-        self.retain_udp_flows(|_, f| f.last >= idle_cutoff);
-    }
-
     /// The next datagram to send. Probes and STUN requests come first, then the device's
     /// WireGuard datagrams, handed over as boringtun made them.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+    fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(t) = self.transmits.pop_front() {
             return Some(t);
         }
@@ -497,33 +457,6 @@ impl Engine {
                 }
                 (Via::Relay, None) => continue,
             }
-        }
-    }
-
-    /// The next packet or datagram for the local side.
-    pub fn poll_deliver(&mut self) -> Option<Deliver> {
-        self.delivers.pop_front()
-    }
-
-    /// The next I/O to perform.
-    pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
-    }
-
-    /// The next event for the control plane.
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
-    }
-
-    /// This node's overlay address, once a map gave it.
-    pub fn own_addr(&self) -> Option<Ipv4Addr> {
-        self.own_addr
-    }
-
-    fn inbound(&mut self, peer: [u8; 32], pkt: Vec<u8>, now: Instant) {
-        match self.kind {
-            NodeKind::Client => self.client_inbound(pkt, now),
-            NodeKind::Site => self.site_inbound(peer, pkt, now),
         }
     }
 
@@ -555,5 +488,112 @@ impl Engine {
             }
             None => tracing::info!(peer = %name, path = "down", "path changed"),
         }
+    }
+}
+
+impl<R: Role> Engine<R> {
+    /// An engine that has seen no map yet.
+    pub fn new(cfg: EngineConfig, now: Instant) -> Engine<R> {
+        Engine { role: R::new(&cfg), node: Node::new(cfg, now) }
+    }
+
+    /// The latest time the shell must call [`Engine::handle_timeout`] by; at most a second ahead,
+    /// which paces the flows' listen, handshake and connect timeouts.
+    pub fn next_deadline(&mut self, now: Instant) -> Instant {
+        self.node.next_deadline(now)
+    }
+
+    /// A new network map. Flows that cannot go on end here: all of them when the overlay address
+    /// changed (their ends are closed through `port`), a site's flows of peers that lost their
+    /// grant, a client's flows to resources it lost.
+    pub fn handle_map(&mut self, map: Arc<NetworkMap>, port: &mut impl FlowPort, now: Instant) {
+        if let Some(addr) = self.node.apply_map(&map, R::STACK_ANY_IP, R::PERSISTENT_KEEPALIVE, port, now) {
+            self.role.on_address(addr);
+        }
+        self.role.on_map(&mut self.node, &map);
+        tracing::info!(
+            version = map.version,
+            peers = map.peers.len(),
+            resources = map.resources.len(),
+            "network map applied"
+        );
+        self.node.map = Some(map);
+    }
+
+    /// A datagram on the node's UDP socket: a path probe, a STUN answer, or WireGuard.
+    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+        self.node.handle_datagram(from, data, now);
+    }
+
+    /// A WireGuard packet the relay brought from peer `from`.
+    pub fn handle_relayed(&mut self, from: [u8; 32], data: &[u8]) {
+        self.node.handle_relayed(from, data);
+    }
+
+    /// The relay link went up or down.
+    pub fn handle_relay_up(&mut self, up: bool, now: Instant) {
+        self.node.handle_relay_up(up, now);
+    }
+
+    /// The answer to [`Effect::ResolveStun`].
+    pub fn handle_stun_resolved(&mut self, name: String, addr: Option<SocketAddr>, now: Instant) {
+        self.node.handle_stun_resolved(name, addr, now);
+    }
+
+    /// Timers: WireGuard's, the paths', STUN's, the flows' RTT hints and trace. A no-op when nothing
+    /// is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.node.handle_timeout(now);
+    }
+
+    /// One round: decrypted packets to the role, the stack polled, flow bytes moved through `port`,
+    /// the stack's output encrypted, path changes applied. Whether anything moved; the shell drains
+    /// the outputs after each round and runs another while something did (at most
+    /// [`DRIVE_ROUNDS`]), counting a round that had transmits as one that moved.
+    pub fn drive(&mut self, port: &mut impl FlowPort, now: Instant) -> bool {
+        let mut moved = false;
+        while let Some(inb) = self.node.device.poll_inbound() {
+            moved = true;
+            self.role.on_inbound(&mut self.node, inb.peer, inb.packet, now);
+        }
+        moved | self.node.drive_stack(port, now)
+    }
+
+    /// The end of a wake-up (a site's UDP flows idle for [`UDP_IDLE`] end).
+    pub fn settle(&mut self, now: Instant) {
+        self.role.on_settle(&mut self.node, now);
+    }
+
+    /// The next datagram to send. Probes and STUN requests come first, then the device's
+    /// WireGuard datagrams, handed over as boringtun made them.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.node.poll_transmit(now)
+    }
+
+    /// The next packet or datagram for the local side.
+    pub fn poll_deliver(&mut self) -> Option<Deliver> {
+        self.node.delivers.pop_front()
+    }
+
+    /// The next I/O to perform.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.node.effects.pop_front()
+    }
+
+    /// The next event for the control plane.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.node.events.pop_front()
+    }
+
+    /// This node's overlay address, once a map gave it.
+    pub fn own_addr(&self) -> Option<Ipv4Addr> {
+        self.node.own_addr
+    }
+
+    /// A snapshot of the engine for `/status`.
+    pub fn status(&self) -> EngineStatus {
+        let mut st = self.node.status(R::KIND);
+        self.role.status(&mut st);
+        st
     }
 }

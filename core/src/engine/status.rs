@@ -3,7 +3,8 @@
 
 use serde::Serialize;
 
-use super::Engine;
+use super::Node;
+use crate::map::NodeKind;
 use crate::netstack::{Limit, StackStats};
 use crate::path::Via;
 use crate::wg::DropCounts;
@@ -86,9 +87,9 @@ pub struct EngineStatus {
     pub reflexive_addr: Option<String>,
 }
 
-impl Engine {
-    /// A snapshot of the engine for `/status`.
-    pub fn status(&self) -> EngineStatus {
+impl Node {
+    /// The shared half's status; the role fills in its own fields.
+    pub(super) fn status(&self, kind: NodeKind) -> EngineStatus {
         let mut peers = Vec::new();
         for (key, (name, id)) in &self.peer_names {
             let st = self.device.peer_stats(key);
@@ -123,14 +124,14 @@ impl Engine {
         }
         EngineStatus {
             node: self.map.as_ref().map(|m| m.node_name.clone()),
-            kind: self.kind.as_str(),
+            kind: kind.as_str(),
             overlay_addr: self.own_addr.map(|a| a.to_string()),
             map_version: self.map.as_ref().map(|m| m.version),
             peers,
             flows: self.flows.len(),
-            udp_flows: self.udp_flows.len(),
-            pending_dials: self.pending_syn.len(),
-            refused: self.refused,
+            udp_flows: 0,
+            pending_dials: 0,
+            refused: Refused::default(),
             tcp: self.stack.as_ref().map(|s| s.stats()).unwrap_or_default(),
             drops: self.device.drops,
             counters: self.counters,

@@ -93,9 +93,8 @@ fn client_map() -> Arc<NetworkMap> {
     ))
 }
 
-fn config(kind: NodeKind, key: [u8; 32], tun: bool) -> EngineConfig {
+fn config(key: [u8; 32], tun: bool) -> EngineConfig {
     EngineConfig {
-        kind,
         private_key: key,
         seed: u64::from(key[0]),
         tun,
@@ -106,7 +105,7 @@ fn config(kind: NodeKind, key: [u8; 32], tun: bool) -> EngineConfig {
     }
 }
 
-fn effects(e: &mut Engine) -> Vec<Effect> {
+fn effects<R: Role>(e: &mut Engine<R>) -> Vec<Effect> {
     std::iter::from_fn(|| e.poll_effect()).collect()
 }
 
@@ -117,9 +116,9 @@ fn syn(port: u16) -> Vec<u8> {
 mod queues {
     use super::*;
 
-    fn site() -> (Engine, Port, Instant) {
+    fn site() -> (Engine<Site>, Port, Instant) {
         let now = Instant::now();
-        (Engine::new(config(NodeKind::Site, SITE_KEY, false), now), Port::default(), now)
+        (Engine::new(config(SITE_KEY, false), now), Port::default(), now)
     }
 
     #[test]
@@ -163,14 +162,14 @@ mod queues {
         let (mut e, mut port, now) = site();
         e.handle_map(site_map(&["web"], None), &mut port, now);
         let client = wg::public_key(CLIENT_KEY);
-        e.inbound(client, syn(40_000), now);
+        e.role.on_inbound(&mut e.node, client, syn(40_000), now);
         let flow = FlowTuple { src: SocketAddrV4::new(CLIENT, 40_000), dst: SERVICE };
         assert_eq!(effects(&mut e), [Effect::DialTcp { flow, target: "127.0.0.1:9".into() }]);
-        e.inbound(client, syn(40_000), now);
+        e.role.on_inbound(&mut e.node, client, syn(40_000), now);
         assert!(effects(&mut e).is_empty(), "a retransmitted SYN is the dial already asked for");
         // A peer without the grant gets nothing dialled (a reset goes back instead).
         e.handle_map(site_map(&["dns"], None), &mut port, now);
-        e.inbound(client, syn(40_001), now);
+        e.role.on_inbound(&mut e.node, client, syn(40_001), now);
         assert!(effects(&mut e).is_empty());
         assert_eq!(e.status().counters.not_granted, 1);
         // The dial asked for before the revoke comes back: the revoke holds, nothing is bridged.
@@ -184,8 +183,8 @@ mod queues {
         e.handle_map(site_map(&["dns"], None), &mut port, now);
         let client = wg::public_key(CLIENT_KEY);
         let q = packet::udp_packet(SocketAddrV4::new(CLIENT, 5000), "100.96.0.11:53".parse().unwrap(), b"q");
-        e.inbound(client, q.clone(), now);
-        e.inbound(client, q, now);
+        e.role.on_inbound(&mut e.node, client, q.clone(), now);
+        e.role.on_inbound(&mut e.node, client, q, now);
         let flow = FlowTuple { src: SocketAddrV4::new(CLIENT, 5000), dst: "100.96.0.11:53".parse().unwrap() };
         assert_eq!(effects(&mut e), [Effect::OpenUdp { flow, target: "127.0.0.1:53".into() }]);
         assert!(e.poll_deliver().is_none(), "both wait for the socket");
@@ -204,7 +203,7 @@ mod queues {
         let (mut e, mut port, now) = site();
         e.handle_map(site_map(&["dns"], None), &mut port, now);
         let q = packet::udp_packet(SocketAddrV4::new(CLIENT, 5000), "100.96.0.11:53".parse().unwrap(), b"q");
-        e.inbound(wg::public_key(CLIENT_KEY), q, now);
+        e.role.on_inbound(&mut e.node, wg::public_key(CLIENT_KEY), q, now);
         let _ = effects(&mut e);
         e.settle(now + UDP_IDLE - Duration::from_secs(1));
         assert!(effects(&mut e).is_empty());
@@ -322,8 +321,8 @@ mod pair {
     use super::*;
 
     struct Pair {
-        site: Engine,
-        client: Engine,
+        site: Engine<Site>,
+        client: Engine<Client>,
         site_port: Port,
         client_port: Port,
         now: Instant,
@@ -336,12 +335,32 @@ mod pair {
         os: Vec<Vec<u8>>,
     }
 
+    /// One wake-up of an engine, as the shell runs it; its UDP datagrams.
+    fn wake<R: Role>(e: &mut Engine<R>, port: &mut Port, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut out = vec![];
+        e.handle_timeout(now);
+        for _ in 0..DRIVE_ROUNDS {
+            let mut moved = e.drive(port, now);
+            while let Some(t) = e.poll_transmit(now) {
+                moved = true;
+                if let Transmit::Udp { dst, payload } = t {
+                    out.push((dst, payload));
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        e.settle(now);
+        out
+    }
+
     impl Pair {
         fn new(granted: &[&str], tun: bool) -> Pair {
             let now = Instant::now();
             let mut p = Pair {
-                site: Engine::new(config(NodeKind::Site, SITE_KEY, false), now),
-                client: Engine::new(config(NodeKind::Client, CLIENT_KEY, tun), now),
+                site: Engine::new(config(SITE_KEY, false), now),
+                client: Engine::new(config(CLIENT_KEY, tun), now),
                 site_port: Port::default(),
                 client_port: Port::default(),
                 now,
@@ -360,31 +379,12 @@ mod pair {
             let (site_addr, client_addr): (SocketAddr, SocketAddr) =
                 (SITE_UDP.parse().unwrap(), CLIENT_UDP.parse().unwrap());
             let now = self.now;
-            let mut to_site = vec![];
-            let mut to_client = vec![];
-            for (e, port, from) in [
-                (&mut self.site, &mut self.site_port, site_addr),
-                (&mut self.client, &mut self.client_port, client_addr),
-            ] {
-                e.handle_timeout(now);
-                for _ in 0..DRIVE_ROUNDS {
-                    let mut moved = e.drive(port, now);
-                    while let Some(t) = e.poll_transmit(now) {
-                        moved = true;
-                        if let Transmit::Udp { dst, payload } = t {
-                            if dst == site_addr {
-                                to_site.push((from, payload));
-                            } else if dst == client_addr {
-                                to_client.push((from, payload));
-                            }
-                        }
-                    }
-                    if !moved {
-                        break;
-                    }
-                }
-                e.settle(now);
-            }
+            let to_client = wake(&mut self.site, &mut self.site_port, now);
+            let to_site = wake(&mut self.client, &mut self.client_port, now);
+            let (to_site, to_client) = (
+                to_site.into_iter().filter(|(dst, _)| *dst == site_addr).map(|(_, d)| (client_addr, d)),
+                to_client.into_iter().filter(|(dst, _)| *dst == client_addr).map(|(_, d)| (site_addr, d)),
+            );
             for (from, d) in to_site {
                 self.site.handle_datagram(from, &d, now);
             }
