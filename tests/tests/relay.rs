@@ -91,7 +91,7 @@ async fn relays_only_between_peers_whose_capabilities_name_each_other() {
     // B's capability is the newest word of the server: it does not name C.
     let mut b = connect(r.info(2, &[1], 120_000, true, false)).await;
     let mut c = connect(r.info(3, &[2], 60_000, true, false)).await;
-    let d = connect(r.info(4, &[2], 180_000, true, false)).await;
+    let mut d = connect(r.info(4, &[2], 180_000, true, false)).await;
     for l in [&a, &b, &c] {
         assert!(l.state.borrow().up, "{:?}", l.state.borrow());
     }
@@ -118,9 +118,17 @@ async fn relays_only_between_peers_whose_capabilities_name_each_other() {
     assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 3);
     assert!(r.stats.packets.load(Ordering::Relaxed) >= 2);
     assert_eq!(r.stats.sessions.load(Ordering::Relaxed), 4);
-    // D's capability is newer than B's and names B: a grant B has not heard of yet. It goes through.
+    // D's capability is newer than B's and names B: a grant B has not heard of yet. It goes through,
+    // and so does B's answer, before B's own capability names D.
     d.out.send(encode_packet(&[2; 32], b"new grant")).await.unwrap();
     assert_eq!(recv(&mut b).await, Some(([4; 32], b"new grant".to_vec())));
+    b.out.send(encode_packet(&[4; 32], b"answer")).await.unwrap();
+    assert_eq!(recv(&mut d).await, Some(([2; 32], b"answer".to_vec())));
+    // B's newer capability does not name C, so B may not answer C either: the newest word holds.
+    let refused = r.stats.refused_not_allowed.load(Ordering::Relaxed);
+    b.out.send(encode_packet(&[3; 32], b"no")).await.unwrap();
+    assert_eq!(recv(&mut c).await, None);
+    assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 1);
 }
 
 #[tokio::test]

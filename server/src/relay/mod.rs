@@ -5,9 +5,10 @@
 //! The relay holds no WireGuard key and no database. A node registers by presenting a capability the
 //! control server signed (its key, the peers it may reach, an expiry); the relay checks the signature
 //! with the server's public key and then forwards a packet only when the sender's capability names the
-//! destination *and* the destination's names the sender, unless the destination's capability is the
-//! older of the two (the newest word of the server wins: a grant made a moment ago reaches the relay
-//! first through whichever node renews first, and a revocation through the node that lost the peer). A registration lives as long as its connection:
+//! destination *and* the destination's names the sender, unless one of the two capabilities is the
+//! older: then the newer one decides (the newest word of the server wins: a grant made a moment ago
+//! reaches the relay first through whichever node renews first, in both directions, and a revocation
+//! through the node that lost the peer). A registration lives as long as its connection:
 //! an established pair keeps flowing while the control server is away and capabilities cannot be
 //! renewed; only a new registration needs a capability that has not expired. Per node, bytes are
 //! rate-limited and the number of peers it relays to at once is capped.
@@ -291,9 +292,20 @@ impl Relay {
             self.stats.refused_malformed.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let target = {
+            let nodes = self.table.nodes.read().unwrap_or_else(|e| e.into_inner());
+            nodes.get(&dst).cloned()
+        };
         if !s.allowed.contains(&dst) {
-            self.stats.refused_not_allowed.fetch_add(1, Ordering::Relaxed);
-            return;
+            // Only a newer capability of the destination that names the sender lets it through: a
+            // grant the server made a moment ago, which the sender has not heard of yet (the new
+            // client's first handshake is answered at once, not after its 5 s retry).
+            let newer_grant =
+                target.as_ref().is_some_and(|r| r.allowed.contains(&s.node) && r.expires_ms > s.expires_ms);
+            if !newer_grant {
+                self.stats.refused_not_allowed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         }
         let now = Instant::now();
         let rate = self.limits.bytes_per_sec as f64;
@@ -313,10 +325,6 @@ impl Relay {
             }
         }
         s.flows.insert(dst, now);
-        let target = {
-            let nodes = self.table.nodes.read().unwrap_or_else(|e| e.into_inner());
-            nodes.get(&dst).cloned()
-        };
         let Some(reg) = target else {
             self.stats.refused_no_peer.fetch_add(1, Ordering::Relaxed);
             return;
