@@ -33,11 +33,11 @@ mod roles;
 mod sockets;
 mod udp_out;
 
+pub use crate::udp::bind_socket;
 use bridge::Bridge;
 use effects::Tasks;
 use roles::ShellRole;
-pub(crate) use sockets::bind_udp_std;
-pub use sockets::{bind_socket, bridge_stream};
+pub use sockets::bridge_stream;
 use udp_out::UdpOut;
 
 /// Datagrams handled per wake-up before the loop services its other inputs.

@@ -15,6 +15,7 @@ pub mod relay;
 pub mod state;
 pub mod tcp_args;
 pub mod tls;
+pub mod udp;
 
 pub use control::{ControlConfig, ControlSession, LinkState, SessionError};
 pub use state::StateDir;

@@ -164,7 +164,7 @@ async fn quic_connect(addr: &str, pin: KeyPin, cap: &[u8]) -> Result<quinn::Conn
     // Large socket buffers: quinn sends a fixed window's datagrams in bursts of up to 256, and with
     // the default 208 KiB receive buffer 4% of a clean relayed download was dropped by this host's
     // own kernel (UdpRcvbufErrors in `bench/throughput.sh`, MODES=relay).
-    let sock = crate::dataplane::bind_udp_std(bind).map_err(|e| format!("relay socket: {e}"))?;
+    let sock = crate::udp::bind_udp_std(bind).map_err(|e| format!("relay socket: {e}"))?;
     let runtime = quinn::default_runtime().ok_or("relay: no async runtime")?;
     let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime)
         .map_err(|e| format!("relay socket: {e}"))?;
