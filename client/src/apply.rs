@@ -16,7 +16,6 @@ use serde_json::json;
 use tunnel_proto::v1 as pb;
 
 use crate::admin;
-use crate::cli::ApplyArgs;
 use crate::table::Table;
 
 /// The config file.
@@ -123,12 +122,31 @@ fn read_config(file: &Path) -> Result<(String, Config)> {
     Ok((shown, cfg))
 }
 
+/// What `tunnelctl apply` was asked (the command line's flags).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The config file (YAML); `-` reads standard input.
+    pub file: PathBuf,
+    /// Print the plan only; change nothing.
+    pub dry_run: bool,
+    /// Also delete what the file does not name.
+    pub prune: bool,
+    /// Where to write the join tokens of new sites and clients, instead of printing them.
+    pub tokens_dir: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    pub json: bool,
+    /// New tokens can join only within this time.
+    pub token_ttl: Option<std::time::Duration>,
+    /// New tokens can be used for one join only.
+    pub token_once: bool,
+}
+
 /// Runs `tunnelctl apply`.
-pub async fn run(c: &mut admin::Client, a: &ApplyArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+pub async fn run(c: &mut admin::Client, a: &Options, out: &mut (dyn Write + Send)) -> Result<()> {
     let (shown, cfg) = read_config(&a.file)?;
     let mut req = cfg.to_request(a.prune, true);
-    req.token_ttl_seconds = a.limits.ttl.map(|d| d.as_secs()).unwrap_or(0);
-    req.token_once = a.limits.once;
+    req.token_ttl_seconds = a.token_ttl.map(|d| d.as_secs()).unwrap_or(0);
+    req.token_once = a.token_once;
     if let (Some(dir), false) = (&a.tokens_dir, a.dry_run) {
         prepare_tokens_dir(dir)?;
     }

@@ -195,6 +195,21 @@ pub struct ApplyArgs {
     pub limits: Limits,
 }
 
+impl ApplyArgs {
+    /// The flags as `tunnelctl apply` takes them.
+    fn options(&self) -> crate::apply::Options {
+        crate::apply::Options {
+            file: self.file.clone(),
+            dry_run: self.dry_run,
+            prune: self.prune,
+            tokens_dir: self.tokens_dir.clone(),
+            json: self.json,
+            token_ttl: self.limits.ttl,
+            token_once: self.limits.once,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
     /// The client's join token (prefer --token-file or TUNNEL_TOKEN: flags show in the process list).
@@ -435,7 +450,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Apply(a) => crate::apply::run(&mut c, &a, out).await,
+        Cmd::Apply(a) => crate::apply::run(&mut c, &a.options(), out).await,
         Cmd::Up(_) | Cmd::Status { .. } | Cmd::Doctor(_) => Ok(()),
     }
 }

@@ -42,29 +42,7 @@ const LEARNED_MAX: usize = 4;
 /// Outstanding pings remembered per peer.
 const OUTSTANDING_MAX: usize = 128;
 
-/// Which way a peer's packets go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Via {
-    /// Straight to this UDP address.
-    Direct(SocketAddr),
-    /// Through the relay, addressed to the peer with this key.
-    Relay,
-}
-
-impl std::fmt::Display for Via {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Via::Direct(a) => write!(f, "{a}"),
-            Via::Relay => f.write_str("relay"),
-        }
-    }
-}
-
-impl serde::Serialize for Via {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
+pub use crate::wg::Via;
 
 /// How a candidate address was learned; higher ranks win.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]

@@ -32,7 +32,29 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
 
-pub use crate::path::Via;
+/// Which way a peer's packets go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Via {
+    /// Straight to this UDP address.
+    Direct(SocketAddr),
+    /// Through the relay, addressed to the peer with this key.
+    Relay,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Direct(a) => write!(f, "{a}"),
+            Via::Relay => f.write_str("relay"),
+        }
+    }
+}
+
+impl serde::Serialize for Via {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
 /// How often boringtun's timers must be driven.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);

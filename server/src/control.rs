@@ -17,19 +17,10 @@ use tunnel_core::keyproof::{KeyChallenge, KEY_PROOF_CAPABILITY};
 use tunnel_core::Secret;
 
 use crate::convert;
-use crate::hub::{Outbound, SESSION_QUEUE};
+use crate::hub::{Outbound, SessionEnd, SESSION_QUEUE};
 use crate::limits::{bump, source_key, Refusal};
 use crate::state::{encode_key, now_ms, Shared};
 use crate::store::{clip, JoinRecord};
-
-/// How a session ends from the server's side.
-#[derive(Debug)]
-pub enum SessionEnd {
-    /// Credentials are no longer valid: tell the node why.
-    Revoked(String),
-    /// The server is stopping: the node should reconnect later.
-    Shutdown,
-}
 
 /// Capabilities this server offers in Welcome.
 pub const SERVER_CAPABILITIES: &[&str] = tunnel_core::capability::ALL;

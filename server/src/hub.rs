@@ -25,9 +25,17 @@ use tunnel_core::map::{PeerInfo, ResourceInfo};
 use tunnel_core::NodeId;
 use tunnel_proto::v1 as pb;
 
-use crate::control::SessionEnd;
 use crate::convert;
 use crate::registry::{Entry, Registry};
+
+/// How a session ends from the server's side.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Credentials are no longer valid: tell the node why.
+    Revoked(String),
+    /// The server is stopping: the node should reconnect later.
+    Shutdown,
+}
 
 /// How often coalesced presence and endpoint changes are flushed.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
@@ -107,7 +115,7 @@ impl PathServices {
         let Some(node) = node else { return vec![] };
         let mut keys: Vec<[u8; 32]> = peers.values().filter_map(|p| p.public_key).collect();
         keys.sort_unstable();
-        let expires = crate::state::now_ms().max(0) as u64 + self.ttl.as_millis() as u64;
+        let expires = crate::clock::now_ms().max(0) as u64 + self.ttl.as_millis() as u64;
         if keys.len() > tunnel_core::relay::MAX_CAP_PEERS {
             // Loud, not silent: the peers past the cap have no relayed path to this node.
             tracing::error!(

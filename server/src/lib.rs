@@ -9,6 +9,7 @@ pub mod admin;
 pub mod apply;
 pub mod auth;
 pub mod backup;
+pub mod clock;
 pub mod control;
 pub mod convert;
 pub mod hub;

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 use tunnel_core::map::NodeKind;
@@ -22,10 +21,7 @@ use crate::limits::{LoginGate, LoginLimits};
 use crate::registry::{NodeRec, Registry, ResourceRec};
 use crate::store::{AuditRow, GrantRow, NodeRow, ResourceRow, Store, StoreError};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 /// Why an operation was refused. Mapped to a gRPC status in one place ([`OpError::into_status`]).
 #[derive(Debug, thiserror::Error)]

@@ -2,23 +2,12 @@
 //! the other's module (`use crate::x::..`, `super::y`, `crate::x::f()` in code); a module's own
 //! children are not imports of it (it declares them). A cycle of such imports means neither file
 //! can be read, tested or changed alone.
-//!
-//! The cycles that exist are listed in `KNOWN`, to be removed one by one; the test fails on a new
-//! cycle (or a known one that grew) and on a known one that is gone, so the list only shrinks.
+//! Cross-crate imports cannot cycle (cargo refuses), so only files within a crate are compared.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-/// Cycles that exist today (each a set of files, relative to the workspace), to be taken apart
-/// (issue 11). A known cycle may shrink; it may not grow, and no other may appear.
-const KNOWN: &[&[&str]] = &[
-    &["server/src/control.rs", "server/src/hub.rs", "server/src/state.rs"],
-    &["core/src/path.rs", "core/src/probe.rs", "core/src/wg.rs"],
-    &["client/src/doctor/control.rs", "client/src/doctor/tunnel.rs"],
-    &["client/src/apply.rs", "client/src/cli.rs"],
-];
 
 /// The crates whose sources are checked.
 const CRATES: &[&str] = &["core", "node", "server", "client", "proto", "tests"];
@@ -290,18 +279,12 @@ fn import_graph(root: &Path) -> BTreeMap<String, BTreeSet<String>> {
 }
 
 #[test]
-fn no_file_level_import_cycles_beyond_the_known_ones() {
+fn no_file_level_import_cycles() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let edges = import_graph(root);
     assert!(edges.len() > 50, "the graph was read ({} files with imports)", edges.len());
     let found = cycles(&edges);
-    let known: Vec<BTreeSet<String>> =
-        KNOWN.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect();
-    let new: Vec<_> = found.iter().filter(|c| !known.iter().any(|k| k.is_superset(c))).collect();
-    let gone: Vec<_> =
-        known.iter().filter(|k| !found.iter().any(|c| c.is_subset(k) && !c.is_empty())).collect();
     let show = |c: &BTreeSet<String>| {
-        let files: Vec<&str> = c.iter().map(String::as_str).collect();
         let inner: Vec<String> = c
             .iter()
             .flat_map(|a| {
@@ -313,14 +296,13 @@ fn no_file_level_import_cycles_beyond_the_known_ones() {
                     .map(move |b| format!("{a} -> {b}"))
             })
             .collect();
-        format!("{files:?}\n    {}", inner.join("\n    "))
+        format!("  {}", inner.join("\n  "))
     };
     assert!(
-        new.is_empty(),
-        "import cycles that are not in KNOWN:\n{}",
-        new.iter().map(|c| show(c)).collect::<Vec<_>>().join("\n")
+        found.is_empty(),
+        "file-level import cycles (move what both sides need into a module that imports neither):\n{}",
+        found.iter().map(show).collect::<Vec<_>>().join("\n\n")
     );
-    assert!(gone.is_empty(), "known cycles that are gone (remove them from KNOWN): {gone:?}");
 }
 
 #[test]

@@ -10,7 +10,6 @@ use tunnel_core::{JoinToken, TokenError};
 use tunnel_node::tls::{self, ConnectError, ServerTarget};
 use tunnel_node::{ControlConfig, ControlSession, SessionError, StateDir};
 
-use super::tunnel::Daemon;
 use super::{DoctorConfig, Step};
 
 /// What the local checks found, for the later links.
@@ -291,13 +290,14 @@ fn rejected_fix(reason: &str) -> String {
 /// Whether the server accepts this node. While the running client holds a session, that is the answer
 /// (logging in again would replace its session). Otherwise doctor logs in once, with the node's own key
 /// and its saved ticket, the way `tunnelctl up` would.
+/// `daemon_control` is the running client's control link as its `/status` says, `(state, reason)`.
 pub(super) async fn credentials(
     token: &JoinToken,
     local: &Local,
-    daemon: Option<&Daemon>,
+    daemon_control: Option<(&str, &str)>,
     timeout: Duration,
 ) -> Step {
-    let daemon_state = daemon.map(Daemon::control);
+    let daemon_state = daemon_control;
     if let Some(("connected", _)) = daemon_state {
         return Step::ok(
             "credentials",

@@ -193,7 +193,13 @@ pub async fn run(cfg: &DoctorConfig) -> Report {
         let creds = if tls_failed {
             Step::skipped("credentials", "not checked: the server's TLS key is not the pinned one")
         } else {
-            control::credentials(&token, &local, daemon.as_ref().ok(), cfg.timeout).await
+            control::credentials(
+                &token,
+                &local,
+                daemon.as_ref().ok().map(tunnel::Daemon::control),
+                cfg.timeout,
+            )
+            .await
         };
         let creds_failed = creds.status == Outcome::Failed;
         steps.push(creds);
