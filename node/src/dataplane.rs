@@ -1,12 +1,12 @@
 //! The data plane's I/O shell, shared by the site agent and the userspace client, around the
 //! sans-IO [`Engine`] of `tunnel_core::engine`.
 //!
-//! One task owns the UDP socket and the engine. It waits on the socket, on commands (new outbound
-//! flows, status requests), on the network map, on flow data from application tasks and on timers;
-//! it hands what woke it up to the engine, then drives the engine until nothing moves, sending its
-//! datagrams in GSO batches, delivering its packets, and performing the I/O it asks for (dials, UDP
-//! flows, STUN lookups) in tasks whose answers come back as inputs. A budget on datagrams per
-//! wake-up keeps one busy source from starving the rest.
+//! One task owns the UDP socket and the engine. It waits until any source has something (the socket,
+//! commands such as new outbound flows and status requests, the network map, flow data from
+//! application tasks, timers), then sweeps every source in a fixed order under a budget each
+//! ([`sweep`]), then drives the engine until nothing moves, sending its datagrams in GSO batches,
+//! delivering its packets, and performing the I/O it asks for (dials, UDP flows, STUN lookups) in
+//! tasks whose answers come back as inputs.
 //!
 //! Application sides (a target connection on a site, a SOCKS client on a client) run in their own
 //! tasks and talk to the loop through bounded channels ([`bridge`]). Every protocol decision
@@ -31,6 +31,7 @@ mod bridge;
 mod effects;
 mod roles;
 mod sockets;
+mod sweep;
 mod udp_out;
 
 pub use crate::udp::bind_socket;
@@ -38,10 +39,9 @@ use bridge::Bridge;
 use effects::Tasks;
 use roles::ShellRole;
 pub use sockets::bridge_stream;
+use sweep::{run, Inputs};
 use udp_out::UdpOut;
 
-/// Datagrams handled per wake-up before the loop services its other inputs.
-const DATAGRAM_BUDGET: usize = 256;
 /// Chunk size of a target connection's reads.
 const CHUNK: usize = 16 * 1024;
 /// How long a site waits for a target's name to resolve and the target to accept.
@@ -211,6 +211,26 @@ pub async fn start_on(
     os: Option<OsPackets>,
     opts: PathOptions,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
+    let (cfg, parts, inputs, relay_task, dp) = assemble(private_key, socket, maps, os, opts)?;
+    let now = Instant::now();
+    // The one place the node's kind is looked at: everything after is the role's type.
+    let task = match kind {
+        NodeKind::Site => tokio::spawn(run(Shell::<Site>::new(cfg, parts, now), inputs, relay_task)),
+        NodeKind::Client => tokio::spawn(run(Shell::<Client>::new(cfg, parts, now), inputs, relay_task)),
+    };
+    Ok((dp, task))
+}
+
+/// The loop's parts before it runs: the engine's configuration, the shell's outputs, the inputs it
+/// waits on, the relay link's task, and the handle the node keeps. Needs a Tokio runtime (the relay
+/// link starts).
+fn assemble(
+    private_key: [u8; 32],
+    socket: UdpSocket,
+    maps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    os: Option<OsPackets>,
+    opts: PathOptions,
+) -> anyhow::Result<(EngineConfig, Parts, Inputs, tokio::task::JoinHandle<()>, Dataplane)> {
     let udp = Arc::new(socket);
     let udp_state = Arc::new(
         quinn_udp::UdpSocketState::new((&*udp).into())
@@ -227,7 +247,6 @@ pub async fn start_on(
     let RelayLink { out: relay_out, inbound: relay_in, state: relay_state, relays: relay_list } = relay;
     let (stun_resolve_tx, stun_resolve_rx) = mpsc::channel(4);
     let out = UdpOut::new(udp.clone(), udp_state.clone());
-    let now = Instant::now();
     let cfg = EngineConfig {
         private_key,
         seed: rand::random(),
@@ -247,7 +266,7 @@ pub async fn start_on(
         relay_in,
         relay_state,
         stun_resolve_rx,
-        relay_task,
+        relay_open: true,
     };
     let parts = Parts {
         out,
@@ -257,26 +276,7 @@ pub async fn start_on(
         relay_list,
         candidates_tx: opts.candidates_tx,
     };
-    // The one place the node's kind is looked at: everything after is the role's type.
-    let task = match kind {
-        NodeKind::Site => tokio::spawn(run(Shell::<Site>::new(cfg, parts, now), inputs)),
-        NodeKind::Client => tokio::spawn(run(Shell::<Client>::new(cfg, parts, now), inputs)),
-    };
-    Ok((Dataplane { commands: cmd_tx, local_addr }, task))
-}
-
-/// What the loop waits on.
-struct Inputs {
-    udp: Arc<UdpSocket>,
-    udp_state: Arc<quinn_udp::UdpSocketState>,
-    maps: watch::Receiver<Option<Arc<NetworkMap>>>,
-    cmd_rx: mpsc::Receiver<Command>,
-    udp_event_rx: mpsc::Receiver<UdpEvent>,
-    from_os: Option<mpsc::Receiver<Vec<u8>>>,
-    relay_in: mpsc::Receiver<([u8; 32], Vec<u8>)>,
-    relay_state: watch::Receiver<RelayState>,
-    stun_resolve_rx: mpsc::Receiver<(String, Option<SocketAddr>)>,
-    relay_task: tokio::task::JoinHandle<()>,
+    Ok((cfg, parts, inputs, relay_task, Dataplane { commands: cmd_tx, local_addr }))
 }
 
 /// The shell's outputs, before the engine exists.
@@ -304,137 +304,6 @@ impl<R: ShellRole> Shell<R> {
             candidates_tx: p.candidates_tx,
             started: now,
         }
-    }
-}
-
-/// The loop: waits for any input, hands it to the engine, then pumps.
-async fn run<R: ShellRole>(mut sh: Shell<R>, inputs: Inputs) {
-    let Inputs {
-        udp,
-        udp_state,
-        mut maps,
-        mut cmd_rx,
-        mut udp_event_rx,
-        mut from_os,
-        mut relay_in,
-        mut relay_state,
-        mut stun_resolve_rx,
-        relay_task,
-    } = inputs;
-    // The relay link lives and dies with the loop.
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _relay_task = AbortOnDrop(relay_task);
-    // One buffer per datagram of a recvmmsg batch; with GRO each may hold many datagrams.
-    let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE).map(|_| vec![0u8; 65_536]).collect();
-    let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-    if let Some(m) = maps.borrow_and_update().clone() {
-        sh.apply_map(m, Instant::now());
-    }
-    loop {
-        // The clock is read once per wake-up, when the wait ends: every handler and the pump
-        // after it see that time (the handlers saw the time before the wait, which could be
-        // seconds old).
-        let mut now = Instant::now();
-        let deadline = sh.engine.next_deadline(now);
-        let wake: Arc<Notify> = sh.bridge.wake.clone();
-        tokio::select! {
-            r = udp.readable() => {
-                now = Instant::now();
-                if r.is_ok() {
-                    let mut handled = 0;
-                    while handled < DATAGRAM_BUDGET {
-                        let mut iovs: Vec<std::io::IoSliceMut<'_>> =
-                            bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
-                        let got = udp.try_io(tokio::io::Interest::READABLE, || {
-                            udp_state.recv((&*udp).into(), &mut iovs, &mut metas)
-                        });
-                        let n = match got {
-                            Ok(n) => n,
-                            Err(e) => {
-                                if e.kind() != std::io::ErrorKind::WouldBlock {
-                                    tracing::debug!(error = %e, "UDP receive failed");
-                                }
-                                break;
-                            }
-                        };
-                        for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
-                            let from = engine::normalize(meta.addr);
-                            let stride = if meta.stride == 0 { meta.len } else { meta.stride };
-                            for d in buf[..meta.len].chunks(stride.max(1)) {
-                                sh.engine.handle_datagram(from, d, now);
-                                handled += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            Some((from, p)) = relay_in.recv() => {
-                now = Instant::now();
-                sh.engine.handle_relayed(from, &p);
-                for _ in 1..DATAGRAM_BUDGET {
-                    match relay_in.try_recv() {
-                        Ok((from, p)) => sh.engine.handle_relayed(from, &p),
-                        Err(_) => break,
-                    }
-                }
-            }
-            r = relay_state.changed() => {
-                now = Instant::now();
-                if r.is_ok() {
-                    let st = relay_state.borrow_and_update().clone();
-                    sh.engine.handle_relay_up(st.up, now);
-                    sh.relay_state = st;
-                }
-            }
-            Some((name, addr)) = stun_resolve_rx.recv() => {
-                now = Instant::now();
-                sh.engine.handle_stun_resolved(name, addr, now);
-            }
-            c = cmd_rx.recv() => match c {
-                Some(c) => {
-                    now = Instant::now();
-                    sh.command(c, now);
-                }
-                None => break,
-            },
-            r = maps.changed() => {
-                if r.is_err() { break; }
-                now = Instant::now();
-                if let Some(m) = maps.borrow_and_update().clone() { sh.apply_map(m, now); }
-            }
-            Some(p) = async { match from_os.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
-                now = Instant::now();
-                R::os_packet(&mut sh.engine, &p, now);
-                if let Some(r) = from_os.as_mut() {
-                    for _ in 1..DATAGRAM_BUDGET {
-                        match r.try_recv() {
-                            Ok(p) => R::os_packet(&mut sh.engine, &p, now),
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
-            Some(r) = sh.tasks.dials.join_next(), if !sh.tasks.dials.is_empty() => {
-                now = Instant::now();
-                // A dial task cannot panic short of a bug; it is then dropped with its SYN,
-                // which the pending-dial timeout of the client's connect covers.
-                if let Ok((flow, result)) = r {
-                    sh.dialed(flow, result, now);
-                }
-            }
-            Some(ev) = udp_event_rx.recv() => {
-                now = Instant::now();
-                sh.udp_event(ev, now);
-            }
-            _ = wake.notified() => now = Instant::now(),
-            _ = tokio::time::sleep_until(deadline.into()) => now = Instant::now(),
-        }
-        sh.pump(now).await;
     }
 }
 

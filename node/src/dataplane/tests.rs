@@ -386,3 +386,76 @@ async fn a_site_caps_udp_flows_per_peer() {
     assert!(text.contains("tunnel_node_udp_flows 5"), "{text}");
     drop(link_tx);
 }
+
+/// A stranger floods the node's socket with junk as fast as one core sends; the loop's sweep gives
+/// the socket a budget per wake-up, so a status request and a client's UDP datagram (out through
+/// the tunnel and its answer back) are still served, and the junk is counted, not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_datagrams_starves_neither_status_nor_a_clients_udp() {
+    let site = peer(&["100.96.0.1/32", "100.96.0.11/32"], &[]);
+    let m = map(NodeKind::Client, "100.96.0.2", site, vec![resource("dns", "100.96.0.11", None, 53)]);
+    let (dp, _task, _maps) = node(NodeKind::Client, m, None, PathOptions::default()).await;
+    let mut raw = RawPeer::new(&["100.96.0.2/32"], dp.local_addr).await;
+    // The site speaks first, so the client learns its endpoint; the packet itself is unsolicited.
+    raw.connect(packet::udp_packet("100.96.0.11:53".parse().unwrap(), "100.96.0.2:9".parse().unwrap(), b""))
+        .await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let target = dp.local_addr;
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let junk = [0xeeu8; 120];
+            let mut sent = 0u64;
+            // Bounded in count and in time.
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && sent < 3_000_000
+                && std::time::Instant::now() < until
+            {
+                if s.send_to(&junk, target).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        })
+    };
+    until("the flood to reach the loop", || {
+        let dp = dp.clone();
+        async move { counter(&dp, "drops", "malformed").await > 10_000 }
+    })
+    .await;
+
+    // Both answered within a deadline (far longer than either needs when the socket is quiet).
+    let status = tokio::time::timeout(Duration::from_secs(5), dp.status()).await;
+    assert!(status.is_ok_and(|s| s.is_some()), "/status went unanswered during the flood");
+    let (replies, mut replies_rx) = mpsc::channel(4);
+    let query = b"who is dns".to_vec();
+    dp.commands
+        .send(super::Command::UdpSend {
+            local_port: 5300,
+            remote: "100.96.0.11:53".parse().unwrap(),
+            payload: query.clone(),
+            replies,
+        })
+        .await
+        .unwrap();
+    let got = raw.receive_until(|_, got| got.iter().any(|p| p.ends_with(&query))).await;
+    assert!(got.iter().any(|p| p.ends_with(&query)));
+    raw.send(&[packet::udp_packet(
+        "100.96.0.11:53".parse().unwrap(),
+        "100.96.0.2:5300".parse().unwrap(),
+        b"here",
+    )])
+    .await;
+    let (from, answer) = tokio::time::timeout(Duration::from_secs(5), replies_rx.recv())
+        .await
+        .expect("the answer went undelivered during the flood")
+        .unwrap();
+    assert_eq!((from, answer), ("100.96.0.11:53".parse().unwrap(), b"here".to_vec()));
+    let before = counter(&dp, "drops", "malformed").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(before > 10_000 && before <= sent, "{before} junk datagrams counted of {sent} sent");
+}
