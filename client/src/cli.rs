@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use tunnel_core::status::{LinkState, NodeStatus};
 use tunnel_proto::v1 as pb;
 
 use crate::admin;
@@ -527,32 +528,32 @@ async fn doctor(a: DoctorArgs, out: &mut (dyn Write + Send)) -> Result<()> {
 async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Write + Send)) -> Result<()> {
     let v = crate::up::status(state_dir).await?;
     if json_out {
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&v.to_json())?)?;
         return Ok(());
     }
-    let mut control = v["control"]["state"].as_str().unwrap_or("?").to_owned();
-    if let Some(reason) = v["control"]["reason"].as_str().filter(|r| !r.is_empty()) {
+    let mut control = v.control.as_ref().map_or("?", LinkState::state).to_owned();
+    if let Some(reason) = v.control.as_ref().map(LinkState::reason).filter(|r| !r.is_empty()) {
         control.push_str(&format!(" ({reason})"));
     }
     writeln!(
         out,
         "node {} ({}) {}  control: {control}  map version {}",
-        v["node"].as_str().unwrap_or("?"),
-        v["kind"].as_str().unwrap_or("?"),
-        v["overlay_addr"].as_str().unwrap_or("-"),
-        v["map_version"]
+        v.node.as_deref().unwrap_or("?"),
+        v.kind.as_str(),
+        v.overlay_addr.as_deref().unwrap_or("-"),
+        v.map_version.map_or("null".to_owned(), |m| m.to_string())
     )?;
     writeln!(out, "{}", underlay_line(&v))?;
     let mut t = crate::table::Table::new(&["PEER", "PATH", "ENDPOINT", "HANDSHAKE", "RTT", "TX", "RX"]);
-    for p in v["peers"].as_array().into_iter().flatten() {
+    for p in &v.peers {
         t.row(vec![
-            p["name"].as_str().unwrap_or("?").to_owned(),
-            p["path"].as_str().unwrap_or("?").to_owned(),
-            p["endpoint"].as_str().unwrap_or("").to_owned(),
-            p["last_handshake_secs_ago"].as_u64().map(|s| format!("{s}s ago")).unwrap_or_default(),
-            p["rtt_ms"].as_u64().map(|s| format!("{s}ms")).unwrap_or_default(),
-            p["tx_bytes"].to_string(),
-            p["rx_bytes"].to_string(),
+            p.name.clone(),
+            p.path.to_string(),
+            p.endpoint.clone().unwrap_or_default(),
+            p.last_handshake_secs_ago.map(|s| format!("{s}s ago")).unwrap_or_default(),
+            p.rtt_ms.map(|s| format!("{s}ms")).unwrap_or_default(),
+            p.tx_bytes.to_string(),
+            p.rx_bytes.to_string(),
         ]);
     }
     t.write(out)
@@ -560,19 +561,17 @@ async fn status(state_dir: &std::path::Path, json_out: bool, out: &mut (dyn Writ
 
 /// The second line of `tunnelctl status`: the node's public address as the server's STUN responder
 /// sees it, and the relay link (what an operator checks when hole punching fails or a relay is down).
-fn underlay_line(v: &serde_json::Value) -> String {
-    let public = match v["reflexive_addr"].as_str() {
+fn underlay_line(v: &NodeStatus) -> String {
+    let public = match &v.reflexive_addr {
         Some(a) => format!("public address {a} (STUN)"),
         None => "public address unknown (no STUN answer yet)".to_owned(),
     };
-    let r = &v["relay"];
-    let relay = match (r["up"].as_bool(), r["relay"].as_str(), r["last_error"].as_str()) {
-        (Some(true), Some(addr), _) => {
-            format!("relay {addr} over {}: up", r["transport"].as_str().unwrap_or("?"))
-        }
+    let r = &v.relay;
+    let relay = match (r.up, &r.relay, &r.last_error) {
+        (true, Some(addr), _) => format!("relay {addr} over {}: up", r.transport.as_deref().unwrap_or("?")),
         (_, _, Some(err)) => format!("relay: down ({err})"),
-        (Some(false), _, None) => "relay: none (not connected yet, or the map names no relay)".to_owned(),
-        _ => "relay: ?".to_owned(),
+        (false, _, None) => "relay: none (not connected yet, or the map names no relay)".to_owned(),
+        (true, None, None) => "relay: ?".to_owned(),
     };
     format!("{public}  {relay}")
 }

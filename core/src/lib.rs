@@ -17,6 +17,7 @@ pub mod path;
 pub mod probe;
 pub mod relay;
 pub mod relay_window;
+pub mod status;
 pub mod stun;
 pub mod token;
 pub mod wg;

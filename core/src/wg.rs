@@ -150,7 +150,8 @@ pub struct Inbound {
 }
 
 /// Why packets were dropped; each is counted.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DropCounts {
     /// Not a WireGuard packet at all, or malformed.
     pub malformed: u64,

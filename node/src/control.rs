@@ -234,17 +234,7 @@ fn status_error(s: tonic::Status) -> SessionError {
     }
 }
 
-/// The control link's state, as `/status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
-pub enum LinkState {
-    Connecting,
-    Connected,
-    /// Lost; working from the cached map while retrying.
-    Disconnected(String),
-    /// Refused or revoked: retrying slowly in case the operator fixes it.
-    Rejected(String),
-}
+pub use tunnel_core::status::LinkState;
 
 /// Keeps a control session open for as long as the returned task runs: publishes every map through
 /// `maps` (starting with the cached one, if any) and the link state through `link`. New candidates sent

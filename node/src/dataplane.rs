@@ -24,6 +24,7 @@ use tunnel_core::engine::{
     self, Client, Deliver, Engine, EngineConfig, Event, FlowTuple, Role, Site, Transmit, DRIVE_ROUNDS,
 };
 use tunnel_core::map::{Candidate, NetworkMap, NodeKind, RelayInfo};
+use tunnel_core::status::NodeStatus;
 
 use crate::relay::{RelayLink, RelayState};
 
@@ -103,7 +104,7 @@ pub enum Command {
     /// The UDP association using `local_port` ended (client).
     UdpClose { local_port: u16 },
     /// A snapshot for `/status`.
-    Status { reply: oneshot::Sender<serde_json::Value> },
+    Status { reply: oneshot::Sender<NodeStatus> },
 }
 
 /// Handle to a running data plane.
@@ -113,6 +114,8 @@ pub struct Dataplane {
     pub commands: mpsc::Sender<Command>,
     /// The UDP socket's local address.
     pub local_addr: SocketAddr,
+    /// Site or client.
+    pub kind: NodeKind,
 }
 
 impl Dataplane {
@@ -132,7 +135,7 @@ impl Dataplane {
     }
 
     /// The status document.
-    pub async fn status(&self) -> Option<serde_json::Value> {
+    pub async fn status(&self) -> Option<NodeStatus> {
         let (reply, rx) = oneshot::channel();
         self.commands.send(Command::Status { reply }).await.ok()?;
         rx.await.ok()
@@ -211,7 +214,7 @@ pub async fn start_on(
     os: Option<OsPackets>,
     opts: PathOptions,
 ) -> anyhow::Result<(Dataplane, tokio::task::JoinHandle<()>)> {
-    let (cfg, parts, inputs, relay_task, dp) = assemble(private_key, socket, maps, os, opts)?;
+    let (cfg, parts, inputs, relay_task, dp) = assemble(kind, private_key, socket, maps, os, opts)?;
     let now = Instant::now();
     // The one place the node's kind is looked at: everything after is the role's type.
     let task = match kind {
@@ -225,6 +228,7 @@ pub async fn start_on(
 /// waits on, the relay link's task, and the handle the node keeps. Needs a Tokio runtime (the relay
 /// link starts).
 fn assemble(
+    kind: NodeKind,
     private_key: [u8; 32],
     socket: UdpSocket,
     maps: watch::Receiver<Option<Arc<NetworkMap>>>,
@@ -276,7 +280,7 @@ fn assemble(
         relay_list,
         candidates_tx: opts.candidates_tx,
     };
-    Ok((cfg, parts, inputs, relay_task, Dataplane { commands: cmd_tx, local_addr }))
+    Ok((cfg, parts, inputs, relay_task, Dataplane { commands: cmd_tx, local_addr, kind }))
 }
 
 /// The shell's outputs, before the engine exists.
@@ -363,14 +367,13 @@ impl<R: ShellRole> Shell<R> {
         }
     }
 
-    fn status(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self.engine.status()).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("listen".into(), self.out.udp.local_addr().ok().map(|a| a.to_string()).into());
-            o.insert("uptime_secs".into(), self.started.elapsed().as_secs().into());
-            o.insert("relay".into(), serde_json::to_value(&self.relay_state).unwrap_or_default());
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            listen: self.out.udp.local_addr().ok().map(|a| a.to_string()),
+            uptime_secs: self.started.elapsed().as_secs(),
+            relay: self.relay_state.clone(),
+            ..self.engine.status()
         }
-        v
     }
 
     /// Moves everything that can move: the engine's timers, its rounds (decrypted packets into the

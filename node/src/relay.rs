@@ -24,18 +24,8 @@ const QUIC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Packets queued towards the relay.
 const OUT_QUEUE: usize = 2048;
 
-/// What the relay link is doing, for `/status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RelayState {
-    /// `HOST:PORT` of the relay in use.
-    pub relay: Option<String>,
-    /// `quic` or `tcp`.
-    pub transport: Option<&'static str>,
-    /// Registered and able to carry traffic.
-    pub up: bool,
-    /// Why the last attempt failed.
-    pub last_error: Option<String>,
-}
+/// The relay link's state, as `/status` shows it.
+pub use tunnel_core::status::RelayStatus as RelayState;
 
 /// The data plane's side of the link.
 #[derive(Debug)]
@@ -85,7 +75,7 @@ async fn run(
                         backoff = Duration::from_millis(500);
                         state.send_replace(RelayState {
                             relay: Some(r.addr.clone()),
-                            transport: Some("quic"),
+                            transport: Some("quic".into()),
                             up: true,
                             last_error: None,
                         });
@@ -107,7 +97,7 @@ async fn run(
                         backoff = Duration::from_millis(500);
                         state.send_replace(RelayState {
                             relay: Some(tcp.to_owned()),
-                            transport: Some("tcp"),
+                            transport: Some("tcp".into()),
                             up: true,
                             last_error: None,
                         });

@@ -153,15 +153,15 @@ async fn main() -> Result<()> {
         reply.lines().next().unwrap_or("")
     );
     println!("   body: {body}");
-    let st = c.node.dataplane.status().await.unwrap_or_default();
-    let p = &st["peers"][0];
+    let st = c.node.dataplane.status().await;
+    let p = st.as_ref().and_then(|s| s.peers.first());
     println!(
         "10. tunnel to site '{}': path {}, endpoint {}, {} bytes in, {} bytes out",
-        p["name"].as_str().unwrap_or("?"),
-        p["path"].as_str().unwrap_or("?"),
-        p["endpoint"].as_str().unwrap_or("?"),
-        p["rx_bytes"],
-        p["tx_bytes"]
+        p.map_or("?", |p| p.name.as_str()),
+        p.map_or("?", |p| p.path.as_str()),
+        p.and_then(|p| p.endpoint.as_deref()).unwrap_or("?"),
+        p.map_or(0, |p| p.rx_bytes),
+        p.map_or(0, |p| p.tx_bytes)
     );
     if !body.starts_with("hello from periphery") {
         bail!("unexpected answer: {reply}");

@@ -213,7 +213,7 @@ impl SimNode {
 
     /// The path to its first peer, as `/status` shows it.
     pub fn path(&self) -> &'static str {
-        with_engine!(&self.engine, e => e.status()).peers.first().map(|p| p.path).unwrap_or("none")
+        with_engine!(&self.engine, e => e.status()).peers.first().map(|p| p.path.as_str()).unwrap_or("none")
     }
 
     /// The endpoint its first peer is reached at, if direct.

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use tunnel_core::path::Via;
+use tunnel_core::status::PathState;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -215,12 +216,12 @@ async fn megabytes_by_private_name_and_alias_byte_exact() {
     // On loopback the direct path is proven within a punch round or two (the transfer may finish on the
     // relay that answered first).
     wait_until("the path to be direct", || async {
-        n.client.node.dataplane.status().await.unwrap()["peers"][0]["path"] == "direct"
+        n.client.node.dataplane.status().await.unwrap().peers[0].path == PathState::Direct
     })
     .await;
     // The tunnel really carried it: both ends count the bytes.
     let st = n.client.node.dataplane.status().await.unwrap();
-    assert!(st["peers"][0]["rx_bytes"].as_u64().unwrap() > 8_000_000, "{st}");
+    assert!(st.peers[0].rx_bytes > 8_000_000, "{st:?}");
 }
 
 #[tokio::test]
@@ -237,15 +238,14 @@ async fn a_client_forced_onto_the_relay_moves_the_same_bytes_through_it() {
     let got = fetch(relayed.socks5, "web.tunnel.internal", port).await.unwrap();
     assert!(got == n.blob, "bytes differ over the relay");
     let st = relayed.node.dataplane.status().await.unwrap();
-    let peer = &st["peers"][0];
-    assert_eq!(peer["path"], "relay", "{st}");
-    assert_eq!(st["relay"]["transport"], "quic", "{st}");
-    assert!(peer["relay_rx_bytes"].as_u64().unwrap() >= n.blob.len() as u64, "{st}");
+    let peer = &st.peers[0];
+    assert_eq!(peer.path, PathState::Relay, "{st:?}");
+    assert_eq!(st.relay.transport.as_deref(), Some("quic"), "{st:?}");
+    assert!(peer.relay_rx_bytes >= n.blob.len() as u64, "{st:?}");
     // The site sees the same: that client's packets arrive through the relay.
     let site = n.agent.dataplane.status().await.unwrap();
-    let relayed_bytes: u64 =
-        site["peers"].as_array().unwrap().iter().map(|p| p["relay_tx_bytes"].as_u64().unwrap()).sum();
-    assert!(relayed_bytes >= n.blob.len() as u64, "{site}");
+    let relayed_bytes: u64 = site.peers.iter().map(|p| p.relay_tx_bytes).sum();
+    assert!(relayed_bytes >= n.blob.len() as u64, "{site:?}");
     // And the server's relay counted it.
     let stats = &n.server.running().relay.as_ref().unwrap().stats;
     assert!(stats.bytes.load(std::sync::atomic::Ordering::Relaxed) >= n.blob.len() as u64);
@@ -314,8 +314,8 @@ async fn a_relay_path_losing_three_percent_each_way_still_carries_a_transfer() {
         assert!(got == n.blob, "bytes differ over the lossy relay (round {i})");
     }
     let st = relayed.node.dataplane.status().await.unwrap();
-    assert_eq!(st["peers"][0]["path"], "relay", "{st}");
-    assert!(st["peers"][0]["relay_rx_bytes"].as_u64().unwrap() >= rounds * n.blob.len() as u64, "{st}");
+    assert_eq!(st.peers[0].path, PathState::Relay, "{st:?}");
+    assert!(st.peers[0].relay_rx_bytes >= rounds * n.blob.len() as u64, "{st:?}");
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -475,8 +475,8 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
             let before = before.clone();
             async move {
                 let a = n.agent.dataplane.status().await.unwrap();
-                a["counters"]["not_granted"].as_u64() > before["counters"]["not_granted"].as_u64()
-                    && a["drops"]["bad_source"].as_u64() > before["drops"]["bad_source"].as_u64()
+                a.counters.not_granted > before.counters.not_granted
+                    && a.drops.bad_source > before.drops.bad_source
             }
         }
     };
@@ -563,9 +563,9 @@ async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
     assert_eq!(fetch(n.client.socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
     let status =
         tunnel_tests::ctl(&["status", "--json", "--state-dir", state_dir.to_str().unwrap()]).await.unwrap();
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["peers"][0]["path"], "direct", "{status}");
-    assert_ne!(status["control"]["state"], "connected", "{status}");
+    let status: tunnel_core::status::NodeStatus = serde_json::from_str(&status).unwrap();
+    assert_eq!(status.peers[0].path, PathState::Direct, "{status:?}");
+    assert_ne!(status.control, Some(tunnel_core::status::LinkState::Connected), "{status:?}");
     // The server returns; a change made afterwards reaches the nodes.
     n.server.restart().await.unwrap();
     let echo = udp_echo().await;

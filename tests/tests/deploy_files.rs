@@ -1091,9 +1091,10 @@ fn ready(lab: &Lab, r: &Running) -> Result<(), String> {
     }
     if matches!(r.launch.role(), Role::Agent | Role::Client) {
         let (_, body) = curl(lab, &r.ns, &r.url("/status"));
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        if v["control"]["state"] != "connected" {
-            return Err(format!("/status control is {}", v["control"]));
+        let st: Option<tunnel_core::status::NodeStatus> = serde_json::from_str(&body).ok();
+        let control = st.and_then(|s| s.control);
+        if control != Some(tunnel_core::status::LinkState::Connected) {
+            return Err(format!("/status control is {control:?}"));
         }
     }
     Ok(())

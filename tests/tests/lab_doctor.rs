@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use serde_json::Value;
+use tunnel_core::status::{LinkState, NodeStatus};
 use tunnel_tests::lab::{binaries, Lab};
 
 fn step<'a>(r: &'a Value, name: &str) -> &'a Value {
@@ -74,8 +75,10 @@ fn doctor_finds_a_system_resolver_that_does_not_point_at_the_tun_client() {
         );
         lab.wait("the TUN client to be up", 30, || {
             let out = lab.exec(&c, &[&b("tunnelctl"), "status", "--json", "--state-dir", &client_state]);
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            v["client"]["mode"] == "tun" && v["control"]["state"] == "connected"
+            let st: Option<NodeStatus> = serde_json::from_slice(&out.stdout).ok();
+            st.is_some_and(|s| {
+                s.client.is_some_and(|c| c.mode() == "tun") && s.control == Some(LinkState::Connected)
+            })
         });
         idx
     };

@@ -163,8 +163,8 @@ async fn tcp_and_quic_nodes_reach_each_other() {
     let mut q = connect(r.info(1, &[2], 60_000, true, false)).await;
     // Only TCP offered (as for a node whose network blocks UDP).
     let mut t = connect(r.info(2, &[1], 60_000, false, true)).await;
-    assert_eq!(t.state.borrow().transport, Some("tcp"));
-    assert_eq!(q.state.borrow().transport, Some("quic"));
+    assert_eq!(t.state.borrow().transport.as_deref(), Some("tcp"));
+    assert_eq!(q.state.borrow().transport.as_deref(), Some("quic"));
     let big = vec![7u8; 1312];
     for _ in 0..50 {
         q.out.send(encode_packet(&[2; 32], &big)).await.unwrap();

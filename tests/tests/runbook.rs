@@ -39,6 +39,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tunnel_core::status::NodeStatus;
 use tunnel_tests::lab::binaries;
 use tunnel_tests::nat::{self, Internet, Nat, Options, Side};
 
@@ -452,8 +453,8 @@ impl World {
         w.wait("the client to point resolv.conf at itself", 30, |_| {
             std::fs::read_to_string(&resolv).unwrap_or_default().contains("managed by tunnelctl up")
         });
-        w.wait("the client's control link", 30, |w| w.status("client")["control"]["state"] == "connected");
-        w.wait("the site's control link", 30, |w| w.status("site")["control"]["state"] == "connected");
+        w.wait("the client's control link", 30, |w| w.control("client") == "connected");
+        w.wait("the site's control link", 30, |w| w.control("site") == "connected");
         w.step("site and client up");
         Some(w)
     }
@@ -782,17 +783,24 @@ impl World {
     // ---- observing ----
 
     /// A node's `/status` (`tunnelctl status --json` on its host).
-    fn status(&self, host: &str) -> Value {
+    fn status(&self, host: &str) -> Option<NodeStatus> {
         let r = self.sh(host, "tunnelctl status --json");
-        serde_json::from_str(&r.out).unwrap_or(Value::Null)
+        serde_json::from_str(&r.out).ok()
     }
 
-    fn peer(&self, host: &str) -> Value {
-        self.status(host)["peers"].get(0).cloned().unwrap_or(Value::Null)
+    /// The state of the host's control link (`connected`, ...), or `(no answer)`.
+    fn control(&self, host: &str) -> String {
+        let st = self.status(host).and_then(|s| s.control);
+        st.map_or_else(|| "(no answer)".into(), |c| c.state().to_owned())
+    }
+
+    fn relay_up(&self, host: &str) -> Option<bool> {
+        self.status(host).map(|s| s.relay.up)
     }
 
     fn path_of(&self, host: &str) -> String {
-        self.peer(host)["path"].as_str().unwrap_or("(no peer)").to_owned()
+        let peer = self.status(host).and_then(|s| s.peers.into_iter().next());
+        peer.map_or_else(|| "(no peer)".into(), |p| p.path.as_str().to_owned())
     }
 
     /// Polls `cond` every 200 ms; fails with the context after `secs`.
@@ -882,7 +890,7 @@ impl World {
     fn fail(&self, msg: &str) -> ! {
         let mut s = String::new();
         for host in ["client", "site"] {
-            s.push_str(&format!("--- {host} status: {}\n", self.status(host)));
+            s.push_str(&format!("--- {host} status: {}\n", self.sh(host, "tunnelctl status --json").out));
         }
         for n in 1..=self.fetches {
             s.push_str(&format!("--- fetch{n}: {}\n", self.net.lab.log(&format!("fetch{n}"))));
@@ -996,8 +1004,8 @@ fn runbook_server_down_upgrade_and_restore() {
     };
     let ops_path = |w: &World| {
         let r = w.sh("client", &format!("curl -fsS --max-time 2 http://{OPS_METRICS}/status"));
-        let v: Value = serde_json::from_str(&r.out).unwrap_or(Value::Null);
-        v["peers"][0]["path"].as_str().unwrap_or("").to_owned()
+        let st: Option<NodeStatus> = serde_json::from_str(&r.out).ok();
+        st.and_then(|s| s.peers.into_iter().next()).map_or(String::new(), |p| p.path.as_str().to_owned())
     };
     w.wait("the relayed client to fetch through the relay", 45, |w| ops_get(w) && ops_path(w) == "relay");
     w.wait_path("client", "direct", 45);
@@ -1006,7 +1014,7 @@ fn runbook_server_down_upgrade_and_restore() {
     w.crash("tunnel-server");
     w.step("server killed");
     w.wait("the client to find the server gone", 10, |w| {
-        w.status("client")["control"]["reason"].as_str().is_some_and(|r| r.contains("cannot reach"))
+        w.status("client").and_then(|s| s.control).is_some_and(|c| c.reason().contains("cannot reach"))
     });
     let r = w.run("server-down.doctor");
     assert_eq!(r.code, 1, "doctor exits 1 while the server is down");
@@ -1152,7 +1160,7 @@ fn runbook_hole_punching_and_relay_down() {
     }
     w.run("punch.force-relay");
     w.run_until("punch.verify", 30);
-    assert!(w.status("client")["relay"]["up"] == true);
+    assert_eq!(w.relay_up("client"), Some(true));
 
     // ---- 2. Relay down ----
     let f = w.fetch_bg(SLOW, &[]);
@@ -1165,7 +1173,7 @@ fn runbook_hole_punching_and_relay_down() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(World::fetched(&f), stalled, "nothing passes while the relay is down");
     assert!(!w.get(3), "no new connection through a dead relay");
-    w.wait("the client to notice the relay is gone", 45, |w| w.status("client")["relay"]["up"] == false);
+    w.wait("the client to notice the relay is gone", 45, |w| w.relay_up("client") == Some(false));
     w.step(&format!("the client says relay: down {:.1}s after the kill", killed.elapsed().as_secs_f64()));
     w.run("relay-down.client");
     let r = w.run("relay-down.relay");

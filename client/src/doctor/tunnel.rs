@@ -11,6 +11,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tunnel_core::map::{NetworkMap, NodeKind, PeerInfo, ResourceInfo};
+use tunnel_core::status::{ClientInfo, NodeStatus, PathState, PeerStatus};
 
 use super::control::Local;
 use super::{Outcome, Step};
@@ -19,7 +20,7 @@ use super::{Outcome, Step};
 #[derive(Debug, Clone)]
 pub(super) struct Daemon {
     pub addr: SocketAddr,
-    pub status: serde_json::Value,
+    pub status: NodeStatus,
     /// `tun` or `userspace`.
     pub mode: String,
 }
@@ -29,7 +30,10 @@ impl Daemon {
         if self.mode != "userspace" {
             return Ok(Via::Tun);
         }
-        let socks = self.status["client"]["socks5"].as_str().unwrap_or("");
+        let socks = match &self.status.client {
+            Some(ClientInfo::Userspace { socks5, .. }) => socks5.as_str(),
+            _ => "",
+        };
         socks
             .parse()
             .map(Via::Socks)
@@ -37,15 +41,15 @@ impl Daemon {
     }
 
     fn dns(&self) -> Option<SocketAddr> {
-        self.status["client"]["dns"].as_str()?.parse().ok()
+        self.status.client.as_ref()?.dns().parse().ok()
     }
 
     /// `(state, reason)` of its control link.
     pub(super) fn control(&self) -> (&str, &str) {
-        (
-            self.status["control"]["state"].as_str().unwrap_or("unknown"),
-            self.status["control"]["reason"].as_str().unwrap_or(""),
-        )
+        match &self.status.control {
+            Some(c) => (c.state(), c.reason()),
+            None => ("unknown", ""),
+        }
     }
 }
 
@@ -96,14 +100,14 @@ pub(super) async fn daemon(local: &Local, timeout: Duration) -> Result<Daemon, S
             ))
         }
     };
-    let status: serde_json::Value = serde_json::from_str(&body).map_err(|_| {
+    let status: NodeStatus = serde_json::from_str(&body).map_err(|_| {
         Step::failed(
             "client",
             format!("something else answers on {addr}, the status address `tunnelctl up` recorded"),
             start_fix.clone(),
         )
     })?;
-    let mode = status["client"]["mode"].as_str().unwrap_or("tun").to_owned();
+    let mode = status.client.as_ref().map_or("tun", ClientInfo::mode).to_owned();
     Ok(Daemon { addr, status, mode })
 }
 
@@ -201,18 +205,14 @@ async fn sites_up(
     let mut status = d.status.clone();
     let mut nudged = false;
     loop {
-        let peers: BTreeMap<String, serde_json::Value> = status["peers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| Some((p["node_id"].as_str()?.to_owned(), p.clone())))
-            .collect();
+        let peers: BTreeMap<&str, &PeerStatus> =
+            status.peers.iter().map(|p| (p.node_id.as_str(), p)).collect();
         let down: Vec<&&PeerInfo> = sites
             .iter()
-            .filter(|s| peers.get(s.node_id.as_str()).is_none_or(|p| p["path"] == "down"))
+            .filter(|s| peers.get(s.node_id.as_str()).is_none_or(|p| p.path == PathState::Down))
             .collect();
         if down.is_empty() || Instant::now() >= deadline {
-            return sites.iter().map(|s| site_step(s, peers.get(s.node_id.as_str()))).collect();
+            return sites.iter().map(|s| site_step(s, peers.get(s.node_id.as_str()).copied())).collect();
         }
         if !nudged {
             for s in &down {
@@ -233,7 +233,7 @@ async fn sites_up(
     }
 }
 
-fn site_step(site: &PeerInfo, peer: Option<&serde_json::Value>) -> Step {
+fn site_step(site: &PeerInfo, peer: Option<&PeerStatus>) -> Step {
     if site.public_key.is_none() {
         return Step::failed(
             "site",
@@ -254,10 +254,10 @@ fn site_step(site: &PeerInfo, peer: Option<&serde_json::Value>) -> Step {
         )
         .about(&site.name);
     };
-    let path = p["path"].as_str().unwrap_or("down");
-    let hs = p["last_handshake_secs_ago"].as_u64();
-    let endpoint = p["endpoint"].as_str().map(|e| format!(" via {e}")).unwrap_or_default();
-    if path != "down" {
+    let path = p.path;
+    let hs = p.last_handshake_secs_ago;
+    let endpoint = p.endpoint.as_ref().map(|e| format!(" via {e}")).unwrap_or_default();
+    if path != PathState::Down {
         let hs = hs.map(|s| format!(", last handshake {s}s ago")).unwrap_or_default();
         // The tunnel may still work (a site cut off from the server keeps its tunnels), but if it does
         // not, an agent that is down is the likely reason: say so here, where the operator looks first.
@@ -581,8 +581,11 @@ async fn names(d: &Daemon, via: Via, map: &NetworkMap, timeout: Duration) -> Ste
             ),
         );
     }
-    let device = d.status["client"]["device"].as_str().unwrap_or("tunnel0");
-    let fix = match d.status["client"]["dns_mode"].as_str().unwrap_or("") {
+    let (device, dns_mode) = match &d.status.client {
+        Some(ClientInfo::Tun { device, dns_mode, .. }) => (device.as_str(), dns_mode.as_str()),
+        _ => ("tunnel0", ""),
+    };
+    let fix = match dns_mode {
         "off" => format!(
             "`tunnelctl up` runs with --dns-mode off, so nothing points the system at it: restart it with \
              --dns-mode auto, or send the zone {} (and alias domains) to {dns} in your resolver",

@@ -53,12 +53,12 @@ pub struct DnsStats {
 
 impl DnsStats {
     /// The figures as JSON (`dns` in `/status`).
-    pub fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!({
-            "refused_source": self.refused_source.load(Ordering::Relaxed),
-            "refused_busy": self.refused_busy.load(Ordering::Relaxed),
-            "forwards": self.forwards.load(Ordering::Relaxed),
-        })
+    pub fn snapshot(&self) -> tunnel_core::status::DnsStatus {
+        tunnel_core::status::DnsStatus {
+            refused_source: self.refused_source.load(Ordering::Relaxed),
+            refused_busy: self.refused_busy.load(Ordering::Relaxed),
+            forwards: self.forwards.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -202,10 +202,10 @@ mod tests {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while stats.refused_busy.load(Ordering::Relaxed) + stats.forwards.load(Ordering::Relaxed) < 20 {
-            assert!(tokio::time::Instant::now() < deadline, "{}", stats.snapshot());
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", stats.snapshot());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(stats.forwards.load(Ordering::Relaxed), 3, "{}", stats.snapshot());
+        assert_eq!(stats.forwards.load(Ordering::Relaxed), 3, "{:?}", stats.snapshot());
         assert_eq!(stats.refused_busy.load(Ordering::Relaxed), 17);
         task.abort();
     }

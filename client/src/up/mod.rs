@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 use tunnel_core::dns::PrivateZone;
 use tunnel_core::map::NodeKind;
+use tunnel_core::status::ClientInfo;
 use tunnel_node::node::{self, NodeConfig, RunningNode};
 
 /// Settings for `up`.
@@ -109,13 +110,11 @@ pub async fn start(cfg: UpConfig) -> Result<Client> {
     let upstreams = dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     let (dns_addr, dns_task, dns_stats) =
         dns::serve(cfg.dns_listen, zone_rx.clone(), upstreams, cfg.dns.clone()).await?;
-    node.status_extra.set_live("dns", move || dns_stats.snapshot());
+    node.status_extra.set_dns(move || dns_stats.snapshot());
     let (socks_addr, socks_task) =
         socks::serve(cfg.socks5, node.dataplane.clone(), node.maps.clone(), zone_rx).await?;
-    node.status_extra.set(
-        "client",
-        serde_json::json!({"mode": "userspace", "socks5": socks_addr.to_string(), "dns": dns_addr.to_string()}),
-    );
+    node.status_extra
+        .set_client(ClientInfo::Userspace { socks5: socks_addr.to_string(), dns: dns_addr.to_string() });
     Ok(Client {
         node,
         socks5: socks_addr,
@@ -174,7 +173,7 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
     // On the overlay address anyone who routes to it could ask: only this host and its containers.
     let dns_opts = dns::DnsOptions { local_only: true, ..cfg.dns.clone() };
     let (dns_addr, dns_task, dns_stats) = dns::serve(dns_listen, zone_rx, upstreams, dns_opts).await?;
-    node.status_extra.set_live("dns", move || dns_stats.snapshot());
+    node.status_extra.set_dns(move || dns_stats.snapshot());
     let applied = resolv::apply(
         cfg.dns_mode,
         &cfg.tun_name,
@@ -184,15 +183,11 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
         &backup,
     )?;
     tracing::info!(device = %cfg.tun_name, %addr, dns = %dns_addr, mode = ?applied, "TUN up");
-    node.status_extra.set(
-        "client",
-        serde_json::json!({
-            "mode": "tun",
-            "device": cfg.tun_name,
-            "dns": dns_addr.to_string(),
-            "dns_mode": applied.mode_name(),
-        }),
-    );
+    node.status_extra.set_client(ClientInfo::Tun {
+        device: cfg.tun_name.clone(),
+        dns: dns_addr.to_string(),
+        dns_mode: applied.mode_name().to_owned(),
+    });
     let domains_applied = matches!(applied, resolv::Applied::Resolved { .. });
     let link = cfg.tun_name.clone();
     let zone_task = tokio::spawn(async move {
@@ -223,7 +218,7 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
 }
 
 /// `tunnelctl status`: asks the local `up` daemon (found through its state dir) for its status.
-pub async fn status(state_dir: &std::path::Path) -> Result<serde_json::Value> {
+pub async fn status(state_dir: &std::path::Path) -> Result<tunnel_core::status::NodeStatus> {
     let state = tunnel_node::StateDir::open(state_dir)?;
     let addr = state.status_addr().ok_or_else(|| {
         anyhow!(
@@ -234,7 +229,7 @@ pub async fn status(state_dir: &std::path::Path) -> Result<serde_json::Value> {
     let body = http_get(addr, "/status").await.with_context(|| {
         format!("the client's status listener at {addr} does not answer; is `tunnelctl up` running?")
     })?;
-    serde_json::from_str(&body).context("the status listener sent something that is not JSON")
+    serde_json::from_str(&body).context("the status listener sent something that is not a status document")
 }
 
 /// A minimal HTTP/1.0 GET against a local status listener.

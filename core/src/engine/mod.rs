@@ -45,11 +45,11 @@ mod stun_client;
 #[cfg(test)]
 mod tests;
 
+pub use crate::status::{Counters, NodeStatus, PeerStatus, Refused};
 pub use buffer_port::BufferPort;
 pub use client::Client;
 pub use flows::{FlowPort, Outgoing, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, LISTEN_TIMEOUT};
 pub use site::Site;
-pub use status::{Counters, EngineStatus, PeerStatus, Refused};
 
 use flows::FlowState;
 use stun_client::StunClient;
@@ -162,7 +162,7 @@ pub trait Role: Sized + std::fmt::Debug {
     /// The end of a wake-up.
     fn on_settle(&mut self, _node: &mut Node, _now: Instant) {}
     /// The role's part of the status document.
-    fn status(&self, _out: &mut EngineStatus) {}
+    fn status(&self, _out: &mut NodeStatus) {}
 }
 
 /// The half of an engine both roles share: WireGuard, paths, STUN, the stack and its flows, the
@@ -591,7 +591,7 @@ impl<R: Role> Engine<R> {
     }
 
     /// A snapshot of the engine for `/status`.
-    pub fn status(&self) -> EngineStatus {
+    pub fn status(&self) -> NodeStatus {
         let mut st = self.node.status(R::KIND);
         self.role.status(&mut st);
         st

@@ -10,7 +10,7 @@ use super::flows::FlowState;
 use std::collections::HashMap;
 
 use super::{
-    Deliver, Effect, Engine, EngineConfig, EngineStatus, FlowId, FlowTuple, Node, Refused, Role, UDP_IDLE,
+    Deliver, Effect, Engine, EngineConfig, FlowId, FlowTuple, Node, NodeStatus, Refused, Role, UDP_IDLE,
     UDP_QUEUED,
 };
 use crate::map::{NetworkMap, NodeKind};
@@ -99,7 +99,7 @@ impl Role for Site {
         self.retain_udp_flows(node, |_, f| f.last >= idle_cutoff);
     }
 
-    fn status(&self, out: &mut EngineStatus) {
+    fn status(&self, out: &mut NodeStatus) {
         out.udp_flows = self.udp_flows.len();
         out.pending_dials = self.pending_syn.len();
         out.refused = self.refused;

@@ -444,8 +444,8 @@ mod pair {
         assert_eq!(r, Ok(()));
         // The handshake the connect started makes the proven path a live one on both sides.
         p.until("a direct path", 5_000, |p| {
-            p.site.status().peers.first().is_some_and(|s| s.path == "direct")
-                && p.client.status().peers.first().is_some_and(|s| s.path == "direct")
+            p.site.status().peers.first().is_some_and(|s| s.path == crate::status::PathState::Direct)
+                && p.client.status().peers.first().is_some_and(|s| s.path == crate::status::PathState::Direct)
         });
         assert_eq!(p.bridged.len(), 1, "the site dialled once and bridged the flow");
         let s = *p.bridged.values().next().unwrap();

@@ -252,6 +252,7 @@ mod tests {
     use crate::dataplane::{assemble, PathOptions};
     use tokio::sync::oneshot;
     use tunnel_core::engine::Client;
+    use tunnel_core::map::NodeKind;
 
     /// Junk waiting in the socket is taken at most a budget per sweep, after the commands: a status
     /// request queued behind 600 junk datagrams is answered by the first sweep, which leaves most
@@ -261,7 +262,7 @@ mod tests {
         let (_maps_tx, maps) = watch::channel(None);
         let sock = crate::udp::bind_socket("127.0.0.1:0".parse().unwrap()).unwrap();
         let (cfg, parts, mut inp, _relay, dp) =
-            assemble([21; 32], sock, maps, None, PathOptions::default()).unwrap();
+            assemble(NodeKind::Client, [21; 32], sock, maps, None, PathOptions::default()).unwrap();
         let now = Instant::now();
         let mut sh = Shell::<Client>::new(cfg, parts, now);
         let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -280,7 +281,7 @@ mod tests {
 
         assert!(sweep(&mut sh, &mut inp, &mut rb, now));
         let status = answered.try_recv().expect("the status request was answered by the first sweep");
-        assert_eq!(status["drops"]["malformed"], 0, "commands come before the socket");
+        assert_eq!(status.drops.malformed, 0, "commands come before the socket");
         let first = malformed(&sh);
         assert!(
             (PACKET_BUDGET as u64..JUNK / 2).contains(&first),

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tunnel_core::map::{NetworkMap, NodeKind, PeerInfo, ResourceInfo};
 use tunnel_core::packet;
 use tunnel_core::path::Via;
+use tunnel_core::status::NodeStatus;
 use tunnel_core::wg::{self, Device, PeerConfig};
 use tunnel_core::NodeId;
 
@@ -147,8 +148,8 @@ async fn node(
     (dp, task, tx)
 }
 
-async fn counter(dp: &Dataplane, group: &str, name: &str) -> u64 {
-    dp.status().await.unwrap()[group][name].as_u64().unwrap_or(0)
+async fn counter(dp: &Dataplane, field: impl Fn(&NodeStatus) -> u64) -> u64 {
+    field(&dp.status().await.unwrap())
 }
 
 /// Waits until `f` holds, polling against a generous deadline.
@@ -205,11 +206,11 @@ async fn a_tun_client_lets_in_only_replies_for_its_own_address() {
     raw.connect(hostile[0].clone()).await;
     raw.send(&hostile[1..]).await;
     until("the client to count every hostile packet", || async {
-        counter(&dp, "counters", "wrong_destination").await + counter(&dp, "counters", "unsolicited").await
+        counter(&dp, |s| s.counters.wrong_destination).await + counter(&dp, |s| s.counters.unsolicited).await
             >= hostile.len() as u64
     })
     .await;
-    assert_eq!(counter(&dp, "counters", "wrong_destination").await, 3);
+    assert_eq!(counter(&dp, |s| s.counters.wrong_destination).await, 3);
     assert!(to_os_rx.try_recv().is_err(), "nothing reached the system");
     // The client's own conversation: its datagram goes out, the reply comes in, and only that.
     let query =
@@ -298,12 +299,12 @@ async fn a_site_holds_only_so_many_dials_per_peer_and_resets_the_rest() {
     let got = raw.receive_until(|_, got| count(got, RST) >= 6).await;
     assert_eq!(count(&got, RST), 6, "one reset for each SYN beyond the four dials");
     let st = dp.status().await.unwrap();
-    assert_eq!(st["pending_dials"], 4);
-    assert_eq!(st["refused"]["pending_dial_peer"], 6);
+    assert_eq!(st.pending_dials, 4);
+    assert_eq!(st.refused.pending_dial_peer, 6);
     // A SYN retransmitted while its dial is pending is neither a new dial nor refused.
     raw.send(&syns[..1]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(dp.status().await.unwrap()["refused"]["pending_dial_peer"], 6);
+    assert_eq!(dp.status().await.unwrap().refused.pending_dial_peer, 6);
 }
 
 #[tokio::test]
@@ -331,14 +332,14 @@ async fn a_site_caps_tcp_flows_per_peer_and_drops_handshakes_that_never_complete
     let got = raw.receive_until(|_, got| count(got, SYN_ACK) >= 6 && count(got, RST) >= 2).await;
     assert_eq!((count(&got, SYN_ACK), count(&got, RST)), (6, 2));
     let st = dp.status().await.unwrap();
-    assert_eq!((st["flows"].as_u64(), st["tcp"]["refused_peer_flows"].as_u64()), (Some(6), Some(2)));
+    assert_eq!((st.flows, st.tcp.refused_peer_flows), (6, 2));
     // Half-open, they end after the handshake timeout, not smoltcp's 120 s, and free their targets.
     let deadline = tokio::time::Instant::now() + tunnel_core::engine::HANDSHAKE_TIMEOUT + PATIENCE;
     for _ in 0..6 {
         tokio::time::timeout_at(deadline, closed_rx.recv()).await.expect("the target connection closed");
     }
-    until("the half-open flows to go", || async { dp.status().await.unwrap()["flows"] == 0 }).await;
-    assert_eq!(dp.status().await.unwrap()["tcp"]["buffer_bytes"], 0, "their buffers are given back");
+    until("the half-open flows to go", || async { dp.status().await.unwrap().flows == 0 }).await;
+    assert_eq!(dp.status().await.unwrap().tcp.buffer_bytes, 0, "their buffers are given back");
 }
 
 #[tokio::test]
@@ -364,14 +365,14 @@ async fn a_site_caps_udp_flows_per_peer() {
     raw.connect(q(5000)).await;
     raw.send(&(5001..5008).map(q).collect::<Vec<_>>()).await;
     until("the site to refuse the flows beyond five", || async {
-        dp.status().await.unwrap()["refused"]["udp_peer"] == 3
+        dp.status().await.unwrap().refused.udp_peer == 3
     })
     .await;
     let got = raw.receive_until(|_, got| got.len() >= 5).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let more = raw.dev.poll_inbound();
     assert_eq!(got.len() + usize::from(more.is_some()), 5, "answers for the five flows only");
-    assert_eq!(dp.status().await.unwrap()["udp_flows"], 5);
+    assert_eq!(dp.status().await.unwrap().udp_flows, 5);
     // The refusals show in /metrics with their kind and limit.
     let (link_tx, link) = watch::channel(crate::control::LinkState::Connected);
     let (addr, _t) =
@@ -423,7 +424,7 @@ async fn a_flood_of_junk_datagrams_starves_neither_status_nor_a_clients_udp() {
     };
     until("the flood to reach the loop", || {
         let dp = dp.clone();
-        async move { counter(&dp, "drops", "malformed").await > 10_000 }
+        async move { counter(&dp, |s| s.drops.malformed).await > 10_000 }
     })
     .await;
 
@@ -454,7 +455,7 @@ async fn a_flood_of_junk_datagrams_starves_neither_status_nor_a_clients_udp() {
         .expect("the answer went undelivered during the flood")
         .unwrap();
     assert_eq!((from, answer), ("100.96.0.11:53".parse().unwrap(), b"here".to_vec()));
-    let before = counter(&dp, "drops", "malformed").await;
+    let before = counter(&dp, |s| s.drops.malformed).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flood.join().unwrap();
     assert!(before > 10_000 && before <= sent, "{before} junk datagrams counted of {sent} sent");

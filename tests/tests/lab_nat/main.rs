@@ -36,7 +36,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use tunnel_core::status::{NodeStatus, PeerStatus};
 use tunnel_tests::lab::binaries;
 use tunnel_tests::nat::{self, Internet, Nat, Options, Side};
 
@@ -184,8 +184,7 @@ fn nat_rebinding_mid_transfer_keeps_the_transfer() {
     // Let packets already past the router drain before taking the baseline: from here on, anything
     // the client receives came through the new mapping (or the relay).
     std::thread::sleep(Duration::from_millis(300));
-    let received =
-        |w: &World| w.peer(Who::Client).map(|p| num(&p, "rx_bytes") + num(&p, "relay_rx_bytes")).unwrap_or(0);
+    let received = |w: &World| w.peer(Who::Client).map_or(0, |p| p.rx_bytes + p.relay_rx_bytes);
     let base = received(&w);
     let healthy =
         w.wait("a working path (direct or relay) carrying packets again after the rebind", 5, |w| {
@@ -219,7 +218,7 @@ fn nat_rebinding_mid_transfer_keeps_the_transfer() {
         w.fail(&format!("after the rebind the client reports path {path:?}"));
     }
     let agent_path = w.wait_path(Who::Agent, &["direct", "relay"], 10);
-    w.step(&format!("after the rebind: client path {path}, agent peer {agent_path}"));
+    w.step(&format!("after the rebind: client path {path}, agent peer {agent_path:?}"));
     w.ping_full_size();
 }
 
@@ -307,13 +306,13 @@ fn lossy_wan_download_arrives_whole() {
     w.step("3% loss on both WANs, each way");
     w.wait_path(Who::Client, &["direct"], PATH_SECS);
     w.wait_path(Who::Agent, &["direct"], PATH_SECS);
-    let before = w.status(Who::Agent).unwrap_or_default();
+    let tcp = |w: &World| w.status(Who::Agent).map(|s| s.tcp).unwrap_or_default();
+    let before = tcp(&w);
     w.transfer_over("direct");
-    let after = w.status(Who::Agent).unwrap_or_default();
-    let recovered =
-        num(&after["tcp"], "retransmitted_segments") - num(&before["tcp"], "retransmitted_segments");
+    let after = tcp(&w);
+    let recovered = after.retransmitted_segments.saturating_sub(before.retransmitted_segments);
     if recovered == 0 {
         w.fail("the site's TCP stack retransmitted nothing: the loss did not reach the transfer");
     }
-    w.step(&format!("the site's stack sent {recovered} segments again; tcp counters now {}", after["tcp"]));
+    w.step(&format!("the site's stack sent {recovered} segments again; tcp counters now {after:?}"));
 }

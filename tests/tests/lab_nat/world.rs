@@ -67,10 +67,6 @@ pub(crate) fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
-pub(crate) fn num(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
 pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -272,7 +268,7 @@ impl World {
     // ---- observing ----
 
     /// A node's `/status` document.
-    pub(crate) fn status(&self, who: Who) -> Option<Value> {
+    pub(crate) fn status(&self, who: Who) -> Option<NodeStatus> {
         let ns = match who {
             Who::Client => &self.net.cli,
             Who::Agent => &self.net.agent,
@@ -286,35 +282,32 @@ impl World {
     }
 
     /// The node's one peer (the site for the client, the client for the agent).
-    pub(crate) fn peer(&self, who: Who) -> Option<Value> {
-        let st = self.status(who)?;
-        let peers = st.get("peers")?.as_array()?.clone();
-        peers
-            .iter()
-            .find(|p| p.get("name").and_then(Value::as_str) == Some(who.peer_name()))
-            .cloned()
-            .or_else(|| (peers.len() == 1).then(|| peers[0].clone()))
+    pub(crate) fn peer(&self, who: Who) -> Option<PeerStatus> {
+        let mut peers = self.status(who)?.peers;
+        match peers.iter().position(|p| p.name == who.peer_name()) {
+            Some(i) => Some(peers.swap_remove(i)),
+            None if peers.len() == 1 => peers.pop(),
+            None => None,
+        }
     }
 
     pub(crate) fn path(&self, who: Who) -> String {
-        self.peer(who)
-            .and_then(|p| p.get("path").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| "(no peer)".into())
+        self.peer(who).map_or_else(|| "(no peer)".into(), |p| p.path.as_str().to_owned())
     }
 
     /// The peer's endpoint as an address, if it reports one.
     pub(crate) fn endpoint(&self, who: Who) -> Option<SocketAddrV4> {
-        self.peer(who)?.get("endpoint")?.as_str()?.parse().ok()
+        self.peer(who)?.endpoint?.parse().ok()
     }
 
     /// Waits until the node reports one of `want` as its peer's path; returns the peer.
-    pub(crate) fn wait_path(&self, who: Who, want: &[&str], secs: u64) -> Value {
+    pub(crate) fn wait_path(&self, who: Who, want: &[&str], secs: u64) -> Option<PeerStatus> {
         let took = self.wait(&format!("the {}'s path to be one of {want:?}", who.label()), secs, |w| {
             want.contains(&w.path(who).as_str())
         });
-        let peer = self.peer(who).unwrap_or_default();
+        let peer = self.peer(who);
         self.step(&format!(
-            "{} path {} after {:.1}s: {peer}",
+            "{} path {} after {:.1}s: {peer:?}",
             who.label(),
             self.path(who),
             took.as_secs_f64()
@@ -352,7 +345,10 @@ impl World {
     pub(crate) fn fail(&self, msg: &str) -> ! {
         let mut s = String::new();
         for who in [Who::Client, Who::Agent] {
-            let st = self.status(who).map(|v| v.to_string()).unwrap_or_else(|| "(no answer)".into());
+            let st = self
+                .status(who)
+                .and_then(|v| serde_json::to_string(&v).ok())
+                .unwrap_or_else(|| "(no answer)".into());
             s.push_str(&format!("--- {} /status: {st}\n", who.label()));
         }
         s.push_str(&self.net.diagnostics());
@@ -460,11 +456,11 @@ impl World {
     /// A foreground transfer over `path`, which both ends must still report afterwards; the client's
     /// relay counters must show the file went through the relay (or, on a direct path, that it did not).
     pub(crate) fn transfer_over(&mut self, path: &str) {
-        let before = self.peer(Who::Client).unwrap_or_default();
+        let relay_rx = |w: &World| w.peer(Who::Client).map_or(0, |p| p.relay_rx_bytes);
+        let before = relay_rx(self);
         self.fetch();
         self.assert_path(path, "after the transfer");
-        let after = self.peer(Who::Client).unwrap_or_default();
-        let relayed = num(&after, "relay_rx_bytes").saturating_sub(num(&before, "relay_rx_bytes"));
+        let relayed = relay_rx(self).saturating_sub(before);
         let relayed_ok =
             if path == "relay" { relayed >= BLOB_LEN as u64 } else { relayed < BLOB_LEN as u64 / 10 };
         if !relayed_ok {
