@@ -171,11 +171,7 @@ pub fn print_resources(out: &mut dyn Write, rs: &[pb::ResourceInfo], json_out: b
 }
 
 fn health_name(v: i32) -> &'static str {
-    match pb::HealthState::try_from(v) {
-        Ok(pb::HealthState::Healthy) => "healthy",
-        Ok(pb::HealthState::Unhealthy) => "unhealthy",
-        _ => "unknown",
-    }
+    tunnel_wire::health_state_from_pb(v).as_str()
 }
 
 /// `grants`.

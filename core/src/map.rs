@@ -31,13 +31,50 @@ impl NodeKind {
     }
 }
 
-/// Where a peer may be reached, and how the address was learned.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Candidate {
-    /// `IP:PORT`.
-    pub addr: String,
+/// How a node learned one of its candidate addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CandidateKind {
+    /// On the node's own network interfaces.
+    Lan,
+    /// The public address a STUN server saw.
+    Reflexive,
+    /// Configured by the operator: a forwarded port, a hostPort.
+    Advertised,
+}
+
+impl CandidateKind {
     /// `lan`, `reflexive` or `advertised`.
-    pub kind: String,
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CandidateKind::Lan => "lan",
+            CandidateKind::Reflexive => "reflexive",
+            CandidateKind::Advertised => "advertised",
+        }
+    }
+
+    /// The most candidates of this kind a node may report.
+    pub fn cap(self) -> usize {
+        match self {
+            CandidateKind::Lan => MAX_CANDIDATES_LAN,
+            CandidateKind::Reflexive => MAX_CANDIDATES_REFLEXIVE,
+            CandidateKind::Advertised => MAX_CANDIDATES_ADVERTISED,
+        }
+    }
+}
+
+/// Where a peer may be reached, and how the address was learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    /// `IP:PORT` (on disk and on the wire; IPv6 in brackets).
+    pub addr: std::net::SocketAddr,
+    pub kind: CandidateKind,
+}
+
+impl Candidate {
+    pub fn new(addr: std::net::SocketAddr, kind: CandidateKind) -> Candidate {
+        Candidate { addr, kind }
+    }
 }
 
 /// The most candidates of one kind a node may report (and a peer will probe). LAN covers every
@@ -79,16 +116,6 @@ pub fn candidate_addr_allowed(addr: std::net::SocketAddr) -> bool {
     }
 }
 
-/// The cap for candidates of `kind` (`lan`, `reflexive`, `advertised`); 0 for an unknown kind.
-pub fn candidate_cap(kind: &str) -> usize {
-    match kind {
-        "lan" => MAX_CANDIDATES_LAN,
-        "reflexive" => MAX_CANDIDATES_REFLEXIVE,
-        "advertised" => MAX_CANDIDATES_ADVERTISED,
-        _ => 0,
-    }
-}
-
 /// `list` without refused addresses ([`candidate_addr_allowed`], and `refuse` for the caller's own
 /// rule, e.g. the overlay), duplicates or more than the cap of each kind (first ones kept), and how
 /// many were dropped.
@@ -103,12 +130,11 @@ pub fn bound_candidates(
     let mut kept: Vec<Candidate> = Vec::new();
     let mut dropped = 0;
     for c in list {
-        let ok = c.addr.parse::<std::net::SocketAddr>().is_ok_and(|a| {
-            (candidate_addr_allowed(a)
-                || (allow_loopback && a.port() != 0 && a.ip().to_canonical().is_loopback()))
-                && !refuse(a.ip())
-        });
-        let room = kept.iter().filter(|k| k.kind == c.kind).count() < candidate_cap(&c.kind);
+        let a = c.addr;
+        let ok = (candidate_addr_allowed(a)
+            || (allow_loopback && a.port() != 0 && a.ip().to_canonical().is_loopback()))
+            && !refuse(a.ip());
+        let room = kept.iter().filter(|k| k.kind == c.kind).count() < c.kind.cap();
         if ok && room && !kept.contains(&c) {
             kept.push(c);
         } else {
@@ -360,7 +386,8 @@ mod tests {
 
     #[test]
     fn candidates_are_bounded_and_only_unicast() {
-        let c = |addr: &str, kind: &str| Candidate { addr: addr.into(), kind: kind.into() };
+        let c = |addr: &str, kind| Candidate { addr: addr.parse().unwrap(), kind };
+        use CandidateKind::{Lan, Reflexive};
         let refused = [
             "127.0.0.1:5",
             "0.0.0.0:5",
@@ -381,23 +408,23 @@ mod tests {
         for a in ["192.0.2.1:5", "10.1.0.2:51820", "[2001:db8::1]:5", "[fd00::1]:5", "100.64.0.1:9"] {
             assert!(candidate_addr_allowed(a.parse().unwrap()), "{a} must be allowed");
         }
-        let mut list: Vec<Candidate> = (0..40).map(|i| c(&format!("10.0.0.{i}:1"), "lan")).collect();
-        list.push(c("127.0.0.1:1", "lan"));
-        list.push(c("100.96.0.9:1", "reflexive"));
-        list.push(c("192.0.2.1:1", "reflexive"));
-        list.push(c("192.0.2.1:1", "reflexive"));
-        list.push(c("192.0.2.2:1", "bogus"));
+        let mut list: Vec<Candidate> = (0..40).map(|i| c(&format!("10.0.0.{i}:1"), Lan)).collect();
+        list.push(c("127.0.0.1:1", Lan));
+        list.push(c("100.96.0.9:1", Reflexive));
+        list.push(c("192.0.2.1:1", Reflexive));
+        list.push(c("192.0.2.1:1", Reflexive));
         let overlay: ipnet::Ipv4Net = "100.96.0.0/16".parse().unwrap();
         let (kept, dropped) = bound_candidates(list, false, |ip| match ip {
             std::net::IpAddr::V4(v4) => overlay.contains(&v4),
             _ => false,
         });
-        assert_eq!(kept.iter().filter(|k| k.kind == "lan").count(), MAX_CANDIDATES_LAN);
+        assert_eq!(kept.iter().filter(|k| k.kind == Lan).count(), MAX_CANDIDATES_LAN);
         assert_eq!(
-            kept.iter().filter(|k| k.kind == "reflexive").collect::<Vec<_>>(),
-            vec![&c("192.0.2.1:1", "reflexive")]
+            kept.iter().filter(|k| k.kind == Reflexive).collect::<Vec<_>>(),
+            vec![&c("192.0.2.1:1", Reflexive)]
         );
-        assert_eq!(dropped, 40 - MAX_CANDIDATES_LAN + 1 + 1 + 1 + 1);
+        // (A kind this version does not know never gets here: tunnel-wire leaves it out.)
+        assert_eq!(dropped, 40 - MAX_CANDIDATES_LAN + 1 + 1 + 1);
     }
     use proptest::prelude::*;
 
@@ -469,7 +496,7 @@ mod tests {
             .get_mut(&id(1))
             .unwrap()
             .candidates
-            .push(Candidate { addr: "192.0.2.1:5".into(), kind: "reflexive".into() });
+            .push(Candidate { addr: "192.0.2.1:5".parse().unwrap(), kind: CandidateKind::Reflexive });
         let d = diff(&a, &b);
         assert_eq!(d.added_peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>(), vec![id(3)]);
         assert_eq!(d.changed_peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>(), vec![id(1)]);

@@ -44,10 +44,11 @@ const OUTSTANDING_MAX: usize = 128;
 
 pub use crate::wg::Via;
 
-/// How a candidate address was learned; higher ranks win.
+/// How a candidate address of a path was learned: the map's kinds ([`crate::map::CandidateKind`])
+/// and the peer-reflexive one only a path sees; higher ranks win.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum CandidateKind {
+pub enum Origin {
     /// Seen as the source of an authenticated ping.
     PeerReflexive,
     /// A public address a STUN server saw.
@@ -58,27 +59,26 @@ pub enum CandidateKind {
     Lan,
 }
 
-impl CandidateKind {
-    /// From the map's names (`lan`, `reflexive`, `advertised`).
-    pub fn from_name(s: &str) -> Option<CandidateKind> {
-        match s {
-            "lan" => Some(CandidateKind::Lan),
-            "reflexive" => Some(CandidateKind::Reflexive),
-            "advertised" => Some(CandidateKind::Advertised),
-            _ => None,
+impl From<crate::map::CandidateKind> for Origin {
+    /// A kind the map names, as a path's origin.
+    fn from(k: crate::map::CandidateKind) -> Origin {
+        match k {
+            crate::map::CandidateKind::Lan => Origin::Lan,
+            crate::map::CandidateKind::Reflexive => Origin::Reflexive,
+            crate::map::CandidateKind::Advertised => Origin::Advertised,
         }
     }
 }
 
 /// `list` with only allowed addresses and at most the cap of each kind (the first ones), no repeats.
-fn bounded(list: Vec<(SocketAddr, CandidateKind)>) -> Vec<(SocketAddr, CandidateKind)> {
-    let mut kept: Vec<(SocketAddr, CandidateKind)> = Vec::with_capacity(list.len().min(24));
+fn bounded(list: Vec<(SocketAddr, Origin)>) -> Vec<(SocketAddr, Origin)> {
+    let mut kept: Vec<(SocketAddr, Origin)> = Vec::with_capacity(list.len().min(24));
     for c in list {
         let cap = match c.1 {
-            CandidateKind::Lan => crate::map::MAX_CANDIDATES_LAN,
-            CandidateKind::Reflexive => crate::map::MAX_CANDIDATES_REFLEXIVE,
-            CandidateKind::Advertised => crate::map::MAX_CANDIDATES_ADVERTISED,
-            CandidateKind::PeerReflexive => 0,
+            Origin::Lan => crate::map::CandidateKind::Lan.cap(),
+            Origin::Reflexive => crate::map::CandidateKind::Reflexive.cap(),
+            Origin::Advertised => crate::map::CandidateKind::Advertised.cap(),
+            Origin::PeerReflexive => 0,
         };
         // Loopback is the server's call: it keeps loopback candidates only from nodes on its own host.
         if (crate::map::candidate_addr_allowed(c.0) || c.0.ip().to_canonical().is_loopback())
@@ -97,7 +97,7 @@ pub struct PeerCandidates {
     /// The peer's static key.
     pub key: [u8; 32],
     /// Where it may be reached.
-    pub candidates: Vec<(SocketAddr, CandidateKind)>,
+    pub candidates: Vec<(SocketAddr, Origin)>,
 }
 
 /// Something the data plane must act on.
@@ -131,7 +131,7 @@ pub struct PathStats {
 
 #[derive(Debug, Clone, Copy)]
 struct Proof {
-    kind: CandidateKind,
+    kind: Origin,
     last_ok: Instant,
     rtt: Duration,
 }
@@ -139,7 +139,7 @@ struct Proof {
 #[derive(Debug)]
 struct PeerPath {
     pair_key: [u8; 32],
-    candidates: Vec<(SocketAddr, CandidateKind)>,
+    candidates: Vec<(SocketAddr, Origin)>,
     learned: VecDeque<SocketAddr>,
     proven: BTreeMap<SocketAddr, Proof>,
     current: Option<Via>,
@@ -307,12 +307,8 @@ impl Paths {
                     return;
                 };
                 let (_, _, sent) = st.outstanding.remove(i).unwrap_or((0, from, now));
-                let kind = st
-                    .candidates
-                    .iter()
-                    .find(|c| c.0 == from)
-                    .map(|c| c.1)
-                    .unwrap_or(CandidateKind::PeerReflexive);
+                let kind =
+                    st.candidates.iter().find(|c| c.0 == from).map(|c| c.1).unwrap_or(Origin::PeerReflexive);
                 let rtt = now.saturating_duration_since(sent);
                 st.proven.insert(from, Proof { kind, last_ok: now, rtt });
                 st.stats.pongs += 1;

@@ -78,7 +78,7 @@ async fn fake_dataplane(mut rx: mpsc::Receiver<Command>) {
             }
             Command::UdpSend { .. } | Command::UdpClose { .. } => {}
             Command::Status { reply } => {
-                let _ = reply.send(serde_json::json!({}));
+                let _ = reply.send(tunnel_core::status::NodeStatus::new(tunnel_core::map::NodeKind::Client));
             }
         }
     }
@@ -90,7 +90,11 @@ fn server() -> SocketAddr {
         runtime().block_on(async {
             let (tx, rx) = mpsc::channel(64);
             tokio::spawn(fake_dataplane(rx));
-            let dp = Dataplane { commands: tx, local_addr: "127.0.0.1:9".parse().unwrap_or_else(|_| unreachable!()) };
+            let dp = Dataplane {
+                commands: tx,
+                local_addr: "127.0.0.1:9".parse().unwrap_or_else(|_| unreachable!()),
+                kind: tunnel_core::map::NodeKind::Client,
+            };
             let m = map();
             let zone = PrivateZone::from_map(&m);
             let (maps_tx, maps) = watch::channel(Some(Arc::new(m)));

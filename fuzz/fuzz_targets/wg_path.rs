@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use tunnel_core::packet;
-use tunnel_core::path::{CandidateKind, PeerCandidates, Paths, Via};
+use tunnel_core::path::{Origin, PeerCandidates, Paths, Via};
 use tunnel_core::probe::{self, ProbeKind};
 use tunnel_core::stun;
 use tunnel_core::wg::{self, Device, PeerConfig};
@@ -186,8 +186,8 @@ fuzz_target!(|data: &[u8]| {
         }],
         t0,
     );
-    a.paths.set_peers(vec![PeerCandidates { key: k.b, candidates: vec![(b_addr, CandidateKind::Lan)] }], t0);
-    b.paths.set_peers(vec![PeerCandidates { key: k.a, candidates: vec![(a_addr, CandidateKind::Lan)] }], t0);
+    a.paths.set_peers(vec![PeerCandidates { key: k.b, candidates: vec![(b_addr, Origin::Lan)] }], t0);
+    b.paths.set_peers(vec![PeerCandidates { key: k.a, candidates: vec![(a_addr, Origin::Lan)] }], t0);
     let mut wire = Wire::default();
     let mut now = t0;
     // Probes prove the path, then the handshake and a first packet go through.
@@ -280,9 +280,9 @@ fuzz_target!(|data: &[u8]| {
                 let candidates = (0..n)
                     .map(|_| {
                         let kind = match input.u8() % 3 {
-                            0 => CandidateKind::Lan,
-                            1 => CandidateKind::Reflexive,
-                            _ => CandidateKind::Advertised,
+                            0 => Origin::Lan,
+                            1 => Origin::Reflexive,
+                            _ => Origin::Advertised,
                         };
                         (input.addr(), kind)
                     })

@@ -17,8 +17,8 @@ use tunnel_core::map::{Candidate, NetworkMap};
 use tunnel_core::JoinToken;
 use tunnel_proto::v1 as pb;
 use tunnel_proto::v1::control_client::ControlClient;
+use tunnel_wire as wire;
 
-use crate::convert;
 use crate::state::StateDir;
 use crate::tls::{self, ConnectError, ServerTarget};
 
@@ -65,7 +65,7 @@ pub enum SessionError {
     #[error("control stream ended: {0}")]
     Lost(String),
     #[error(transparent)]
-    Malformed(#[from] convert::Malformed),
+    Malformed(#[from] wire::Malformed),
 }
 
 /// One open control session.
@@ -98,7 +98,7 @@ impl ControlSession {
                 .filter(|c| cfg.private_key.is_some() || **c != KEY_PROOF_CAPABILITY)
                 .map(|s| s.to_string())
                 .collect(),
-            candidates: cfg.candidates.iter().map(convert::candidate_to_pb).collect(),
+            candidates: cfg.candidates.iter().map(wire::candidate_to_pb).collect(),
             max_message_bytes: MAX_SERVER_MESSAGE as u32,
         };
         out.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Hello(hello)) })
@@ -149,7 +149,7 @@ impl ControlSession {
             };
             match msg {
                 pb::server_message::Msg::FullMap(m) => {
-                    let m = convert::map(&m)?;
+                    let m = wire::map_from_pb(&m)?;
                     tracing::info!(
                         version = m.version,
                         peers = m.peers.len(),
@@ -159,7 +159,7 @@ impl ControlSession {
                     self.map = Some(m);
                 }
                 pb::server_message::Msg::Delta(d) => {
-                    let d = convert::delta(&d)?;
+                    let d = wire::delta_from_pb(&d)?;
                     let Some(map) = self.map.as_mut() else {
                         self.request_full(0).await?;
                         continue;
@@ -194,7 +194,7 @@ impl ControlSession {
     pub async fn send_health(&self, report: &[tunnel_core::map::TargetHealth]) -> Result<(), SessionError> {
         let msg = pb::NodeMessage {
             msg: Some(pb::node_message::Msg::Health(pb::ResourceHealth {
-                targets: report.iter().map(convert::health_to_pb).collect(),
+                targets: report.iter().map(wire::health_to_pb).collect(),
             })),
         };
         self.out.send(msg).await.map_err(|_| SessionError::Lost("stream closed".into()))
@@ -204,7 +204,7 @@ impl ControlSession {
     pub async fn send_candidates(&self, candidates: &[Candidate]) -> Result<(), SessionError> {
         let msg = pb::NodeMessage {
             msg: Some(pb::node_message::Msg::Endpoints(pb::EndpointUpdate {
-                candidates: candidates.iter().map(convert::candidate_to_pb).collect(),
+                candidates: candidates.iter().map(wire::candidate_to_pb).collect(),
             })),
         };
         self.out.send(msg).await.map_err(|_| SessionError::Lost("stream closed".into()))

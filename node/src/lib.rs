@@ -4,7 +4,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod control;
-pub mod convert;
 pub mod dataplane;
 pub mod flow_args;
 pub mod health;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
-use tunnel_core::map::{Candidate, NetworkMap, NodeKind};
+use tunnel_core::map::{Candidate, CandidateKind, NetworkMap, NodeKind};
 use tunnel_core::JoinToken;
 
 use crate::control::{self, ControlConfig, LinkState};
@@ -84,12 +84,12 @@ pub async fn start_with(cfg: NodeConfig, os: Option<OsPackets>) -> Result<Runnin
     let (cand_tx, cand_rx) = mpsc::channel(4);
     let lan_ip = local_ip_towards(&cfg.token.server);
     let advertised: Vec<Candidate> =
-        cfg.advertise.iter().map(|a| Candidate { addr: a.to_string(), kind: "advertised".into() }).collect();
+        cfg.advertise.iter().map(|a| Candidate::new(*a, CandidateKind::Advertised)).collect();
     let socket = dataplane::bind_socket(listen)?;
     let port = socket.local_addr()?.port();
     let mut candidates = advertised;
     if let Some(ip) = lan_ip {
-        candidates.push(Candidate { addr: SocketAddr::new(ip, port).to_string(), kind: "lan".into() });
+        candidates.push(Candidate::new(SocketAddr::new(ip, port), CandidateKind::Lan));
     }
     let opts = dataplane::PathOptions {
         keepalive: cfg.keepalive,

@@ -11,10 +11,10 @@ use tunnel_core::map::NodeKind;
 use tunnel_proto::v1 as pb;
 use tunnel_proto::v1::admin_server::Admin;
 
-use crate::convert::kind_from_pb;
 use crate::limits::source_key;
 use crate::state::{now_ms, JoinLimits, OpError, Shared};
 use crate::store::AuditRow;
+use tunnel_wire::kind_from_pb;
 
 /// The most audit entries one `ListAudit` call returns; `tunnelctl audit` pages through more.
 pub const AUDIT_PAGE_MAX: u32 = 1000;

@@ -541,21 +541,9 @@ fn handle(shared: &Shared, id: &NodeId, msg: pb::node_message::Msg) {
                 if m.reg.resources.get(&t.resource).is_none_or(|r| &r.site != id) {
                     continue;
                 }
-                let state = match pb::HealthState::try_from(t.state) {
-                    Ok(pb::HealthState::Healthy) => tunnel_core::map::HealthState::Healthy,
-                    Ok(pb::HealthState::Unhealthy) => tunnel_core::map::HealthState::Unhealthy,
-                    _ => tunnel_core::map::HealthState::Unknown,
-                };
-                let detail: String = t.detail.chars().take(200).collect();
-                m.reg.health.insert(
-                    t.resource.clone(),
-                    tunnel_core::map::TargetHealth {
-                        resource: t.resource,
-                        state,
-                        detail,
-                        checked_ms: t.checked_ms,
-                    },
-                );
+                let mut report = tunnel_wire::health_from_pb(&t);
+                report.detail = report.detail.chars().take(200).collect();
+                m.reg.health.insert(t.resource, report);
             }
         }
         pb::node_message::Msg::Hello(_) => {

@@ -25,7 +25,6 @@ use tunnel_core::map::{PeerInfo, ResourceInfo};
 use tunnel_core::NodeId;
 use tunnel_proto::v1 as pb;
 
-use crate::convert;
 use crate::registry::{Entry, Registry};
 
 /// How a session ends from the server's side.
@@ -300,13 +299,13 @@ fn send_full(
         version,
         node_id: id.to_string(),
         node_name: node.name.clone(),
-        kind: convert::kind_to_pb(node.kind) as i32,
+        kind: tunnel_wire::kind_to_pb(node.kind) as i32,
         overlay_addr: node.addr.to_string(),
         overlay_cidr: reg.pool.net().to_string(),
         dns_zone: reg.zone.clone(),
         mtu: u32::from(reg.mtu),
-        peers: sorted_peers.into_iter().map(convert::peer_to_pb).collect(),
-        resources: sorted_res.into_iter().map(convert::resource_to_pb).collect(),
+        peers: sorted_peers.into_iter().map(tunnel_wire::peer_to_pb).collect(),
+        resources: sorted_res.into_iter().map(tunnel_wire::resource_to_pb).collect(),
         relays: services.map(|sv| sv.relays_for(node.public_key, &peers)).unwrap_or_default(),
         stun_addr: services.and_then(|sv| sv.stun_addr.clone()).unwrap_or_default(),
     };
@@ -428,7 +427,7 @@ fn send_delta(
             Entry::Peer(p) => match reg.peer_entry(id, &p) {
                 Some(info) => {
                     if s.sent_peers.get(&p) != Some(&info) {
-                        delta.upsert_peers.push(convert::peer_to_pb(&info));
+                        delta.upsert_peers.push(tunnel_wire::peer_to_pb(&info));
                         s.sent_peers.insert(p, info);
                     }
                 }
@@ -441,7 +440,7 @@ fn send_delta(
             Entry::Resource(r) => match reg.resource_entry(id, &r) {
                 Some(info) => {
                     if s.sent_resources.get(&r) != Some(&info) {
-                        delta.upsert_resources.push(convert::resource_to_pb(&info));
+                        delta.upsert_resources.push(tunnel_wire::resource_to_pb(&info));
                         s.sent_resources.insert(r, info);
                     }
                 }

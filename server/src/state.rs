@@ -15,7 +15,6 @@ use tunnel_core::{names, JoinToken, KeyPin, NodeId, Secret, Target};
 use tunnel_proto::v1 as pb;
 
 use crate::auth::{SecretHasher, Tickets};
-use crate::convert;
 use crate::hub::Hub;
 use crate::limits::{LoginGate, LoginLimits};
 use crate::registry::{NodeRec, Registry, ResourceRec};
@@ -560,12 +559,12 @@ pub fn node_info(m: &Model, id: &NodeId) -> Option<pb::NodeInfo> {
     Some(pb::NodeInfo {
         id: n.id.to_string(),
         name: n.name.clone(),
-        kind: convert::kind_to_pb(n.kind) as i32,
+        kind: tunnel_wire::kind_to_pb(n.kind) as i32,
         overlay_addr: n.addr.to_string(),
         public_key: n.public_key.as_ref().map(encode_key).unwrap_or_default(),
         online: m.hub.is_connected(id),
         last_seen_ms: n.last_seen_ms,
-        candidates: n.candidates.iter().map(convert::candidate_to_pb).collect(),
+        candidates: n.candidates.iter().map(tunnel_wire::candidate_to_pb).collect(),
         created_ms: n.created_ms,
         join_expires_ms: n.join_expires_ms,
         join_once: n.join_once,
@@ -601,14 +600,12 @@ pub fn resource_info(m: &Model, name: &str) -> pb::ResourceInfo {
     clients.sort();
     // What the site last said, while the site is connected; unknown otherwise.
     let site_online = m.reg.nodes.get(&r.site).is_some_and(|n| n.online);
-    let health = m.reg.health.get(name).filter(|_| site_online).map(|h| {
-        let state = match h.state {
-            tunnel_core::map::HealthState::Healthy => pb::HealthState::Healthy,
-            tunnel_core::map::HealthState::Unhealthy => pb::HealthState::Unhealthy,
-            tunnel_core::map::HealthState::Unknown => pb::HealthState::Unknown,
-        };
-        (state, h.detail.as_str(), h.checked_ms)
-    });
+    let health = m
+        .reg
+        .health
+        .get(name)
+        .filter(|_| site_online)
+        .map(|h| (tunnel_wire::health_state_to_pb(h.state), h.detail.as_str(), h.checked_ms));
     pb::ResourceInfo {
         name: r.name.clone(),
         site: m.reg.nodes.get(&r.site).map(|n| n.name.clone()).unwrap_or_default(),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
-use tunnel_core::map::Candidate;
+use tunnel_core::map::{Candidate, CandidateKind};
 use tunnel_core::JoinToken;
 use tunnel_node::{ControlConfig, ControlSession};
 
@@ -191,7 +191,7 @@ async fn run(n: usize) -> Result<()> {
                             got_res = true;
                             let _ = seen_tx.send((i, Seen::Resource(now)));
                         }
-                        if !got_ep && m.peers.values().any(|p| p.candidates.iter().any(|c| c.addr == NEW_ENDPOINT)) {
+                        if !got_ep && m.peers.values().any(|p| p.candidates.iter().any(|c| c.addr.to_string() == NEW_ENDPOINT)) {
                             got_ep = true;
                             let _ = seen_tx.send((i, Seen::Endpoint(now)));
                         }
@@ -247,7 +247,7 @@ async fn run(n: usize) -> Result<()> {
 
     // 2. endpoint change of the site -> every client.
     let t0 = Instant::now();
-    hub_cmd_tx.send(vec![Candidate { addr: NEW_ENDPOINT.into(), kind: "advertised".into() }]).await?;
+    hub_cmd_tx.send(vec![Candidate::new(NEW_ENDPOINT.parse()?, CandidateKind::Advertised)]).await?;
     let mut lat = Vec::with_capacity(n - 1);
     while lat.len() < n - 1 {
         match tokio::time::timeout(Duration::from_secs(60), seen_rx.recv()).await? {

@@ -24,7 +24,7 @@ use tunnel_core::engine::{
     BufferPort, Client, Effect, Engine, EngineConfig, Event, FlowId, FlowTuple, Role, Site, Transmit,
     DRIVE_ROUNDS,
 };
-use tunnel_core::map::{Candidate, NetworkMap, NodeKind, PeerInfo, ResourceInfo};
+use tunnel_core::map::{Candidate, CandidateKind, NetworkMap, NodeKind, PeerInfo, ResourceInfo};
 use tunnel_core::{stun, wg, NodeId};
 
 /// One tick of virtual time.
@@ -300,14 +300,14 @@ impl Sim {
         let i = self.nodes.len();
         let key = [i as u8 + 40; 32];
         let overlay = Ipv4Addr::new(100, 96, 1, i as u8 + 1);
-        let lan = Candidate { addr: host.to_string(), kind: "lan".into() };
+        let lan = Candidate::new(host, CandidateKind::Lan);
         let cfg = EngineConfig {
             private_key: key,
             seed: self.rng.next_u64(),
             tun: false,
             keepalive: Duration::from_secs(25),
             force_relay: false,
-            base_candidates: vec![lan.clone()],
+            base_candidates: vec![lan],
             stack: Default::default(),
         };
         self.nodes.push(SimNode {

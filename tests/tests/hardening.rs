@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 
 use tokio_stream::wrappers::ReceiverStream;
-use tunnel_core::map::Candidate;
+use tunnel_core::map::{Candidate, CandidateKind};
 use tunnel_core::JoinToken;
 use tunnel_node::{ControlConfig, ControlSession, SessionError};
 use tunnel_proto::v1 as pb;
@@ -163,11 +163,12 @@ async fn reported_candidates_are_bounded_before_peers_see_them() {
     s.ctl(&["add-resource", "--site", "home", "--name", "web", "--target", "127.0.0.1:80"]).await.unwrap();
     s.ctl(&["grant", "--client", "laptop", "--resource", "web"]).await.unwrap();
     let mut cfg = TestNode::keyed(&site, [3; 32]);
-    let c = |addr: String, kind: &str| Candidate { addr, kind: kind.into() };
-    cfg.candidates = (0..200).map(|i| c(format!("10.9.{}.{}:51820", i / 200, i % 200 + 1), "lan")).collect();
+    let c = |addr: String, kind| Candidate { addr: addr.parse().unwrap(), kind };
+    cfg.candidates =
+        (0..200).map(|i| c(format!("10.9.{}.{}:51820", i / 200, i % 200 + 1), CandidateKind::Lan)).collect();
     // (Loopback is refused too, except from a node on the server's own host, as this one is.)
     for bad in ["224.0.0.251:5353", "[fe80::1]:9", "0.0.0.0:9", "100.96.0.1:51820"] {
-        cfg.candidates.insert(0, c(bad.into(), "reflexive"));
+        cfg.candidates.insert(0, c(bad.into(), CandidateKind::Reflexive));
     }
     let _site = TestNode::join_with(cfg, None).await.unwrap();
     let mut laptop = TestNode::join_with(TestNode::keyed(&client, [4; 32]), None).await.unwrap();
@@ -177,7 +178,10 @@ async fn reported_candidates_are_bounded_before_peers_see_them() {
         .unwrap();
     let peer = m.peers.values().next().unwrap();
     assert_eq!(peer.candidates.len(), tunnel_core::map::MAX_CANDIDATES_LAN, "{:?}", peer.candidates);
-    assert!(peer.candidates.iter().all(|c| c.kind == "lan"), "no refused address reaches a peer");
+    assert!(
+        peer.candidates.iter().all(|c| c.kind == CandidateKind::Lan),
+        "no refused address reaches a peer"
+    );
     assert!(s.running().shared.gate.stats.candidates_dropped.load(Ordering::Relaxed) >= 200 - 16 + 4);
 }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The crates whose sources are checked.
-const CRATES: &[&str] = &["core", "node", "server", "client", "proto", "tests"];
+const CRATES: &[&str] = &["core", "wire", "node", "server", "client", "proto", "tests"];
 
 /// A module path within its crate (`["dataplane", "bridge"]`), for a source file.
 fn module_of(src: &Path, file: &Path) -> Vec<String> {

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::map::{Candidate, NetworkMap, NodeKind};
+use crate::map::{Candidate, CandidateKind, NetworkMap, NodeKind};
 use crate::netstack::{NetStack, StackOptions};
-use crate::path::{CandidateKind, PathEvent, Paths, PeerCandidates, Via};
+use crate::path::{Origin, PathEvent, Paths, PeerCandidates, Via};
 use crate::wg::{Device, PeerConfig};
 use crate::{probe, stun};
 
@@ -313,10 +313,7 @@ impl Node {
                 .candidates
                 .iter()
                 .filter(|_| !self.force_relay)
-                .filter_map(|c| {
-                    let addr: SocketAddr = c.addr.parse().ok()?;
-                    Some((normalize(addr), CandidateKind::from_name(&c.kind)?))
-                })
+                .map(|c| (normalize(c.addr), Origin::from(c.kind)))
                 .collect();
             path_peers.push(PeerCandidates { key, candidates });
             self.peer_names.insert(key, (p.name.clone(), p.node_id.to_string()));
@@ -463,9 +460,8 @@ impl Node {
     fn report_candidates(&mut self) {
         let mut c = self.base_candidates.clone();
         if let Some(r) = self.stun.reflexive {
-            let r = r.to_string();
             if !c.iter().any(|x| x.addr == r) {
-                c.push(Candidate { addr: r, kind: "reflexive".into() });
+                c.push(Candidate::new(r, CandidateKind::Reflexive));
             }
         }
         self.events.push_back(Event::Candidates(c));

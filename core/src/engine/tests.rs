@@ -32,7 +32,7 @@ fn peer(name: &str, key: [u8; 32], allowed: &[&str], udp: &str, resources: &[&st
         public_key: Some(wg::public_key(key)),
         overlay_addr: allowed[0].trim_end_matches("/32").into(),
         allowed_ips: allowed.iter().map(|s| s.to_string()).collect(),
-        candidates: vec![Candidate { addr: udp.into(), kind: "lan".into() }],
+        candidates: vec![Candidate::new(udp.parse().unwrap(), crate::map::CandidateKind::Lan)],
         online: true,
         resources: resources.iter().map(|s| s.to_string()).collect(),
     }

@@ -21,10 +21,7 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(
-        cands_of_b: Vec<(SocketAddr, CandidateKind)>,
-        cands_of_a: Vec<(SocketAddr, CandidateKind)>,
-    ) -> Sim {
+    fn new(cands_of_b: Vec<(SocketAddr, Origin)>, cands_of_a: Vec<(SocketAddr, Origin)>) -> Sim {
         let now = Instant::now();
         let mut a = Paths::new(KA, Duration::from_secs(5), 1, now);
         let mut b = Paths::new(KB, Duration::from_secs(5), 2, now);
@@ -79,8 +76,8 @@ fn lan_beats_public_and_both_sides_go_direct() {
     let a_lan = addr("10.1.0.4:40000");
     let a_pub = addr("203.0.113.2:40000");
     let mut sim = Sim::new(
-        vec![(b_pub, CandidateKind::Reflexive), (b_lan, CandidateKind::Lan)],
-        vec![(a_pub, CandidateKind::Reflexive), (a_lan, CandidateKind::Lan)],
+        vec![(b_pub, Origin::Reflexive), (b_lan, Origin::Lan)],
+        vec![(a_pub, Origin::Reflexive), (a_lan, Origin::Lan)],
     );
     // Both work; the LAN one is on the same segment.
     sim.deliver = Box::new(move |from_a, dst| match (from_a, dst) {
@@ -102,7 +99,7 @@ fn lan_beats_public_and_both_sides_go_direct() {
 fn relay_first_then_direct_once_proven_then_relay_when_it_dies() {
     let b_pub = addr("203.0.113.2:51820");
     let a_pub = addr("203.0.113.3:40000");
-    let mut sim = Sim::new(vec![(b_pub, CandidateKind::Reflexive)], vec![(a_pub, CandidateKind::Reflexive)]);
+    let mut sim = Sim::new(vec![(b_pub, Origin::Reflexive)], vec![(a_pub, Origin::Reflexive)]);
     sim.a.set_relay(true, sim.now);
     sim.b.set_relay(true, sim.now);
     // Nothing direct gets through yet.
@@ -134,7 +131,7 @@ fn relay_first_then_direct_once_proven_then_relay_when_it_dies() {
 #[test]
 fn pongs_that_answer_nothing_we_sent_prove_nothing() {
     let b_pub = addr("203.0.113.2:51820");
-    let mut sim = Sim::new(vec![(b_pub, CandidateKind::Reflexive)], vec![]);
+    let mut sim = Sim::new(vec![(b_pub, Origin::Reflexive)], vec![]);
     let pa = crate::wg::public_key(KA);
     let pb = crate::wg::public_key(KB);
     let key = probe::pair_key(&StaticSecret::from(KB), &pa);
@@ -168,7 +165,7 @@ fn a_ping_from_an_unknown_address_is_learned_and_proven() {
     // B sits behind a NAT that gave it a port nobody told A about (peer-reflexive).
     let b_seen = addr("203.0.113.2:61000");
     let a_pub = addr("203.0.113.3:40000");
-    let mut sim = Sim::new(vec![], vec![(a_pub, CandidateKind::Reflexive)]);
+    let mut sim = Sim::new(vec![], vec![(a_pub, Origin::Reflexive)]);
     sim.deliver = Box::new(move |from_a, dst| match (from_a, dst) {
         (true, d) if d == b_seen => Some(a_pub),
         (false, d) if d == a_pub => Some(b_seen),
@@ -183,7 +180,7 @@ fn a_ping_from_an_unknown_address_is_learned_and_proven() {
 fn idle_direct_paths_are_confirmed_at_the_keepalive_not_faster() {
     let b_pub = addr("203.0.113.2:51820");
     let a_pub = addr("203.0.113.3:40000");
-    let mut sim = Sim::new(vec![(b_pub, CandidateKind::Reflexive)], vec![(a_pub, CandidateKind::Reflexive)]);
+    let mut sim = Sim::new(vec![(b_pub, Origin::Reflexive)], vec![(a_pub, Origin::Reflexive)]);
     sim.deliver = Box::new(move |from_a, dst| match (from_a, dst) {
         (true, d) if d == b_pub => Some(a_pub),
         (false, d) if d == a_pub => Some(b_pub),
@@ -206,7 +203,7 @@ fn a_peer_that_restarts_from_a_new_port_is_followed_at_once() {
     let b_old = addr("203.0.113.2:51820");
     let b_new = addr("203.0.113.2:51999");
     let a_pub = addr("203.0.113.3:40000");
-    let mut sim = Sim::new(vec![(b_old, CandidateKind::Reflexive)], vec![(a_pub, CandidateKind::Reflexive)]);
+    let mut sim = Sim::new(vec![(b_old, Origin::Reflexive)], vec![(a_pub, Origin::Reflexive)]);
     sim.deliver = Box::new(move |from_a, dst| match (from_a, dst) {
         (true, d) if d == b_old => Some(a_pub),
         (false, d) if d == a_pub => Some(b_old),
@@ -239,15 +236,13 @@ fn a_peer_that_restarts_from_a_new_port_is_followed_at_once() {
 #[test]
 fn probes_go_only_to_allowed_addresses_and_a_bounded_number() {
     // A compromised node (or server) lists loopback, multicast, link-local and 200 LAN addresses.
-    let mut cands: Vec<(SocketAddr, CandidateKind)> = vec![
-        (addr("224.0.0.251:5353"), CandidateKind::Lan),
-        (addr("[fe80::1]:9"), CandidateKind::Lan),
-        (addr("255.255.255.255:9"), CandidateKind::Reflexive),
-        (addr("0.0.0.0:9"), CandidateKind::Advertised),
+    let mut cands: Vec<(SocketAddr, Origin)> = vec![
+        (addr("224.0.0.251:5353"), Origin::Lan),
+        (addr("[fe80::1]:9"), Origin::Lan),
+        (addr("255.255.255.255:9"), Origin::Reflexive),
+        (addr("0.0.0.0:9"), Origin::Advertised),
     ];
-    cands.extend(
-        (0..200u32).map(|i| (addr(&format!("10.9.{}.{}:7", i / 250, i % 250 + 1)), CandidateKind::Lan)),
-    );
+    cands.extend((0..200u32).map(|i| (addr(&format!("10.9.{}.{}:7", i / 250, i % 250 + 1)), Origin::Lan)));
     let mut sim = Sim::new(cands, vec![]);
     let mut seen = std::collections::BTreeSet::new();
     let end = sim.now + Duration::from_secs(3);

@@ -12,7 +12,6 @@ pub mod plan;
 
 use tunnel_proto::v1 as pb;
 
-use crate::convert;
 use crate::state::{expiry, now_ms, JoinLimits, OpError, OpResult, Shared};
 use crate::store::{ApplyBatch, GrantRow, NodeRow, ResourceRow};
 
@@ -58,7 +57,7 @@ impl Shared {
             .iter()
             .zip(secrets)
             .map(|(n, secret)| pb::NewToken {
-                kind: convert::kind_to_pb(n.kind) as i32,
+                kind: tunnel_wire::kind_to_pb(n.kind) as i32,
                 name: n.name.clone(),
                 join_token: self.token(&n.id, secret).encode(),
             })
