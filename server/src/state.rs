@@ -1,9 +1,10 @@
-//! The server's shared state and every administrative operation on it.
+//! The server's shared state, and the views of it the admin API shows.
 //!
-//! Each operation follows one order: take the write lock (operations are serialised, so validation
-//! and commit see the same state), validate against the model, commit to the database, then apply the
-//! same change to the model and push the touched entries to the connected nodes. A failed database write
-//! (a full disk, a lost connection) therefore changes nothing anywhere.
+//! The administrative operations live in [`crate::apply`]: each takes the write lock (operations are
+//! serialised, so validation and commit see the same state), plans its change against the model,
+//! commits it to the database, then applies the same change to the model and pushes the touched
+//! entries to the connected nodes. A failed database write (a full disk, a lost connection) therefore
+//! changes nothing anywhere.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -11,14 +12,14 @@ use std::sync::{Mutex, MutexGuard};
 
 use rand::RngCore;
 use tunnel_core::map::NodeKind;
-use tunnel_core::{names, JoinToken, KeyPin, NodeId, Secret, Target};
+use tunnel_core::{JoinToken, KeyPin, NodeId, Secret};
 use tunnel_proto::v1 as pb;
 
 use crate::auth::{SecretHasher, Tickets};
 use crate::hub::Hub;
 use crate::limits::{LoginGate, LoginLimits};
-use crate::registry::{NodeRec, Registry, ResourceRec};
-use crate::store::{AuditRow, GrantRow, NodeRow, ResourceRow, Store, StoreError};
+use crate::registry::{NodeRec, Registry};
+use crate::store::{AuditRow, NodeRow, Store, StoreError};
 
 pub use crate::clock::now_ms;
 
@@ -164,274 +165,6 @@ impl Shared {
         JoinToken { server: self.facts.public_addr.clone(), node_id: id.clone(), secret, pin: self.facts.pin }
     }
 
-    /// Adds a site or client and returns its join token.
-    pub async fn add_node(
-        &self,
-        kind: NodeKind,
-        name: &str,
-        limits: JoinLimits,
-    ) -> OpResult<pb::JoinTokenReply> {
-        names::check_label(kind.as_str(), name).map_err(|e| OpError::Invalid(e.to_string()))?;
-        let _w = self.write_lock().await;
-        let now = now_ms();
-        let addr = {
-            let mut m = self.model();
-            if m.reg.node_by_name(kind, name).is_some() {
-                return Err(OpError::AlreadyExists(format!("{} '{name}' already exists", kind.as_str())));
-            }
-            m.reg.pool.next_free(now).map_err(|e| OpError::Exhausted(e.to_string()))?
-        };
-        let mut idb = [0u8; 10];
-        rand::rngs::OsRng.fill_bytes(&mut idb);
-        let id = NodeId::from_random(idb);
-        let secret = Self::new_secret();
-        let hash = self
-            .hasher
-            .hash(secret.expose().to_owned())
-            .await
-            .map_err(|e| OpError::Internal(e.to_string()))?;
-        let row = NodeRow {
-            id: id.to_string(),
-            kind: kind.as_str().into(),
-            name: name.into(),
-            overlay_addr: addr.to_string(),
-            public_key: None,
-            secret_hash: hash,
-            generation: 1,
-            join_expires_ms: expiry(now, limits.ttl_seconds),
-            join_once: limits.once,
-            join_used: false,
-            created_ms: now,
-            last_seen_ms: 0,
-            version: String::new(),
-        };
-        self.store.insert_node(&row).await?;
-        let rec = node_rec_from_row(&row).map_err(OpError::Internal)?;
-        let info = {
-            let mut m = self.model();
-            m.reg.insert_node(rec);
-            node_info(&m, &id)
-        };
-        Ok(pb::JoinTokenReply { node: info, join_token: self.token(&id, secret).encode() })
-    }
-
-    /// Removes a node. Its live session ends at once; its peers lose it.
-    pub async fn remove_node(&self, kind: NodeKind, name: &str) -> OpResult<pb::RemoveNodeReply> {
-        let _w = self.write_lock().await;
-        let (id, info) = {
-            let m = self.model();
-            let n = m.reg.node_by_name(kind, name).ok_or_else(|| unknown_node(&m.reg, kind, name))?;
-            (n.id.clone(), node_info(&m, &n.id))
-        };
-        let now = now_ms();
-        let removed = self.store.delete_node(id.as_str(), now).await?;
-        {
-            let mut guard = self.model();
-            let m = &mut *guard;
-            m.hub.kill(&id, &format!("{} '{name}' was removed", kind.as_str()));
-            let touched = m.reg.remove_node(&id, now);
-            m.hub.distribute(&m.reg, touched);
-        }
-        Ok(pb::RemoveNodeReply {
-            node: info,
-            removed_resources: removed.resources,
-            removed_grants: removed.grants,
-        })
-    }
-
-    /// Gives a node a new join secret; the old secret and every ticket stop working and its live
-    /// session ends at once.
-    pub async fn rotate_node(
-        &self,
-        kind: NodeKind,
-        name: &str,
-        limits: JoinLimits,
-    ) -> OpResult<pb::JoinTokenReply> {
-        let _w = self.write_lock().await;
-        let (id, generation) = {
-            let m = self.model();
-            let n = m.reg.node_by_name(kind, name).ok_or_else(|| unknown_node(&m.reg, kind, name))?;
-            (n.id.clone(), n.generation + 1)
-        };
-        let secret = Self::new_secret();
-        let hash = self
-            .hasher
-            .hash(secret.expose().to_owned())
-            .await
-            .map_err(|e| OpError::Internal(e.to_string()))?;
-        let expires = expiry(now_ms(), limits.ttl_seconds);
-        self.store.update_secret(id.as_str(), &hash, generation, expires, limits.once).await?;
-        let info = {
-            let mut m = self.model();
-            if let Some(n) = m.reg.nodes.get_mut(&id) {
-                n.secret_hash = hash;
-                n.generation = generation;
-                n.join_expires_ms = expires;
-                n.join_once = limits.once;
-                n.join_used = false;
-                // Peers forget its key now: a stolen machine running on its cached map loses its
-                // tunnels too, not only its control session.
-                n.public_key = None;
-                n.online = false;
-            }
-            m.hub.kill(&id, "the node's secret was rotated; join again with the new token");
-            m.hub.mark_dirty(&id);
-            node_info(&m, &id)
-        };
-        // Two machines fighting over a leaked identity spend its login budget; the rightful one,
-        // given the new token, must not then wait out the thief's logins.
-        self.gate.per_node.forget(&id.to_string());
-        Ok(pb::JoinTokenReply { node: info, join_token: self.token(&id, secret).encode() })
-    }
-
-    /// Adds a resource on a site.
-    pub async fn add_resource(
-        &self,
-        site: &str,
-        name: &str,
-        target: &str,
-        alias: &str,
-        health_check: &str,
-    ) -> OpResult<pb::ResourceInfo> {
-        names::check_label("resource name", name).map_err(|e| OpError::Invalid(e.to_string()))?;
-        let health_check = parse_health_check(health_check)?;
-        let target = Target::parse(target).map_err(|e| OpError::Invalid(e.to_string()))?;
-        let alias = if alias.trim().is_empty() {
-            None
-        } else {
-            Some(names::check_alias(alias.trim()).map_err(|e| OpError::Invalid(e.to_string()))?)
-        };
-        let _w = self.write_lock().await;
-        let now = now_ms();
-        let (site_id, addr) = {
-            let mut m = self.model();
-            let s = m
-                .reg
-                .node_by_name(NodeKind::Site, site)
-                .ok_or_else(|| unknown_node(&m.reg, NodeKind::Site, site))?;
-            let site_id = s.id.clone();
-            if let Some(r) = m.reg.resources.get(name) {
-                let on = m.reg.nodes.get(&r.site).map(|n| n.name.clone()).unwrap_or_default();
-                return Err(OpError::AlreadyExists(format!(
-                    "resource '{name}' already exists (on site '{on}')"
-                )));
-            }
-            let fqdn = m.reg.fqdn(name);
-            if let Some(owner) = m.reg.dns_owner(&fqdn) {
-                return Err(OpError::AlreadyExists(format!(
-                    "the name {fqdn} is already the alias of resource '{owner}'"
-                )));
-            }
-            if let Some(a) = &alias {
-                if let Some(owner) = m.reg.dns_owner(a) {
-                    return Err(OpError::AlreadyExists(format!(
-                        "alias {a} is already used by resource '{owner}'"
-                    )));
-                }
-                if let Some(inner) = a.strip_suffix(&format!(".{}", m.reg.zone)) {
-                    if inner != name {
-                        return Err(OpError::Invalid(format!(
-                            "alias {a} is inside the zone {}; names there belong to resources of that name",
-                            m.reg.zone
-                        )));
-                    }
-                }
-            }
-            (site_id, m.reg.pool.next_free(now).map_err(|e| OpError::Exhausted(e.to_string()))?)
-        };
-        let row = ResourceRow {
-            name: name.into(),
-            site_id: site_id.to_string(),
-            target: target.to_string(),
-            alias: alias.clone(),
-            overlay_addr: addr.to_string(),
-            created_ms: now,
-            health_check: health_check.clone(),
-        };
-        self.store.insert_resource(&row).await?;
-        let mut guard = self.model();
-        let m = &mut *guard;
-        let touched = m.reg.insert_resource(ResourceRec {
-            name: name.into(),
-            site: site_id,
-            target,
-            alias,
-            addr,
-            created_ms: now,
-            health_check,
-        });
-        m.hub.distribute(&m.reg, touched);
-        Ok(resource_info(m, name))
-    }
-
-    /// Removes a resource with its grants.
-    pub async fn remove_resource(&self, name: &str) -> OpResult<pb::RemoveResourceReply> {
-        let _w = self.write_lock().await;
-        let info = {
-            let m = self.model();
-            if !m.reg.resources.contains_key(name) {
-                return Err(unknown_resource(&m.reg, name));
-            }
-            resource_info(&m, name)
-        };
-        let now = now_ms();
-        let grants = self.store.delete_resource(name, now).await?;
-        let mut guard = self.model();
-        let m = &mut *guard;
-        let touched = m.reg.remove_resource(name, now);
-        m.hub.distribute(&m.reg, touched);
-        Ok(pb::RemoveResourceReply { resource: Some(info), removed_grants: grants })
-    }
-
-    /// Grants `client` access to `resource`. Idempotent: `Ok(false)` when it was already granted.
-    pub async fn grant(&self, client: &str, resource: &str) -> OpResult<bool> {
-        let _w = self.write_lock().await;
-        let cid = self.resolve_grant(client, resource)?;
-        if self.model().reg.has_grant(&cid, resource) {
-            return Ok(false);
-        }
-        let now = now_ms();
-        self.store
-            .insert_grant(&GrantRow {
-                client_id: cid.to_string(),
-                resource_name: resource.into(),
-                created_ms: now,
-            })
-            .await?;
-        let mut guard = self.model();
-        let m = &mut *guard;
-        let touched = m.reg.insert_grant(&cid, resource, now);
-        m.hub.distribute(&m.reg, touched);
-        Ok(true)
-    }
-
-    /// Revokes a grant. Idempotent: `Ok(false)` when there was none.
-    pub async fn revoke(&self, client: &str, resource: &str) -> OpResult<bool> {
-        let _w = self.write_lock().await;
-        let cid = self.resolve_grant(client, resource)?;
-        if !self.model().reg.has_grant(&cid, resource) {
-            return Ok(false);
-        }
-        self.store.delete_grant(cid.as_str(), resource).await?;
-        let mut guard = self.model();
-        let m = &mut *guard;
-        let touched = m.reg.remove_grant(&cid, resource);
-        m.hub.distribute(&m.reg, touched);
-        Ok(true)
-    }
-
-    fn resolve_grant(&self, client: &str, resource: &str) -> OpResult<NodeId> {
-        let m = self.model();
-        let c = m
-            .reg
-            .node_by_name(NodeKind::Client, client)
-            .ok_or_else(|| unknown_node(&m.reg, NodeKind::Client, client))?;
-        if !m.reg.resources.contains_key(resource) {
-            return Err(unknown_resource(&m.reg, resource));
-        }
-        Ok(c.id.clone())
-    }
-
     /// Nodes of one kind, sorted by name.
     pub fn list_nodes(&self, kind: NodeKind) -> Vec<pb::NodeInfo> {
         let m = self.model();
@@ -490,18 +223,6 @@ pub(crate) fn expiry(now: i64, ttl_seconds: u64) -> i64 {
     } else {
         now.saturating_add(i64::try_from(ttl_seconds).unwrap_or(i64::MAX / 2000).saturating_mul(1000))
     }
-}
-
-fn unknown_node(reg: &Registry, kind: NodeKind, name: &str) -> OpError {
-    let known = reg.names_of(kind);
-    let list = if known.is_empty() { "none yet".to_owned() } else { known.join(", ") };
-    OpError::NotFound(format!("unknown {} '{name}' (known: {list})", kind.as_str()))
-}
-
-fn unknown_resource(reg: &Registry, name: &str) -> OpError {
-    let known: Vec<&str> = reg.resources.keys().map(String::as_str).collect();
-    let list = if known.is_empty() { "none yet".to_owned() } else { known.join(", ") };
-    OpError::NotFound(format!("unknown resource '{name}' (known: {list})"))
 }
 
 /// A stored node row as a model record.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tunnel_core::JoinToken;
 use tunnel_node::SessionError;
-use tunnel_server::store::{ResourceRow, Store};
+use tunnel_server::store::{ApplyBatch, ResourceRow, Store};
 use tunnel_tests::{TestNode, TestServer};
 
 const BASE: &str = r#"
@@ -417,18 +417,16 @@ async fn a_failure_inside_the_transaction_rolls_back_everything() {
     // server's back: the server plans "zzz" as new and finds the clash only in the database, after
     // the new site and client rows are already written in the same transaction.
     let other = Store::open(None, &s.cfg.data_dir).await.unwrap();
-    other
-        .insert_resource(&ResourceRow {
-            name: "zzz".into(),
-            site_id: home_id.clone(),
-            target: "z:1".into(),
-            alias: None,
-            overlay_addr: "100.96.255.200".into(),
-            created_ms: 1,
-            health_check: None,
-        })
-        .await
-        .unwrap();
+    let zzz = ResourceRow {
+        name: "zzz".into(),
+        site_id: home_id.clone(),
+        target: "z:1".into(),
+        alias: None,
+        overlay_addr: "100.96.255.200".into(),
+        created_ms: 1,
+        health_check: None,
+    };
+    other.apply(&ApplyBatch { insert_resources: vec![zzz], ..Default::default() }, 1).await.unwrap();
     let bigger = BASE
         .replace("  - name: k8s\n", "  - name: k8s\n  - name: extra\n")
         .replace("  - name: laptop\n", "  - name: laptop\n  - name: ci\n")
@@ -451,7 +449,7 @@ async fn a_failure_inside_the_transaction_rolls_back_everything() {
     assert!(token_files(&dir).is_empty(), "no token for nodes that do not exist");
 
     // With the clash gone the same file applies whole.
-    other.delete_resource("zzz", 0).await.unwrap();
+    other.apply(&ApplyBatch { delete_resources: vec!["zzz".into()], ..Default::default() }, 0).await.unwrap();
     other.close().await;
     let out = s.ctl(&["apply", &cfg, "--tokens-dir", dir.to_str().unwrap(), "--once"]).await.unwrap();
     assert!(out.contains("applied: 6 created"), "{out}");
@@ -461,4 +459,38 @@ async fn a_failure_inside_the_transaction_rolls_back_everything() {
     assert_eq!(ci[0]["resources"], serde_json::json!(["aaa", "zzz"]));
     assert_eq!(ci[0]["join_once"], true, "--once limits the new tokens");
     assert_eq!(ci[1]["join_once"], false, "and leaves existing nodes alone");
+}
+
+/// A single operation commits through the same transaction as an apply: when the database refuses
+/// it (here another writer took the name behind this server's back), the one-line error says
+/// nothing was changed, and neither the model nor the database holds any part of it.
+#[tokio::test]
+async fn a_single_operation_refused_by_the_database_changes_nothing() {
+    let s = TestServer::start().await.unwrap();
+    s.ctl(&["apply", &write(&s, "tunnel.yaml", BASE)]).await.unwrap();
+    let home_id = s.ctl_json(&["sites", "--json"]).await.unwrap()[0]["id"].as_str().unwrap().to_owned();
+    let other = Store::open(None, &s.cfg.data_dir).await.unwrap();
+    let zzz = ResourceRow {
+        name: "zzz".into(),
+        site_id: home_id,
+        target: "z:1".into(),
+        alias: None,
+        overlay_addr: "100.96.255.200".into(),
+        created_ms: 1,
+        health_check: None,
+    };
+    other.apply(&ApplyBatch { insert_resources: vec![zzz], ..Default::default() }, 1).await.unwrap();
+    let before = s.snapshot().await.unwrap();
+    let e = s
+        .ctl(&["add-resource", "--site", "home", "--name", "zzz", "--target", "z:2"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("adding a resource") && e.contains("nothing was changed"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e:?}");
+    assert_eq!(s.snapshot().await.unwrap(), before, "the model is untouched");
+    let db = other.load(0).await.unwrap();
+    let zzz: Vec<&str> = db.resources.iter().filter(|r| r.name == "zzz").map(|r| r.target.as_str()).collect();
+    assert_eq!(zzz, vec!["z:1"], "only the other writer's row");
+    other.close().await;
 }

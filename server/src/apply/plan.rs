@@ -1,5 +1,7 @@
-//! The plan of an `Admin.Apply`: the request compared with the model, validated as a whole, and
-//! turned into the list of changes that make the model match it. Pure: nothing changes here.
+//! The plan of an admin change: for an `Admin.Apply`, the request compared with the model, validated
+//! as a whole, and turned into the list of changes that make the model match it; for a single
+//! operation, a plan of one change ([`super::ops`]). Pure: nothing changes here. Every plan is
+//! committed by the same code ([`crate::state::Shared::commit`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -30,7 +32,19 @@ pub struct NewNode {
     pub join_once: bool,
 }
 
-/// Every change an apply makes, in the order the model takes them (see [`Plan::apply_to`]).
+/// A node whose join secret is replaced. The credential fields are filled in by the caller, as for
+/// a [`NewNode`].
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub id: NodeId,
+    pub generation: i64,
+    pub secret_hash: String,
+    pub join_expires_ms: i64,
+    pub join_once: bool,
+}
+
+/// Every change an admin operation makes, in the order the model takes them (see
+/// [`Plan::apply_to`]).
 #[derive(Debug, Default)]
 pub struct Plan {
     /// What people see: one step per site, client, resource and grant involved, sorted.
@@ -43,6 +57,7 @@ pub struct Plan {
     pub delete_nodes: Vec<(NodeId, NodeKind, String)>,
     pub new_resources: Vec<ResourceRec>,
     pub new_grants: Vec<(NodeId, String)>,
+    pub rotations: Vec<Rotation>,
 }
 
 impl Plan {
@@ -55,6 +70,7 @@ impl Plan {
             && self.delete_nodes.is_empty()
             && self.new_resources.is_empty()
             && self.new_grants.is_empty()
+            && self.rotations.is_empty()
     }
 
     /// Makes the same change in the model that the database just committed; returns the entries
@@ -98,6 +114,19 @@ impl Plan {
         }
         for (client, resource) in &self.new_grants {
             touched.extend(reg.insert_grant(client, resource, now_ms));
+        }
+        for r in &self.rotations {
+            if let Some(n) = reg.nodes.get_mut(&r.id) {
+                n.secret_hash = r.secret_hash.clone();
+                n.generation = r.generation;
+                n.join_expires_ms = r.join_expires_ms;
+                n.join_once = r.join_once;
+                n.join_used = false;
+                // Peers forget its key now: a stolen machine running on its cached map loses its
+                // tunnels too, not only its control session.
+                n.public_key = None;
+                n.online = false;
+            }
         }
         // Views of nodes that no longer exist are not updated (their sessions were ended).
         touched.retain(|(viewer, _)| reg.nodes.contains_key(viewer));
@@ -303,7 +332,8 @@ pub fn plan(reg: &Registry, req: &pb::ApplyRequest, now_ms: i64) -> Result<Plan,
     Ok(p)
 }
 
-fn new_id() -> NodeId {
+/// A new random node id.
+pub(super) fn new_id() -> NodeId {
     let mut b = [0u8; 10];
     rand::rngs::OsRng.fill_bytes(&mut b);
     NodeId::from_random(b)
@@ -413,17 +443,11 @@ fn check_dns_names(
         .filter_map(|r| wanted.get_key_value(r.name.as_str()).map(|(n, w)| (*n, w.alias.as_ref())));
     let all: Vec<(&str, Option<&String>)> = kept.chain(listed).collect();
     let mut owner: HashMap<String, &str> = all.iter().map(|(name, _)| (reg.fqdn(name), *name)).collect();
-    let zone_suffix = format!(".{}", reg.zone);
     for (name, alias) in all {
         let Some(a) = alias else { continue };
-        if let Some(inner) = a.strip_suffix(&zone_suffix) {
-            if inner != name {
-                problems.push(format!(
-                    "resource '{name}': alias {a} is inside the zone {}; names there belong to resources of that name",
-                    reg.zone
-                ));
-                continue;
-            }
+        if let Some(why) = alias_in_zone(&reg.zone, name, a) {
+            problems.push(format!("resource '{name}': {why}"));
+            continue;
         }
         match owner.get(a.as_str()) {
             Some(&o) if o != name => {
@@ -434,6 +458,15 @@ fn check_dns_names(
             }
         }
     }
+}
+
+/// Why `alias` cannot be an alias of resource `name`: inside the zone, a name belongs to the
+/// resource of that name (`web.ZONE` is `web`'s), so only that resource may take it.
+pub(super) fn alias_in_zone(zone: &str, name: &str, alias: &str) -> Option<String> {
+    let inner = alias.strip_suffix(&format!(".{zone}"))?;
+    (inner != name).then(|| {
+        format!("alias {alias} is inside the zone {zone}; names there belong to resources of that name")
+    })
 }
 
 #[cfg(test)]

@@ -173,7 +173,19 @@ pub struct Removed {
     pub grants: u64,
 }
 
-/// Every change of one `Admin.Apply`, written in one transaction by [`Store::apply`].
+/// A node's new join secret (rotation): a new hash, a new generation, new join limits; its key is
+/// forgotten.
+#[derive(Debug, Clone)]
+pub struct SecretRow {
+    pub id: String,
+    pub secret_hash: String,
+    pub generation: i64,
+    pub join_expires_ms: i64,
+    pub join_once: bool,
+}
+
+/// Every change of one admin operation (a single one, or a whole `Admin.Apply`), written in one
+/// transaction by [`Store::apply`].
 #[derive(Debug, Default)]
 pub struct ApplyBatch {
     /// (client id, resource name).
@@ -187,6 +199,7 @@ pub struct ApplyBatch {
     pub delete_nodes: Vec<String>,
     pub insert_resources: Vec<ResourceRow>,
     pub insert_grants: Vec<GrantRow>,
+    pub rotate_secrets: Vec<SecretRow>,
 }
 
 impl ApplyBatch {
@@ -199,6 +212,7 @@ impl ApplyBatch {
             && self.delete_nodes.is_empty()
             && self.insert_resources.is_empty()
             && self.insert_grants.is_empty()
+            && self.rotate_secrets.is_empty()
     }
 }
 
@@ -410,6 +424,7 @@ impl Store {
     }
 
     /// Adds a node.
+    #[cfg(test)]
     pub async fn insert_node(&self, n: &NodeRow) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(q("adding a node"))?;
         insert_node(&mut tx, n).await?;
@@ -417,27 +432,11 @@ impl Store {
     }
 
     /// Replaces a node's join secret (rotation): a new hash, a new generation, new join limits.
-    pub async fn update_secret(
-        &self,
-        id: &str,
-        secret_hash: &str,
-        generation: i64,
-        join_expires_ms: i64,
-        join_once: bool,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE nodes SET secret_hash = $1, generation = $2, join_expires_ms = $3, join_once = $4, \
-             join_used = 0, public_key = NULL WHERE id = $5",
-        )
-        .bind(secret_hash.to_owned())
-        .bind(generation)
-        .bind(join_expires_ms)
-        .bind(i64::from(join_once))
-        .bind(id.to_owned())
-        .execute(&self.pool)
-        .await
-        .map_err(q("rotating a node's secret"))?;
-        Ok(())
+    #[cfg(test)]
+    pub async fn update_secret(&self, s: &SecretRow) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(q("rotating a node's secret"))?;
+        update_secret(&mut tx, s).await?;
+        tx.commit().await.map_err(q("rotating a node's secret"))
     }
 
     /// Records a successful join: the node's public key, whether the join secret is now used up, and
@@ -484,6 +483,7 @@ impl Store {
 
     /// Removes a node with its grants and, for a site, its resources (and their grants); every
     /// overlay address freed goes into quarantine. All in one transaction.
+    #[cfg(test)]
     pub async fn delete_node(&self, id: &str, now_ms: i64) -> Result<Removed> {
         let mut tx = self.pool.begin().await.map_err(q("removing a node"))?;
         let removed = delete_node(&mut tx, id, now_ms).await?;
@@ -492,6 +492,7 @@ impl Store {
     }
 
     /// Adds a resource.
+    #[cfg(test)]
     pub async fn insert_resource(&self, r: &ResourceRow) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(q("adding a resource"))?;
         insert_resource(&mut tx, r).await?;
@@ -499,6 +500,7 @@ impl Store {
     }
 
     /// Removes a resource and its grants; its address goes into quarantine.
+    #[cfg(test)]
     pub async fn delete_resource(&self, name: &str, now_ms: i64) -> Result<u64> {
         let mut tx = self.pool.begin().await.map_err(q("removing a resource"))?;
         let grants = delete_resource(&mut tx, name, now_ms).await?;
@@ -507,6 +509,7 @@ impl Store {
     }
 
     /// Adds a grant.
+    #[cfg(test)]
     pub async fn insert_grant(&self, g: &GrantRow) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(q("adding a grant"))?;
         insert_grant(&mut tx, g).await?;
@@ -514,6 +517,7 @@ impl Store {
     }
 
     /// Removes a grant.
+    #[cfg(test)]
     pub async fn delete_grant(&self, client_id: &str, resource_name: &str) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(q("removing a grant"))?;
         delete_grant(&mut tx, client_id, resource_name).await?;
@@ -554,6 +558,9 @@ impl Store {
         }
         for g in &b.insert_grants {
             insert_grant(&mut tx, g).await?;
+        }
+        for s in &b.rotate_secrets {
+            update_secret(&mut tx, s).await?;
         }
         tx.commit().await.map_err(q("applying a config"))
     }

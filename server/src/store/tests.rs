@@ -142,7 +142,14 @@ async fn rotation_resets_join_limits_and_audit_keeps_order() {
         let mut n = node("n1", "site", "home", "100.96.0.1");
         n.join_used = true;
         s.insert_node(&n).await.unwrap();
-        s.update_secret("n1", "$argon2id$new", 2, 5000, false).await.unwrap();
+        let rotated = SecretRow {
+            id: "n1".into(),
+            secret_hash: "$argon2id$new".into(),
+            generation: 2,
+            join_expires_ms: 5000,
+            join_once: false,
+        };
+        s.update_secret(&rotated).await.unwrap();
         let row = s.load(0).await.unwrap().nodes.remove(0);
         assert_eq!(
             (row.secret_hash.as_str(), row.generation, row.join_expires_ms),
@@ -250,11 +257,26 @@ async fn an_apply_batch_lands_whole_with_moves_and_alias_swaps() {
                 resource_name: "c".into(),
                 created_ms: 9,
             }],
+            // And the client's secret is rotated in the same transaction.
+            rotate_secrets: vec![SecretRow {
+                id: "n2".into(),
+                secret_hash: "$argon2id$rotated".into(),
+                generation: 2,
+                join_expires_ms: 77,
+                join_once: true,
+            }],
         };
         s.apply(&b, 1000).await.unwrap();
         let snap = s.load(0).await.unwrap();
         let names: Vec<&str> = snap.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, vec!["laptop", "k8s"], "{:?}", s.backend());
+        let laptop = &snap.nodes[0];
+        assert_eq!(
+            (laptop.secret_hash.as_str(), laptop.generation, laptop.join_expires_ms, laptop.join_once),
+            ("$argon2id$rotated", 2, 77, true),
+            "{:?}",
+            s.backend()
+        );
         let res: Vec<(&str, &str, Option<&str>, &str)> = snap
             .resources
             .iter()

@@ -1,9 +1,9 @@
-//! The writes, one function each, inside the caller's transaction: single admin operations and a whole
-//! `Admin.Apply` run the very same statements.
+//! The writes, one function each, inside the caller's transaction ([`super::Store::apply`]): every
+//! admin operation, single or a whole `Admin.Apply`, runs these statements through one batch.
 
 use sqlx::Row;
 
-use super::{q, AuditRow, GrantRow, NodeRow, Removed, ResourceRow, Result, StoreError};
+use super::{q, AuditRow, GrantRow, NodeRow, Removed, ResourceRow, Result, SecretRow, StoreError};
 
 pub(super) type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
@@ -195,6 +195,22 @@ pub(super) async fn delete_grant(tx: &mut Tx<'_>, client_id: &str, resource_name
         .execute(&mut **tx)
         .await
         .map_err(q("removing a grant"))?;
+    Ok(())
+}
+
+pub(super) async fn update_secret(tx: &mut Tx<'_>, s: &SecretRow) -> Result<()> {
+    sqlx::query(
+        "UPDATE nodes SET secret_hash = $1, generation = $2, join_expires_ms = $3, join_once = $4, \
+         join_used = 0, public_key = NULL WHERE id = $5",
+    )
+    .bind(s.secret_hash.clone())
+    .bind(s.generation)
+    .bind(s.join_expires_ms)
+    .bind(i64::from(s.join_once))
+    .bind(s.id.clone())
+    .execute(&mut **tx)
+    .await
+    .map_err(q("rotating a node's secret"))?;
     Ok(())
 }
 
