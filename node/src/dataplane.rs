@@ -360,7 +360,7 @@ impl<R: ShellRole> Shell<R> {
         match ev {
             UdpEvent::Ready(flow, sock) => {
                 if self.tasks.udp_ready(flow, sock) && !R::udp_ready(&mut self.engine, flow) {
-                    self.tasks.perform(engine::Effect::CloseUdp { flow });
+                    self.tasks.close_udp(&flow);
                 }
             }
             UdpEvent::Data(flow, payload) => R::udp_reply(&mut self.engine, flow, &payload, now),

@@ -1,7 +1,7 @@
 //! A [`FlowPort`] over plain buffers: what each flow delivered, what its application has left to
 //! send. For tests and simulations, where the application side is a byte vector.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{FlowId, FlowPort, Outgoing};
 
@@ -9,17 +9,17 @@ use super::{FlowId, FlowPort, Outgoing};
 #[derive(Debug, Default)]
 pub struct BufferPort {
     /// What each flow delivered to the application.
-    pub got: HashMap<FlowId, Vec<u8>>,
+    pub got: BTreeMap<FlowId, Vec<u8>>,
     /// Flows whose remote side ended its stream.
-    pub eos: HashSet<FlowId>,
+    pub eos: BTreeSet<FlowId>,
     /// What the application has yet to send, per flow.
-    pub out: HashMap<FlowId, Vec<u8>>,
+    pub out: BTreeMap<FlowId, Vec<u8>>,
     /// Flows whose application closed its sending side (once `out` is empty, FIN).
-    pub out_closed: HashSet<FlowId>,
+    pub out_closed: BTreeSet<FlowId>,
     /// Connect results, per flow.
-    pub connected: HashMap<FlowId, Result<(), String>>,
+    pub connected: BTreeMap<FlowId, Result<(), String>>,
     /// Flows that ended.
-    pub closed: HashSet<FlowId>,
+    pub closed: BTreeSet<FlowId>,
 }
 
 impl BufferPort {

@@ -1,7 +1,7 @@
 //! What a client decides: in TUN mode, which packets from sites the system may see; in userspace
 //! mode, which go to a UDP association and which to the stack's TCP flows.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ pub struct Client {
     /// own address.
     filter: InboundFilter,
     /// Userspace mode: local ports with a UDP association.
-    udp_ports: HashSet<u16>,
+    udp_ports: BTreeSet<u16>,
 }
 
 impl Role for Client {
@@ -29,7 +29,7 @@ impl Role for Client {
     const PERSISTENT_KEEPALIVE: bool = true;
 
     fn new(cfg: &EngineConfig) -> Client {
-        Client { tun: cfg.tun, filter: InboundFilter::default(), udp_ports: HashSet::new() }
+        Client { tun: cfg.tun, filter: InboundFilter::default(), udp_ports: BTreeSet::new() }
     }
 
     fn on_address(&mut self, addr: Ipv4Addr) {
@@ -119,7 +119,7 @@ impl Engine<Client> {
 /// A client's flows to resources it lost end now: the site would refuse them anyway, and
 /// without the resource's route not even that refusal could come back.
 fn lost_resources(node: &mut Node, map: &NetworkMap) {
-    let reachable: HashSet<Ipv4Addr> =
+    let reachable: BTreeSet<Ipv4Addr> =
         map.resources.values().filter_map(|r| r.overlay_addr.parse().ok()).collect();
     if let Some(stack) = node.stack.as_mut() {
         for h in node.flows.keys() {

@@ -1,7 +1,7 @@
 //! The TCP flows of the userspace stack: their lifecycle here, their bytes through the shell's
 //! [`FlowPort`].
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use smoltcp::socket::tcp::State as TcpState;
@@ -97,7 +97,7 @@ impl FlowState {
 /// anything moved.
 pub(super) fn service(
     stack: &mut NetStack,
-    flows: &mut HashMap<FlowId, FlowState>,
+    flows: &mut BTreeMap<FlowId, FlowState>,
     port: &mut impl FlowPort,
     now: Instant,
 ) -> bool {

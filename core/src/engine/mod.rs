@@ -22,7 +22,7 @@
 //! reached through a [`FlowPort`] the shell implements over its channels; the engine keeps each
 //! flow's protocol state (who it belongs to, its timeouts, whether each side has ended).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,7 +59,7 @@ pub type FlowId = smoltcp::iface::SocketHandle;
 
 /// A site's flow as the client addressed it: the client's overlay address and port, and the
 /// resource's.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct FlowTuple {
     /// The client's end.
     pub src: SocketAddrV4,
@@ -173,7 +173,7 @@ pub struct Node {
     own_addr: Option<Ipv4Addr>,
     map: Option<Arc<NetworkMap>>,
     peer_names: BTreeMap<[u8; 32], (String, String)>,
-    flows: HashMap<FlowId, FlowState>,
+    flows: BTreeMap<FlowId, FlowState>,
     counters: Counters,
     seed: u64,
     /// All the engine's own randomness after construction (STUN transaction ids).
@@ -182,7 +182,7 @@ pub struct Node {
     keepalive: Duration,
     force_relay: bool,
     relay_up: bool,
-    relay_bytes: HashMap<[u8; 32], RelayBytes>,
+    relay_bytes: BTreeMap<[u8; 32], RelayBytes>,
     stun: StunClient,
     base_candidates: Vec<Candidate>,
     next_flow_trace: Instant,
@@ -235,7 +235,7 @@ impl Node {
             own_addr: None,
             map: None,
             peer_names: BTreeMap::new(),
-            flows: HashMap::new(),
+            flows: BTreeMap::new(),
             counters: Counters::default(),
             seed,
             rng: StdRng::seed_from_u64(seed.rotate_left(31)),
@@ -243,7 +243,7 @@ impl Node {
             keepalive: cfg.keepalive,
             force_relay: cfg.force_relay,
             relay_up: false,
-            relay_bytes: HashMap::new(),
+            relay_bytes: BTreeMap::new(),
             stun: StunClient::default(),
             base_candidates: cfg.base_candidates,
             next_flow_trace: now,
@@ -293,7 +293,7 @@ impl Node {
                 let prefix = map.overlay_cidr.parse::<ipnet::Ipv4Net>().map(|n| n.prefix_len()).unwrap_or(16);
                 let (seed, opts) = (self.seed, self.stack_options);
                 self.stack = Some(NetStack::with_options(addr, prefix, map.mtu, any_ip, seed, now, opts));
-                for (h, _) in self.flows.drain() {
+                for (h, _) in std::mem::take(&mut self.flows) {
                     port.closed(h);
                 }
                 self.own_addr = own;

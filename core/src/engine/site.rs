@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
 use super::flows::FlowState;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use super::{
     Deliver, Effect, Engine, EngineConfig, FlowId, FlowTuple, Node, NodeStatus, Refused, Role, UDP_IDLE,
@@ -39,14 +39,14 @@ pub(super) struct UdpFlow {
 #[derive(Debug)]
 pub struct Site {
     /// Peer key -> resource addresses it may reach.
-    grants: HashMap<[u8; 32], Vec<Ipv4Addr>>,
+    grants: BTreeMap<[u8; 32], Vec<Ipv4Addr>>,
     /// Resource address -> what to dial.
-    served: HashMap<Ipv4Addr, ServedResource>,
+    served: BTreeMap<Ipv4Addr, ServedResource>,
     /// SYNs held while their targets are dialled, counted in `pending_count`.
-    pending_syn: HashMap<FlowTuple, ([u8; 32], Vec<u8>)>,
+    pending_syn: BTreeMap<FlowTuple, ([u8; 32], Vec<u8>)>,
     pending_count: FlowCount,
     /// UDP flows, counted in `udp_count`.
-    udp_flows: HashMap<FlowTuple, UdpFlow>,
+    udp_flows: BTreeMap<FlowTuple, UdpFlow>,
     udp_count: FlowCount,
     refused: Refused,
 }
@@ -59,18 +59,18 @@ impl Role for Site {
     fn new(cfg: &EngineConfig) -> Site {
         let limits = cfg.stack.flows.sane();
         Site {
-            grants: HashMap::new(),
-            served: HashMap::new(),
-            pending_syn: HashMap::new(),
+            grants: BTreeMap::new(),
+            served: BTreeMap::new(),
+            pending_syn: BTreeMap::new(),
             pending_count: FlowCount::new(limits.pending_dials_per_peer, limits.pending_dials),
-            udp_flows: HashMap::new(),
+            udp_flows: BTreeMap::new(),
             udp_count: FlowCount::new(limits.udp_per_peer, limits.udp),
             refused: Refused::default(),
         }
     }
 
     fn on_map(&mut self, node: &mut Node, map: &NetworkMap) {
-        let addr_of: HashMap<&str, Ipv4Addr> = map
+        let addr_of: BTreeMap<&str, Ipv4Addr> = map
             .resources
             .values()
             .filter_map(|r| Some((r.name.as_str(), r.overlay_addr.parse().ok()?)))

@@ -1,7 +1,7 @@
 //! The engine without a socket: its decisions read from its queues, its flows on synthetic time,
 //! and a site and a client back to back in memory, real WireGuard between them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -234,9 +234,9 @@ mod flow_timeouts {
     }
 
     /// A site's listening flow, as a dial's success makes one for a granted SYN.
-    fn site_flow(site: &mut NetStack, t0: Instant) -> (FlowId, HashMap<FlowId, FlowState>) {
+    fn site_flow(site: &mut NetStack, t0: Instant) -> (FlowId, BTreeMap<FlowId, FlowState>) {
         let h = site.listen(SERVICE, Some(&PEER)).unwrap();
-        (h, HashMap::from([(h, FlowState::site(PEER, t0))]))
+        (h, BTreeMap::from([(h, FlowState::site(PEER, t0))]))
     }
 
     #[test]
@@ -277,7 +277,7 @@ mod flow_timeouts {
         let mut client = stack(CLIENT, false, t0);
         let h = client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
         client.poll(t0);
-        let mut flows = HashMap::from([(h, FlowState::client(t0))]);
+        let mut flows = BTreeMap::from([(h, FlowState::client(t0))]);
         let mut port = Port::default();
         assert_eq!(client.socket(h).state(), State::SynSent);
         flows::service(&mut client, &mut flows, &mut port, t0 + Duration::from_secs(14));
@@ -329,7 +329,7 @@ mod pair {
         /// Whether the site's TCP dials succeed.
         dial_ok: bool,
         /// Flows the site bridged, by tuple.
-        bridged: HashMap<FlowTuple, FlowId>,
+        bridged: BTreeMap<FlowTuple, FlowId>,
         /// What the site's UDP targets and the client's system received.
         targets: Vec<(FlowTuple, Vec<u8>)>,
         os: Vec<Vec<u8>>,
@@ -365,7 +365,7 @@ mod pair {
                 client_port: Port::default(),
                 now,
                 dial_ok: true,
-                bridged: HashMap::new(),
+                bridged: BTreeMap::new(),
                 targets: vec![],
                 os: vec![],
             };

@@ -79,10 +79,13 @@ impl Tasks {
                 });
                 self.udp_targets.insert(flow, UdpTarget { task: task.abort_handle(), sock: None });
             }
-            Effect::CloseUdp { flow } => {
-                self.udp_targets.remove(&flow);
-            }
+            Effect::CloseUdp { flow } => self.close_udp(&flow),
         }
+    }
+
+    /// Ends a UDP flow's target: its socket closes and its reader task is aborted (the entry's drop).
+    pub(super) fn close_udp(&mut self, flow: &FlowTuple) {
+        self.udp_targets.remove(flow);
     }
 
     /// A UDP flow's socket is open; false if the flow ended meanwhile (the socket is dropped).
