@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: a real server on loopback with a temporary data dir, the
 //! real `tunnelctl` command code, and real nodes speaking `Control.Connect`.
 
+pub mod deploy;
 pub mod lab;
 pub mod loopback;
 pub mod lossy;

@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tunnel_core::status::NodeStatus;
+use tunnel_tests::deploy::env::env_file;
+use tunnel_tests::deploy::unit::{service_unit, ServiceUnit};
 use tunnel_tests::lab::binaries;
 use tunnel_tests::nat::{self, Internet, Nat, Options, Side};
 
@@ -245,14 +247,11 @@ fn check_output(expected: &str, actual: &str) -> Result<(), String> {
 
 // ---- units -------------------------------------------------------------------------------------
 
+/// A unit as `deploy/systemd/NAME.service` says, and how its runs went.
 #[derive(Debug)]
 struct Unit {
     host: String,
-    exec: Vec<String>,
-    env: Vec<(String, String)>,
-    env_files: Vec<String>,
-    credentials: Vec<(String, String)>,
-    state_dirs: Vec<String>,
+    spec: ServiceUnit,
     proc: Option<usize>,
     /// Stopped by `systemctl stop` (else an exit is a failure).
     stopped: bool,
@@ -274,51 +273,8 @@ fn unit_host(name: &str) -> &'static str {
 /// Reads `deploy/systemd/NAME.service`.
 fn unit(name: &str) -> Unit {
     let path = Path::new(UNITS_DIR).join(format!("{name}.service"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut u = Unit {
-        host: unit_host(name).into(),
-        exec: vec![],
-        env: vec![],
-        env_files: vec![],
-        credentials: vec![],
-        state_dirs: vec![],
-        proc: None,
-        stopped: true,
-        runs: 0,
-        journal_from: 1,
-    };
-    for l in text.lines() {
-        let Some((k, v)) = l.split_once('=') else { continue };
-        match k.trim() {
-            "ExecStart" => u.exec = v.split_whitespace().map(str::to_owned).collect(),
-            "Environment" => {
-                for w in v.split_whitespace() {
-                    let (k, v) = w.split_once('=').unwrap();
-                    u.env.push((k.into(), v.into()));
-                }
-            }
-            "EnvironmentFile" => u.env_files.push(v.trim_start_matches('-').into()),
-            "LoadCredential" => {
-                let (id, src) = v.split_once(':').unwrap();
-                u.credentials.push((id.into(), src.into()));
-            }
-            "StateDirectory" => u.state_dirs.push(v.into()),
-            _ => {}
-        }
-    }
-    assert!(!u.exec.is_empty(), "{}: no ExecStart=", path.display());
-    u
-}
-
-/// `KEY=VALUE` lines.
-fn env_file(path: &Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
+    let spec = service_unit(&std::fs::read_to_string(&path).unwrap(), &path.to_string_lossy());
+    Unit { host: unit_host(name).into(), spec, proc: None, stopped: true, runs: 0, journal_from: 1 }
 }
 
 // ---- the world ---------------------------------------------------------------------------------
@@ -621,20 +577,27 @@ impl World {
         let host = u.host.clone();
         let creds = self.host(&host).root.join(format!("run/credentials/{name}"));
         let _ = std::fs::create_dir_all(&creds);
-        for (id, src) in &u.credentials {
+        for (id, src) in &u.spec.credentials {
             std::fs::copy(self.path(&host, src), creds.join(id))
                 .unwrap_or_else(|e| panic!("{name}: LoadCredential={id}:{src}: {e}"));
         }
-        for d in &u.state_dirs {
+        for d in &u.spec.state_directories {
             let _ = std::fs::create_dir_all(self.path(&host, &format!("/var/lib/{d}")));
         }
         let cred_s = creds.to_string_lossy().into_owned();
-        let mut env: Vec<(String, String)> =
-            u.env.iter().map(|(k, v)| (k.clone(), self.rooted(&host, &v.replace("%d", &cred_s)))).collect();
-        for f in &u.env_files {
-            env.extend(env_file(&self.path(&host, f)).into_iter().map(|(k, v)| (k, self.rooted(&host, &v))));
+        let mut env: Vec<(String, String)> = u
+            .spec
+            .environment
+            .iter()
+            .map(|s| (s.key.clone(), self.rooted(&host, &s.value.replace("%d", &cred_s))))
+            .collect();
+        for f in &u.spec.environment_files {
+            let path = self.path(&host, &f.path);
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let (settings, _) = env_file(&text, &path.to_string_lossy());
+            env.extend(settings.into_iter().map(|s| (s.key, self.rooted(&host, &s.value))));
         }
-        let args: Vec<String> = u.exec.iter().map(|a| self.rooted(&host, a)).collect();
+        let args: Vec<String> = u.spec.exec_start.iter().map(|a| self.rooted(&host, a)).collect();
         let runs = u.runs + 1;
         let log = format!("{name}-{runs}");
         let ns = self.host(&host).ns.clone();
