@@ -9,6 +9,7 @@ pub mod nat;
 pub mod services;
 pub mod sim;
 pub mod wire;
+pub mod world;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -44,6 +44,7 @@ use tunnel_tests::deploy::env::env_file;
 use tunnel_tests::deploy::unit::{service_unit, ServiceUnit};
 use tunnel_tests::lab::binaries;
 use tunnel_tests::nat::{self, Internet, Nat, Options, Side};
+use tunnel_tests::world::{poll, tail, Clock, Fetch};
 
 const RUNBOOK: &str = include_str!("../../deploy/RUNBOOK.md");
 const UNITS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd");
@@ -303,7 +304,7 @@ impl Run {
 struct World {
     net: Internet,
     bin: PathBuf,
-    t0: Instant,
+    clock: Clock,
     blocks: BTreeMap<String, Block>,
     hosts: BTreeMap<String, Host>,
     units: BTreeMap<String, Unit>,
@@ -311,14 +312,6 @@ struct World {
     blob: Vec<u8>,
     fetches: usize,
     print: bool,
-}
-
-/// A transfer running in the background.
-#[derive(Debug)]
-struct Fetch {
-    idx: usize,
-    out: PathBuf,
-    log: String,
 }
 
 fn sock(ip: std::net::Ipv4Addr, port: u16) -> String {
@@ -332,17 +325,16 @@ impl World {
     /// The network, the server and its relay, site `home` with resource `web` and client `laptop`
     /// granted it, all as the runbook's deployment has them and up. `None` when not root.
     fn up(name: &str) -> Option<World> {
-        let t0 = Instant::now();
+        let clock = Clock::start();
         let mut opts = Options::new(Nat::Cone, Nat::Cone);
         opts.relay_host = true;
         let net = Internet::build(&opts)?;
         let bin = binaries();
-        let blob: Vec<u8> =
-            (0..BLOB_LEN as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let blob = tunnel_tests::blob(BLOB_LEN);
         let mut w = World {
             net,
             bin,
-            t0,
+            clock,
             blocks: blocks(),
             hosts: BTreeMap::new(),
             units: BTreeMap::new(),
@@ -440,7 +432,7 @@ impl World {
     }
 
     fn step(&self, what: &str) {
-        eprintln!("[{:>6.2}s] {what}", self.t0.elapsed().as_secs_f64());
+        self.clock.step(what);
     }
 
     fn host(&self, host: &str) -> &Host {
@@ -768,16 +760,8 @@ impl World {
 
     /// Polls `cond` every 200 ms; fails with the context after `secs`.
     fn wait(&self, what: &str, secs: u64, mut cond: impl FnMut(&World) -> bool) -> Duration {
-        let start = Instant::now();
-        loop {
-            if cond(self) {
-                return start.elapsed();
-            }
-            if start.elapsed() > Duration::from_secs(secs) {
-                self.fail(&format!("timed out after {secs} s waiting for {what}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        poll(secs, Duration::from_millis(200), || cond(self))
+            .unwrap_or_else(|| self.fail(&format!("timed out after {secs} s waiting for {what}")))
     }
 
     /// A GET through the tunnel by name from the client host (the TUN client): whether it worked.
@@ -804,47 +788,15 @@ impl World {
     /// curl arguments (a SOCKS5 proxy).
     fn fetch_bg(&mut self, file: &str, via: &[&str]) -> Fetch {
         self.fetches += 1;
-        let out = self.net.lab.dir.path().join(format!("fetch{}.bin", self.fetches));
-        let log = format!("fetch{}", self.fetches);
-        let out_s = out.to_string_lossy().into_owned();
-        let mut args = vec!["curl", "-sS", "--max-time", "180", "-o", &out_s];
-        args.extend_from_slice(via);
         let url = format!("http://web.tunnel.internal:8080/{file}");
-        args.push(&url);
         let cli = self.host("client").ns.clone();
-        let idx = self.net.lab.spawn(&cli, &log, &args, &[]);
-        Fetch { idx, out, log }
-    }
-
-    fn fetched(f: &Fetch) -> u64 {
-        std::fs::metadata(&f.out).map(|m| m.len()).unwrap_or(0)
+        Fetch::start(&mut self.net.lab, &cli, self.fetches, &url, via)
     }
 
     /// Waits for a background transfer to end and checks it byte for byte.
     fn finish(&mut self, f: &Fetch, secs: u64, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let status = loop {
-            if let Some(st) = self.net.lab.try_wait(f.idx) {
-                break st;
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!(
-                    "{what}: still running after {secs} s ({} bytes so far)",
-                    Self::fetched(f)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if !status.success() {
-            self.fail(&format!("{what}: curl {status}: {}", self.net.lab.log(&f.log)));
-        }
-        let got = std::fs::read(&f.out).unwrap_or_default();
-        if got != self.blob {
-            self.fail(&format!(
-                "{what}: {} bytes arrived, {} expected, or they differ",
-                got.len(),
-                self.blob.len()
-            ));
+        if let Err(e) = f.finish(&mut self.net.lab, secs, &self.blob) {
+            self.fail(&format!("{what}: {e}"));
         }
         self.step(&format!("{what}: complete and byte-exact"));
     }
@@ -859,12 +811,7 @@ impl World {
             s.push_str(&format!("--- fetch{n}: {}\n", self.net.lab.log(&format!("fetch{n}"))));
         }
         for name in self.units.keys() {
-            let j = self.journal(name);
-            let lines: Vec<&str> = j.lines().collect();
-            s.push_str(&format!(
-                "--- journal of {name} (tail):\n{}\n",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            ));
+            s.push_str(&format!("--- journal of {name} (tail):\n{}\n", tail(&self.journal(name), 60)));
         }
         panic!("{msg}\n{s}");
     }
@@ -995,20 +942,14 @@ fn runbook_server_down_upgrade_and_restore() {
     w.run_until("upgrade.before", 40);
     let direct = w.fetch_bg(SLOW, &[]);
     let relayed = w.fetch_bg(SLOW, &["--socks5-hostname", OPS_SOCKS]);
-    w.wait("both transfers under way", 30, |_| {
-        World::fetched(&direct) > 2_000_000 && World::fetched(&relayed) > 2_000_000
-    });
+    w.wait("both transfers under way", 30, |_| direct.bytes() > 2_000_000 && relayed.bytes() > 2_000_000);
     let relay_bytes = |w: &World| -> u64 {
         let m = w.sh("relay", "curl -fsS http://127.0.0.1:9183/metrics").out;
         m.lines().find_map(|l| l.strip_prefix("tunnel_relay_bytes_total ")?.trim().parse().ok()).unwrap_or(0)
     };
     let relayed_before = relay_bytes(&w);
     w.run("upgrade.install");
-    w.step(&format!(
-        "server upgraded ({} and {} bytes fetched)",
-        World::fetched(&direct),
-        World::fetched(&relayed)
-    ));
+    w.step(&format!("server upgraded ({} and {} bytes fetched)", direct.bytes(), relayed.bytes()));
     w.run_until("upgrade.verify", 40);
     w.finish(&direct, 60, "the direct transfer across the upgrade");
     w.finish(&relayed, 60, "the relayed transfer across the upgrade");
@@ -1127,14 +1068,14 @@ fn runbook_hole_punching_and_relay_down() {
 
     // ---- 2. Relay down ----
     let f = w.fetch_bg(SLOW, &[]);
-    w.wait("the transfer to be under way", 30, |_| World::fetched(&f) > 1_000_000);
+    w.wait("the transfer to be under way", 30, |_| f.bytes() > 1_000_000);
     w.crash("tunnel-relay");
     let killed = Instant::now();
-    w.step(&format!("relay killed ({} bytes fetched)", World::fetched(&f)));
+    w.step(&format!("relay killed ({} bytes fetched)", f.bytes()));
     std::thread::sleep(Duration::from_secs(1));
-    let stalled = World::fetched(&f);
+    let stalled = f.bytes();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(World::fetched(&f), stalled, "nothing passes while the relay is down");
+    assert_eq!(f.bytes(), stalled, "nothing passes while the relay is down");
     assert!(!w.get(3), "no new connection through a dead relay");
     w.wait("the client to notice the relay is gone", 45, |w| w.relay_up("client") == Some(false));
     w.step(&format!("the client says relay: down {:.1}s after the kill", killed.elapsed().as_secs_f64()));
@@ -1203,7 +1144,7 @@ fn runbook_names_site_down_and_leaked_token() {
     // ---- 6. A leaked token ----
     // The rightful client's transfer, cut by the rotation.
     let f = w.fetch_bg(CRAWL, &[]);
-    w.wait("the transfer to be under way", 30, |_| World::fetched(&f) > 200_000);
+    w.wait("the transfer to be under way", 30, |_| f.bytes() > 200_000);
     // Someone else uses the client's token, from the relay host, while the client runs.
     std::fs::copy(w.path("client", "/etc/tunnel/client.token"), w.net.lab.dir.path().join("leaked.token"))
         .unwrap();
@@ -1239,9 +1180,9 @@ fn runbook_names_site_down_and_leaked_token() {
         w.fail(&format!("rb:leak.rotate: {e}\n{}", r.out));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let cut = World::fetched(&f);
+    let cut = f.bytes();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(World::fetched(&f), cut, "the rotation cut the live session's tunnel");
+    assert_eq!(f.bytes(), cut, "the rotation cut the live session's tunnel");
     assert!(!w.get(3), "no new connection with the old identity");
     let r = w.sh(
         "relay",
