@@ -76,8 +76,10 @@ pub async fn http(status: u16, body: &'static str) -> SocketAddr {
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
+                // Health checks read only the code; the phrase is for people reading the demo.
+                let reason = if status < 400 { "OK" } else { "Failed" };
                 let resp = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
