@@ -1,10 +1,15 @@
 //! Shared helpers for the end-to-end tests: a real server on loopback with a temporary data dir, the
 //! real `tunnelctl` command code, and real nodes speaking `Control.Connect`.
 
+pub mod deploy;
 pub mod lab;
+pub mod loopback;
 pub mod lossy;
 pub mod nat;
+pub mod services;
 pub mod sim;
+pub mod wire;
+pub mod world;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +29,25 @@ pub const PATIENCE: Duration = Duration::from_secs(15);
 pub fn init_logs() {
     let filter = std::env::var("TUNNEL_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after [`PATIENCE`].
+pub async fn wait_until<F, Fut>(what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `len` bytes of a fixed pseudo-random pattern: a file to move byte-exact, which compresses badly and
+/// shows a shifted or repeated chunk as a difference.
+pub fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
 /// A server on loopback with its own temporary data dir.

@@ -5,222 +5,80 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use tunnel_core::path::Via;
 use tunnel_core::status::PathState;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tunnel_core::map::NodeKind;
+use tokio::net::{TcpListener, UdpSocket};
 use tunnel_core::wg::{Device, PeerConfig};
-use tunnel_core::JoinToken;
-use tunnel_node::node::{NodeConfig, RunningNode};
-use tunnel_tests::{TestServer, PATIENCE};
-use tunnelctl::up::{Client, UpConfig};
+use tunnel_tests::loopback::{start_client, Loopback, Resource};
+use tunnel_tests::wire::dns::query as dns;
+use tunnel_tests::wire::http;
+use tunnel_tests::wire::socks5::{self, fetch, Refused};
+use tunnel_tests::{services, wait_until, TestServer, PATIENCE};
 
-/// A TCP service that sends `blob` to every connection and closes.
-async fn blob_service(blob: Vec<u8>) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            let b = blob.clone();
-            tokio::spawn(async move {
-                let _ = s.write_all(&b).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// A TCP echo service.
-async fn tcp_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn udp_echo() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        loop {
-            let (n, from) = s.recv_from(&mut buf).await.unwrap();
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
+/// The loopback network and the file `web` serves.
 struct Net {
-    server: TestServer,
-    agent: RunningNode,
-    client: Client,
-    _dirs: Vec<tempfile::TempDir>,
+    lo: Loopback,
     blob: Vec<u8>,
-    client_token: String,
 }
 
-async fn agent(token: &str) -> (RunningNode, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let node = tunnel_node::node::start(NodeConfig {
-        kind: NodeKind::Site,
-        token: JoinToken::parse(token).unwrap(),
-        state_dir: dir.path().to_owned(),
-        listen_port: 0,
-        advertise: vec![],
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        version: "test".into(),
-        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
-        force_relay: false,
-        tcp: Default::default(),
-    })
-    .await
-    .unwrap();
-    (node, dir)
+impl std::ops::Deref for Net {
+    type Target = Loopback;
+    fn deref(&self) -> &Loopback {
+        &self.lo
+    }
 }
 
-async fn client(token: &str, dir: &std::path::Path) -> Client {
-    client_with(token, dir, false).await
+impl std::ops::DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut Loopback {
+        &mut self.lo
+    }
 }
 
-async fn client_with(token: &str, dir: &std::path::Path, force_relay: bool) -> Client {
-    tunnelctl::up::start(UpConfig {
-        token: JoinToken::parse(token).unwrap(),
-        state_dir: dir.to_owned(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        userspace: true,
-        socks5: "127.0.0.1:0".parse().unwrap(),
-        dns_listen: "127.0.0.1:0".parse().unwrap(),
-        listen_port: 0,
-        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
-        force_relay,
-        tcp: Default::default(),
-        dns: Default::default(),
-        dns_mode: tunnelctl::up::resolv::DnsMode::Off,
-        tun_name: String::new(),
-        resolv_conf: "/etc/resolv.conf".into(),
-    })
-    .await
-    .unwrap()
-}
-
-/// Server, site `home` with `web` (TCP blob, alias), `echo` (UDP) and `secret` (not granted), and
-/// client `laptop` granted `web` and `echo`.
+/// Server, site `home` with `web` (TCP blob, alias), `echo` (UDP), `secret` (not granted) and
+/// `tcpecho`, and client `laptop` granted `web`, `echo` and `tcpecho`.
 async fn net() -> Net {
     net_on(TestServer::start().await.unwrap()).await
 }
 
 async fn net_on(server: TestServer) -> Net {
-    let blob: Vec<u8> = (0..4_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let web = blob_service(blob.clone()).await;
-    let echo = udp_echo().await;
-    let secret = blob_service(b"top secret".to_vec()).await;
-    let tcpecho = tcp_echo().await;
-    let site_token = server.ctl(&["site", "add", "home"]).await.unwrap().trim().to_owned();
-    let client_token = server.ctl(&["client", "add", "laptop"]).await.unwrap().trim().to_owned();
-    for (name, target, alias) in [
-        ("web", web.to_string(), Some("web.private.example.com")),
-        ("echo", echo.to_string(), None),
-        ("secret", secret.to_string(), None),
-        ("tcpecho", tcpecho.to_string(), None),
-    ] {
-        let mut args = vec!["add-resource", "--site", "home", "--name", name, "--target", &target];
-        if let Some(a) = alias {
-            args.extend(["--alias", a]);
-        }
-        server.ctl(&args).await.unwrap();
-    }
-    for r in ["web", "echo", "tcpecho"] {
-        server.ctl(&["grant", "--client", "laptop", "--resource", r]).await.unwrap();
-    }
-    let (agent, adir) = agent(&site_token).await;
-    let cdir = tempfile::tempdir().unwrap();
-    let client = client(&client_token, cdir.path()).await;
-    let n = Net { server, agent, client, _dirs: vec![adir, cdir], blob, client_token };
-    wait_until("the client knows web", || async {
-        n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("web"))
-    })
-    .await;
-    n
+    let blob = tunnel_tests::blob(4_000_000);
+    let resources = [
+        Resource::granted("web", services::sender(blob.clone()).await).alias("web.private.example.com"),
+        Resource::granted("echo", services::udp_echo().await),
+        Resource::not_granted("secret", services::sender(b"top secret".to_vec()).await),
+        Resource::granted("tcpecho", services::tcp_echo().await),
+    ];
+    Net { lo: Loopback::start(server, &resources).await, blob }
 }
 
-async fn wait_until<F, Fut>(what: &str, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// SOCKS5 CONNECT by name; `Err(reply code)` when the proxy refuses.
-async fn socks_connect(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut r = [0u8; 2];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(r, [5, 0]);
-    let mut req = vec![5, 1, 0, 3, host.len() as u8];
-    req.extend_from_slice(host.as_bytes());
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).await.unwrap();
-    if rep[1] == 0 {
-        Ok(s)
-    } else {
-        Err(rep[1])
-    }
-}
-
-async fn fetch(proxy: SocketAddr, host: &str, port: u16) -> Result<Vec<u8>, u8> {
-    let mut s = socks_connect(proxy, host, port).await?;
-    let mut got = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut got)).await.expect("transfer finished").unwrap();
-    Ok(got)
-}
-
-fn port_of(n: &Net, resource: &str) -> u16 {
-    n.client.node.maps.borrow().as_ref().unwrap().resources[resource].port
+/// `GET path` from a node's `/status` listener: the body.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http::get(addr, path).await.unwrap().body
 }
 
 #[tokio::test]
 async fn megabytes_by_private_name_and_alias_byte_exact() {
     let n = net().await;
-    let port = port_of(&n, "web");
+    let port = n.port("web");
     for host in ["web.tunnel.internal", "web.private.example.com"] {
-        let got = fetch(n.client.socks5, host, port).await.unwrap();
+        let got = fetch(n.client().socks5, host, port).await.unwrap();
         assert_eq!(got.len(), n.blob.len(), "{host}");
         assert!(got == n.blob, "{host}: bytes differ");
     }
     // On loopback the direct path is proven within a punch round or two (the transfer may finish on the
     // relay that answered first).
     wait_until("the path to be direct", || async {
-        n.client.node.dataplane.status().await.unwrap().peers[0].path == PathState::Direct
+        n.client().node.dataplane.status().await.unwrap().peers[0].path == PathState::Direct
     })
     .await;
     // The tunnel really carried it: both ends count the bytes.
-    let st = n.client.node.dataplane.status().await.unwrap();
+    let st = n.client().node.dataplane.status().await.unwrap();
     assert!(st.peers[0].rx_bytes > 8_000_000, "{st:?}");
 }
 
@@ -229,12 +87,12 @@ async fn a_client_forced_onto_the_relay_moves_the_same_bytes_through_it() {
     let n = net().await;
     // A second client of the same user, on the relay only (as with --force-relay).
     let cdir = tempfile::tempdir().unwrap();
-    let relayed = client_with(&n.client_token, cdir.path(), true).await;
+    let relayed = start_client(&n.client_token, cdir.path(), true).await;
     wait_until("the relayed client knows web", || async {
         relayed.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("web"))
     })
     .await;
-    let port = port_of(&n, "web");
+    let port = n.port("web");
     let got = fetch(relayed.socks5, "web.tunnel.internal", port).await.unwrap();
     assert!(got == n.blob, "bytes differ over the relay");
     let st = relayed.node.dataplane.status().await.unwrap();
@@ -243,7 +101,7 @@ async fn a_client_forced_onto_the_relay_moves_the_same_bytes_through_it() {
     assert_eq!(st.relay.transport.as_deref(), Some("quic"), "{st:?}");
     assert!(peer.relay_rx_bytes >= n.blob.len() as u64, "{st:?}");
     // The site sees the same: that client's packets arrive through the relay.
-    let site = n.agent.dataplane.status().await.unwrap();
+    let site = n.site.dataplane.status().await.unwrap();
     let relayed_bytes: u64 = site.peers.iter().map(|p| p.relay_tx_bytes).sum();
     assert!(relayed_bytes >= n.blob.len() as u64, "{site:?}");
     // And the server's relay counted it.
@@ -300,12 +158,12 @@ async fn a_relay_path_losing_three_percent_each_way_still_carries_a_transfer() {
     let token = n.server.ctl(&["client", "add", "roamer"]).await.unwrap().trim().to_owned();
     n.server.ctl(&["grant", "--client", "roamer", "--resource", "web"]).await.unwrap();
     let cdir = tempfile::tempdir().unwrap();
-    let relayed = client_with(&token, cdir.path(), true).await;
+    let relayed = start_client(&token, cdir.path(), true).await;
     wait_until("the relayed client knows web", || async {
         relayed.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("web"))
     })
     .await;
-    let port = port_of(&n, "web");
+    let port = n.port("web");
     // Long enough for QUIC to have seen many losses of full-size packets (the stall came after
     // about a second of traffic).
     let rounds = 10;
@@ -318,33 +176,14 @@ async fn a_relay_path_losing_three_percent_each_way_still_carries_a_transfer() {
     assert!(st.peers[0].relay_rx_bytes >= rounds * n.blob.len() as u64, "{st:?}");
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn udp_echo_through_socks5_udp_associate() {
     let n = net().await;
-    let port = port_of(&n, "echo");
-    let mut ctl = TcpStream::connect(n.client.socks5).await.unwrap();
-    ctl.write_all(&[5, 1, 0]).await.unwrap();
-    let mut r = [0u8; 2];
-    ctl.read_exact(&mut r).await.unwrap();
-    ctl.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
-    let mut rep = [0u8; 10];
-    ctl.read_exact(&mut rep).await.unwrap();
-    assert_eq!(rep[1], 0);
-    let relay = SocketAddr::from(([rep[4], rep[5], rep[6], rep[7]], u16::from_be_bytes([rep[8], rep[9]])));
+    let port = n.port("echo");
+    let assoc = socks5::udp_associate(n.client().socks5).await.unwrap();
+    let relay = assoc.relay;
     let u = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let name = "echo.tunnel.internal";
-    let mut d = vec![0, 0, 0, 3, name.len() as u8];
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&port.to_be_bytes());
-    d.extend_from_slice(b"marco");
+    let d = socks5::udp_datagram("echo.tunnel.internal", port, b"marco");
     let mut buf = [0u8; 2048];
     // UDP may lose the first datagram while the site dials: retry a few times.
     let mut answer = None;
@@ -362,23 +201,12 @@ async fn udp_echo_through_socks5_udp_associate() {
     assert_eq!(&a[10..], b"marco");
 }
 
-async fn dns(server: SocketAddr, name: &str, t: RecordType) -> Message {
-    let mut q = Message::new(77, MessageType::Query, OpCode::Query);
-    q.metadata.recursion_desired = true;
-    q.add_query(Query::query(Name::from_str(name).unwrap(), t));
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    s.send_to(&q.to_vec().unwrap(), server).await.unwrap();
-    let mut buf = [0u8; 4096];
-    let (len, _) = tokio::time::timeout(PATIENCE, s.recv_from(&mut buf)).await.unwrap().unwrap();
-    Message::from_vec(&buf[..len]).unwrap()
-}
-
 #[tokio::test]
 async fn private_dns_answers_names_and_refuses_unknown_ones() {
     let n = net().await;
-    let web_addr = n.client.node.maps.borrow().as_ref().unwrap().resources["web"].overlay_addr.clone();
+    let web_addr = n.client().node.maps.borrow().as_ref().unwrap().resources["web"].overlay_addr.clone();
     for name in ["web.tunnel.internal.", "web.private.example.com."] {
-        let m = dns(n.client.dns, name, RecordType::A).await;
+        let m = dns(n.client().dns, name, RecordType::A).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert_eq!(m.answers.len(), 1);
         match &m.answers[0].data {
@@ -386,10 +214,10 @@ async fn private_dns_answers_names_and_refuses_unknown_ones() {
             other => panic!("{other:?}"),
         }
     }
-    let nx = dns(n.client.dns, "nothing.tunnel.internal.", RecordType::A).await;
+    let nx = dns(n.client().dns, "nothing.tunnel.internal.", RecordType::A).await;
     assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
     // Not granted: not even its name resolves for this client.
-    let secret = dns(n.client.dns, "secret.tunnel.internal.", RecordType::A).await;
+    let secret = dns(n.client().dns, "secret.tunnel.internal.", RecordType::A).await;
     assert_eq!(secret.metadata.response_code, ResponseCode::NXDomain);
 }
 
@@ -397,16 +225,16 @@ async fn private_dns_answers_names_and_refuses_unknown_ones() {
 async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
     let n = net().await;
     // Through the client: the name is not there.
-    assert!(fetch(n.client.socks5, "secret.tunnel.internal", 80).await.is_err());
+    assert!(fetch(n.client().socks5, "secret.tunnel.internal", 80).await.is_err());
     // A raw peer holding the client's own key, sending straight at the agent.
     let other = n.server.ctl(&["client", "add", "other"]).await.unwrap();
     let other_dir = tempfile::tempdir().unwrap();
-    let other_client = client(other.trim(), other_dir.path()).await;
+    let other_client = start_client(other.trim(), other_dir.path(), false).await;
     wait_until("the other client's map", || async { other_client.node.maps.borrow().is_some() }).await;
     let other_addr = other_client.node.maps.borrow().as_ref().unwrap().overlay_addr.clone();
     let (secret_addr, web_addr, client_addr, site_key) = {
-        let m = n.agent.maps.borrow().clone().unwrap();
-        let cm = n.client.node.maps.borrow().clone().unwrap();
+        let m = n.site.maps.borrow().clone().unwrap();
+        let cm = n.client().node.maps.borrow().clone().unwrap();
         let site = cm.peers.values().next().unwrap();
         (
             m.resources["secret"].overlay_addr.clone(),
@@ -415,12 +243,12 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
             site.public_key.unwrap(),
         )
     };
-    let key_text = std::fs::read_to_string(n.client.node.state.path().join("private.key")).unwrap();
+    let key_text = std::fs::read_to_string(n.client().node.state.path().join("private.key")).unwrap();
     let key: [u8; 32] = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.decode(key_text.trim()).unwrap().try_into().unwrap()
     };
-    let agent_udp = SocketAddr::from(([127, 0, 0, 1], n.agent.dataplane.local_addr.port()));
+    let agent_udp = SocketAddr::from(([127, 0, 0, 1], n.site.dataplane.local_addr.port()));
     let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut dev = Device::new(key, 99);
     dev.set_peers(
@@ -432,7 +260,7 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
         }],
         std::time::Instant::now(),
     );
-    let before = n.agent.dataplane.status().await.unwrap();
+    let before = n.site.dataplane.status().await.unwrap();
     let mut buf = vec![0u8; 65536];
     let exchange = |dev: &mut Device, pkt: Option<Vec<u8>>| {
         if let Some(p) = pkt {
@@ -474,7 +302,7 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
         move || {
             let before = before.clone();
             async move {
-                let a = n.agent.dataplane.status().await.unwrap();
+                let a = n.site.dataplane.status().await.unwrap();
                 a.counters.not_granted > before.counters.not_granted
                     && a.drops.bad_source > before.drops.bad_source
             }
@@ -493,11 +321,11 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
 #[tokio::test]
 async fn revoke_stops_access_within_seconds() {
     let n = net().await;
-    let port = port_of(&n, "web");
-    assert!(fetch(n.client.socks5, "web.tunnel.internal", port).await.is_ok());
+    let port = n.port("web");
+    assert!(fetch(n.client().socks5, "web.tunnel.internal", port).await.is_ok());
     // A connection open across the revoke is cut by the site itself.
     let mut open =
-        socks_connect(n.client.socks5, "tcpecho.tunnel.internal", port_of(&n, "tcpecho")).await.unwrap();
+        socks5::connect(n.client().socks5, "tcpecho.tunnel.internal", n.port("tcpecho")).await.unwrap();
     open.write_all(b"ping").await.unwrap();
     let mut four = [0u8; 4];
     open.read_exact(&mut four).await.unwrap();
@@ -519,12 +347,12 @@ async fn revoke_stops_access_within_seconds() {
     assert!(cut.is_ok(), "the open connection survived the revoke");
     n.server.ctl(&["revoke", "--client", "laptop", "--resource", "web"]).await.unwrap();
     wait_until("access to stop", || async {
-        fetch(n.client.socks5, "web.tunnel.internal", port).await.is_err()
+        fetch(n.client().socks5, "web.tunnel.internal", port).await.is_err()
     })
     .await;
     // And the site refuses it too, whatever the client does: its map says so.
     wait_until("the site to drop the client", || async {
-        n.agent
+        n.site
             .maps
             .borrow()
             .as_ref()
@@ -536,9 +364,9 @@ async fn revoke_stops_access_within_seconds() {
 #[tokio::test]
 async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
     let mut n = net().await;
-    let port = port_of(&n, "web");
+    let port = n.port("web");
     // Start a transfer, kill the server in the middle of it.
-    let mut s = socks_connect(n.client.socks5, "web.tunnel.internal", port).await.unwrap();
+    let mut s = socks5::connect(n.client().socks5, "web.tunnel.internal", port).await.unwrap();
     let mut first = vec![0u8; 1000];
     s.read_exact(&mut first).await.unwrap();
     n.server.server.take().unwrap().kill();
@@ -547,20 +375,21 @@ async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
     first.extend(rest);
     assert!(first == n.blob, "the running transfer completed byte-exact");
     wait_until("the client to notice the outage", || async {
-        !matches!(*n.client.node.link.borrow(), tunnel_node::LinkState::Connected)
+        !matches!(*n.client().node.link.borrow(), tunnel_node::LinkState::Connected)
     })
     .await;
     // A new connection to a known resource still works, from the cached map.
-    assert_eq!(fetch(n.client.socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
+    assert_eq!(fetch(n.client().socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
     // A client started while the server is down comes up from its cached map and reaches the resource.
-    let state_dir = n.client.node.state.path().to_owned();
+    let state_dir = n.client().node.state.path().to_owned();
     let token = n.client_token.clone();
-    drop(std::mem::replace(&mut n.client, client(&token, &state_dir).await));
+    let restarted = start_client(&token, &state_dir, false).await;
+    drop(n.lo.client.replace(restarted));
     wait_until("the restarted client to load its cached map", || async {
-        n.client.node.maps.borrow().is_some()
+        n.client().node.maps.borrow().is_some()
     })
     .await;
-    assert_eq!(fetch(n.client.socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
+    assert_eq!(fetch(n.client().socks5, "web.tunnel.internal", port).await.unwrap().len(), n.blob.len());
     let status =
         tunnel_tests::ctl(&["status", "--json", "--state-dir", state_dir.to_str().unwrap()]).await.unwrap();
     let status: tunnel_core::status::NodeStatus = serde_json::from_str(&status).unwrap();
@@ -568,18 +397,18 @@ async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
     assert_ne!(status.control, Some(tunnel_core::status::LinkState::Connected), "{status:?}");
     // The server returns; a change made afterwards reaches the nodes.
     n.server.restart().await.unwrap();
-    let echo = udp_echo().await;
+    let echo = services::udp_echo().await;
     n.server
         .ctl(&["add-resource", "--site", "home", "--name", "later", "--target", &echo.to_string()])
         .await
         .unwrap();
     n.server.ctl(&["grant", "--client", "laptop", "--resource", "later"]).await.unwrap();
     wait_until("the new resource to reach the client", || async {
-        n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
+        n.client().node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
     })
     .await;
     wait_until("the new resource to reach the site", || async {
-        n.agent.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
+        n.site.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("later"))
     })
     .await;
 }
@@ -587,16 +416,16 @@ async fn server_outage_keeps_tunnels_and_changes_flow_again_after_it_returns() {
 #[tokio::test]
 async fn rotating_a_client_cuts_its_tunnels_not_only_its_control_session() {
     let n = net().await;
-    let port = port_of(&n, "web");
-    assert!(fetch(n.client.socks5, "web.tunnel.internal", port).await.is_ok());
+    let port = n.port("web");
+    assert!(fetch(n.client().socks5, "web.tunnel.internal", port).await.is_ok());
     n.server.ctl(&["client", "rotate", "laptop"]).await.unwrap();
     // The old client still runs on its cached map, but the site no longer holds its key.
     wait_until("the site to drop the rotated client's key", || async {
-        n.agent.maps.borrow().as_ref().is_some_and(|m| m.peers.values().all(|p| p.public_key.is_none()))
+        n.site.maps.borrow().as_ref().is_some_and(|m| m.peers.values().all(|p| p.public_key.is_none()))
     })
     .await;
     let r =
-        tokio::time::timeout(Duration::from_secs(20), fetch(n.client.socks5, "web.tunnel.internal", port))
+        tokio::time::timeout(Duration::from_secs(20), fetch(n.client().socks5, "web.tunnel.internal", port))
             .await;
     assert!(!matches!(r, Ok(Ok(_))), "a rotated client still reached the resource");
 }
@@ -612,19 +441,23 @@ async fn a_refused_target_gives_the_client_a_reset() {
         .unwrap();
     n.server.ctl(&["grant", "--client", "laptop", "--resource", "dead"]).await.unwrap();
     wait_until("dead to be known", || async {
-        n.client.node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("dead"))
+        n.client().node.maps.borrow().as_ref().is_some_and(|m| m.resources.contains_key("dead"))
     })
     .await;
     wait_until("dead to reach the site", || async {
-        n.agent
+        n.site
             .maps
             .borrow()
             .as_ref()
             .is_some_and(|m| m.peers.values().any(|p| p.resources.contains(&"dead".to_string())))
     })
     .await;
-    let r = socks_connect(n.client.socks5, "dead.tunnel.internal", closed.port()).await;
-    assert_eq!(r.err(), Some(5), "SOCKS5 'connection refused', not a connection that dies after accept");
+    let r = socks5::connect(n.client().socks5, "dead.tunnel.internal", closed.port()).await;
+    assert_eq!(
+        r.err(),
+        Some(Refused(5)),
+        "SOCKS5 'connection refused', not a connection that dies after accept"
+    );
 }
 
 fn direct(v: Via) -> std::net::SocketAddr {
@@ -632,24 +465,6 @@ fn direct(v: Via) -> std::net::SocketAddr {
         Via::Direct(a) => a,
         Via::Relay => panic!("the raw test peer has no relay"),
     }
-}
-
-/// An HTTP service that answers every request with `status`.
-async fn http_status(status: u16) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ =
-                    s.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]
@@ -660,8 +475,8 @@ async fn the_site_checks_targets_and_tunnelctl_shows_their_health() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
     };
-    let ok = http_status(200).await;
-    let failing = http_status(503).await;
+    let ok = services::http(200, "").await;
+    let failing = services::http(503, "").await;
     for (name, target, check) in [
         ("gone", closed.to_string(), "tcp"),
         ("ready", ok.to_string(), "http:/ready"),
@@ -715,7 +530,7 @@ async fn the_site_checks_targets_and_tunnelctl_shows_their_health() {
     // The table says it too, and the agent's /metrics.
     let table = n.server.ctl(&["resources"]).await.unwrap();
     assert!(table.contains("unhealthy (HTTP 503)"), "{table}");
-    let metrics = http_get(n.agent.status_addr.unwrap(), "/metrics").await;
+    let metrics = http_get(n.site.status_addr.unwrap(), "/metrics").await;
     assert!(
         metrics.contains("tunnel_node_resource_health{resource=\"gone\",state=\"unhealthy\"} 1"),
         "{metrics}"
@@ -725,10 +540,11 @@ async fn the_site_checks_targets_and_tunnelctl_shows_their_health() {
         "{metrics}"
     );
     // With the site gone, nobody vouches for the targets any more.
-    drop(n.agent);
+    let Loopback { server, site, .. } = n.lo;
+    drop(site);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let v = n.server.ctl_json(&["resources", "--json"]).await.unwrap();
+        let v = server.ctl_json(&["resources", "--json"]).await.unwrap();
         if health(&v, "web").as_deref() == Some("unknown") {
             break;
         }

@@ -21,6 +21,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tunnel_tests::deploy::compose::Yaml;
+use tunnel_tests::deploy::dockerfile::{docker_run, documented_options, Stage};
+use tunnel_tests::deploy::env::{env_file, Setting};
+use tunnel_tests::deploy::unit::service_unit;
 use tunnel_tests::lab::{binaries, Lab};
 
 // --- what the test changes, and why ------------------------------------------------------------
@@ -138,25 +142,6 @@ const DOCKERFILE: &str = "deploy/Dockerfile";
 
 // --- the processes -------------------------------------------------------------------------------
 
-/// One setting as a file writes it, and where.
-#[derive(Debug, Clone)]
-struct Setting {
-    key: String,
-    value: String,
-    at: String,
-}
-
-impl Setting {
-    fn new(key: &str, value: &str, at: impl Into<String>) -> Setting {
-        let at = at.into();
-        assert!(
-            !key.is_empty() && key.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
-            "{at}: '{key}' is not a variable name"
-        );
-        Setting { key: key.into(), value: value.into(), at }
-    }
-}
-
 /// Who the process runs as.
 #[derive(Debug, Clone, Default)]
 struct RunAs {
@@ -247,147 +232,6 @@ impl Launch {
 
 // --- reading the files -----------------------------------------------------------------------------
 
-/// A YAML value as the compose files write them: block maps, block lists of scalars, scalars.
-#[derive(Debug, Clone)]
-enum Yaml {
-    Map(Vec<(String, Yaml, usize)>),
-    List(Vec<(String, usize)>),
-    Scalar(String),
-}
-
-impl Yaml {
-    fn parse(text: &str) -> Yaml {
-        let lines: Vec<(usize, String, usize)> = text
-            .lines()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                let l = strip_comment(l);
-                let t = l.trim();
-                (!t.is_empty()).then(|| (l.len() - l.trim_start().len(), t.to_owned(), i + 1))
-            })
-            .collect();
-        let mut pos = 0;
-        let doc = Yaml::block(&lines, &mut pos);
-        assert!(pos == lines.len(), "line {}: not read by this YAML reader", lines[pos].2);
-        doc
-    }
-
-    fn block(lines: &[(usize, String, usize)], pos: &mut usize) -> Yaml {
-        let indent = lines[*pos].0;
-        if lines[*pos].1.starts_with("- ") {
-            let mut items = vec![];
-            while let Some((_, t, n)) = lines.get(*pos).filter(|l| l.0 == indent && l.1.starts_with("- ")) {
-                assert!(!t[2..].contains(": "), "line {n}: lists of maps are not read by this YAML reader");
-                items.push((unquote(t[2..].trim()), *n));
-                *pos += 1;
-            }
-            return Yaml::List(items);
-        }
-        let mut entries = vec![];
-        while let Some((_, t, n)) = lines.get(*pos).filter(|l| l.0 == indent) {
-            let n = *n;
-            let (k, v) = t.split_once(':').unwrap_or_else(|| panic!("line {n}: not KEY: VALUE"));
-            let (k, v) = (unquote(k.trim()), v.trim().to_owned());
-            *pos += 1;
-            let value = match lines.get(*pos) {
-                Some((i, t, _)) if v.is_empty() && (*i > indent || (*i == indent && t.starts_with("- "))) => {
-                    Yaml::block(lines, pos)
-                }
-                _ => Yaml::Scalar(unquote(&v)),
-            };
-            entries.push((k, value, n));
-        }
-        Yaml::Map(entries)
-    }
-
-    fn get(&self, key: &str) -> Option<&Yaml> {
-        match self {
-            Yaml::Map(e) => e.iter().find(|(k, _, _)| k == key).map(|(_, v, _)| v),
-            _ => None,
-        }
-    }
-
-    fn str(&self) -> &str {
-        match self {
-            Yaml::Scalar(s) => s,
-            other => panic!("expected a scalar, found {other:?}"),
-        }
-    }
-
-    /// A scalar or a list of scalars.
-    fn items(&self) -> Vec<String> {
-        match self {
-            Yaml::Scalar(s) => vec![s.clone()],
-            Yaml::List(l) => l.iter().map(|(s, _)| s.clone()).collect(),
-            Yaml::Map(_) => panic!("expected a list, found a map"),
-        }
-    }
-
-    /// `KEY: VALUE` entries or `- KEY=VALUE` items, with their lines.
-    fn pairs(&self) -> Vec<(String, String, usize)> {
-        match self {
-            Yaml::Map(e) => e.iter().map(|(k, v, n)| (k.clone(), v.str().to_owned(), *n)).collect(),
-            Yaml::List(l) => l
-                .iter()
-                .map(|(s, n)| {
-                    let (k, v) = s.split_once('=').unwrap_or_else(|| panic!("line {n}: not KEY=VALUE"));
-                    (k.to_owned(), v.to_owned(), *n)
-                })
-                .collect(),
-            Yaml::Scalar(s) => panic!("expected a map, found '{s}'"),
-        }
-    }
-}
-
-/// A line without its `# comment` (a `#` at the start or after a blank, outside quotes).
-fn strip_comment(line: &str) -> &str {
-    let mut quote = None;
-    let mut prev = ' ';
-    for (i, c) in line.char_indices() {
-        match (quote, c) {
-            (None, '"' | '\'') => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (None, '#') if prev.is_whitespace() => return &line[..i],
-            _ => {}
-        }
-        prev = c;
-    }
-    line
-}
-
-fn unquote(s: &str) -> String {
-    for q in ['"', '\''] {
-        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
-            return s[1..s.len() - 1].to_owned();
-        }
-    }
-    s.to_owned()
-}
-
-/// Words, with shell-style quotes removed.
-fn split_words(s: &str) -> Vec<String> {
-    let (mut out, mut cur, mut quote, mut any) = (vec![], String::new(), None, false);
-    for c in s.chars() {
-        match (quote, c) {
-            (None, '"' | '\'') => (quote, any) = (Some(c), true),
-            (Some(q), c) if c == q => quote = None,
-            (None, c) if c.is_whitespace() => {
-                if std::mem::take(&mut any) {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            (_, c) => {
-                any = true;
-                cur.push(c);
-            }
-        }
-    }
-    if any {
-        out.push(cur);
-    }
-    out
-}
-
 fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -402,162 +246,6 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-/// A `KEY=VALUE` file: its settings, and its commented-out `#TUNNEL_...=` examples.
-fn env_file(text: &str, file: &str) -> (Vec<Setting>, Vec<Setting>) {
-    let (mut on, mut off) = (vec![], vec![]);
-    for (i, l) in text.lines().enumerate() {
-        let t = l.trim();
-        let (list, t) = match t.strip_prefix('#') {
-            Some(c) if c.starts_with("TUNNEL_") => (&mut off, c),
-            Some(_) => continue,
-            None if t.is_empty() => continue,
-            None => (&mut on, t),
-        };
-        let (k, v) = t.split_once('=').unwrap_or_else(|| panic!("{file}:{}: not KEY=VALUE", i + 1));
-        list.push(Setting::new(k.trim(), &unquote(v.trim()), format!("{file}:{}", i + 1)));
-    }
-    (on, off)
-}
-
-/// One build stage of the Dockerfile, with what it inherits from the stage it is built `FROM`.
-#[derive(Debug, Clone, Default)]
-struct Stage {
-    env: Vec<Setting>,
-    user: Option<String>,
-    entrypoint: Vec<String>,
-    cmd: Vec<String>,
-    healthcheck: Option<(Vec<String>, String)>,
-    /// `COPY --chown=...` destinations: dirs the image gives its user.
-    owned_dirs: Vec<String>,
-    /// The comments before and inside the stage, with their lines.
-    notes: Vec<(String, usize)>,
-}
-
-fn exec_form(s: &str, at: &str) -> Vec<String> {
-    serde_json::from_str(s.trim())
-        .unwrap_or_else(|e| panic!("{at}: only the exec form [\"...\"] is read by this test ({e})"))
-}
-
-fn dockerfile(text: &str) -> BTreeMap<String, Stage> {
-    let (mut stages, mut cur, mut notes) =
-        (BTreeMap::<String, Stage>::new(), None::<(String, Stage)>, vec![]);
-    let (mut logical, mut start) = (String::new(), 0);
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if logical.is_empty() {
-            if let Some(c) = t.strip_prefix('#') {
-                notes.push((c.trim().to_owned(), i + 1));
-                continue;
-            }
-            if t.is_empty() {
-                continue;
-            }
-            start = i + 1;
-        } else if t.starts_with('#') {
-            continue;
-        }
-        if let Some(part) = t.strip_suffix('\\') {
-            logical.push_str(part);
-            logical.push(' ');
-            continue;
-        }
-        logical.push_str(t);
-        let instr = std::mem::take(&mut logical);
-        let (op, rest) = instr.split_once(char::is_whitespace).unwrap_or((&instr, ""));
-        let (op, rest, at) = (op.to_ascii_uppercase(), rest.trim(), format!("{DOCKERFILE}:{start}"));
-        if op == "FROM" {
-            if let Some((n, s)) = cur.take() {
-                stages.insert(n, s);
-            }
-            let w: Vec<&str> = rest.split_whitespace().filter(|w| !w.starts_with("--")).collect();
-            let name = match w.as_slice() {
-                [_, a, n] if a.eq_ignore_ascii_case("as") => n.to_string(),
-                _ => String::new(),
-            };
-            let mut s = stages.get(w[0]).cloned().unwrap_or_default();
-            s.notes = std::mem::take(&mut notes);
-            cur = Some((name, s));
-            continue;
-        }
-        let Some((_, s)) = cur.as_mut() else { continue };
-        s.notes.append(&mut notes);
-        match op.as_str() {
-            "ENV" => {
-                let words = split_words(rest);
-                if words.first().is_some_and(|w| !w.contains('=')) {
-                    s.env.push(Setting::new(&words[0], rest[words[0].len()..].trim(), at));
-                } else {
-                    for w in words {
-                        let (k, v) = w.split_once('=').unwrap();
-                        s.env.push(Setting::new(k, v, at.clone()));
-                    }
-                }
-            }
-            "USER" => s.user = Some(rest.to_owned()),
-            // Docker: an ENTRYPOINT resets the CMD inherited from the base.
-            "ENTRYPOINT" => (s.entrypoint, s.cmd) = (exec_form(rest, &at), vec![]),
-            "CMD" => s.cmd = exec_form(rest, &at),
-            "HEALTHCHECK" => {
-                let cmd = if rest.starts_with("CMD ") { Some(0) } else { rest.find(" CMD ").map(|i| i + 1) };
-                s.healthcheck = cmd.map(|i| (exec_form(&rest[i + 4..], &at), at));
-            }
-            "COPY" | "ADD" if rest.contains("--chown=") => {
-                s.owned_dirs.push(rest.split_whitespace().last().unwrap().to_owned())
-            }
-            _ => {}
-        }
-    }
-    if let Some((n, s)) = cur {
-        stages.insert(n, s);
-    }
-    stages
-}
-
-/// The `docker run` a stage's comments document: its `--user`, and its `-e` settings.
-fn docker_run(stage: &Stage) -> Option<(Option<String>, Vec<Setting>)> {
-    let mut words = vec![];
-    for (c, n) in stage.notes.iter().skip_while(|(c, _)| !c.starts_with("docker run ")) {
-        words.extend(c.trim_end_matches('\\').split_whitespace().map(|w| (w.to_owned(), *n)));
-        if !c.ends_with('\\') {
-            break;
-        }
-    }
-    if words.is_empty() {
-        return None;
-    }
-    let (mut user, mut env) = (None, vec![]);
-    for w in words.windows(2) {
-        match w[0].0.as_str() {
-            "--user" | "-u" => user = Some(w[1].0.clone()),
-            "-e" | "--env" => {
-                let (k, v) =
-                    w[1].0.split_once('=').unwrap_or_else(|| panic!("{DOCKERFILE}:{}: -e KEY=VALUE", w[1].1));
-                env.push(Setting::new(k, v, format!("{DOCKERFILE}:{}", w[1].1)));
-            }
-            _ => {}
-        }
-    }
-    Some((user, env))
-}
-
-/// `TUNNEL_X=VALUE` options a stage's comments offer outside its `docker run` example.
-fn documented_options(stage: &Stage) -> Vec<Setting> {
-    let (mut continued, mut out) = (false, vec![]);
-    for (c, n) in &stage.notes {
-        let in_run = continued || c.starts_with("docker run ");
-        continued = in_run && c.ends_with('\\');
-        if in_run {
-            continue;
-        }
-        for w in c.split_whitespace().filter(|w| w.starts_with("TUNNEL_") && w.contains('=')) {
-            let w = w.trim_end_matches([')', ',', ';', '.', '`']);
-            let (k, v) = w.split_once('=').unwrap();
-            out.push(Setting::new(k, v, format!("{DOCKERFILE}:{n}")));
-        }
-    }
-    out
-}
-
 struct Files {
     root: PathBuf,
     stages: BTreeMap<String, Stage>,
@@ -566,7 +254,10 @@ struct Files {
 impl Files {
     fn new() -> Files {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
-        let stages = dockerfile(&std::fs::read_to_string(root.join(DOCKERFILE)).unwrap());
+        let stages = tunnel_tests::deploy::dockerfile::stages(
+            &std::fs::read_to_string(root.join(DOCKERFILE)).unwrap(),
+            DOCKERFILE,
+        );
         Files { root, stages }
     }
 
@@ -671,58 +362,18 @@ impl Files {
     }
 
     fn unit(&self, name: &'static str, file: &str, joins: Option<&'static str>) -> Launch {
+        let u = service_unit(&self.read(file), file);
         let mut l = Launch::new(name, file.to_owned(), joins);
-        let mut section = String::new();
-        for (i, line) in self.read(file).lines().enumerate() {
-            let (t, at) = (line.trim(), format!("{file}:{}", i + 1));
-            if t.is_empty() || t.starts_with(['#', ';']) {
-                continue;
-            }
-            if t.starts_with('[') {
-                section = t.to_owned();
-                continue;
-            }
-            let (k, v) = t.split_once('=').unwrap_or_else(|| panic!("{at}: not KEY=VALUE"));
-            let (k, v) = (k.trim(), v.trim());
-            assert!(!v.ends_with('\\'), "{at}: continued lines are not read by this test");
-            if section != "[Service]" {
-                continue;
-            }
-            match k {
-                "ExecStart" => {
-                    let w = split_words(v);
-                    let (p, args) = w.split_first().unwrap_or_else(|| panic!("{at}: empty ExecStart="));
-                    (l.program, l.args) =
-                        (p.trim_start_matches(['-', '@', '+', '!', ':']).to_owned(), args.to_vec());
-                }
-                "Environment" => {
-                    for w in split_words(v) {
-                        let (key, val) = w.split_once('=').unwrap_or_else(|| panic!("{at}: not KEY=VALUE"));
-                        assert!(
-                            !val.replace("%d/", "").contains('%'),
-                            "{at}: a specifier this test does not know"
-                        );
-                        l.set([Setting::new(key, val, at.clone())]);
-                    }
-                }
-                "EnvironmentFile" => {
-                    let (optional, p) = v.strip_prefix('-').map_or((false, v), |p| (true, p));
-                    l.env_files.push((p.to_owned(), optional, at));
-                }
-                "LoadCredential" => {
-                    let (id, src) = v.split_once(':').unwrap_or_else(|| panic!("{at}: not ID:PATH"));
-                    l.credentials.push((id.to_owned(), src.to_owned()));
-                }
-                "DynamicUser" if v == "yes" => l.user.uid = Some(DYNAMIC_UID),
-                "User" | "Group" | "SupplementaryGroups" => panic!("{at}: {k}= is not modelled by this test"),
-                "AmbientCapabilities" => l.user.ambient.extend(caps(v, &at)),
-                "CapabilityBoundingSet" => l.user.bounding = Some(caps(v, &at)),
-                "StateDirectory" => {
-                    l.state_dirs.extend(v.split_whitespace().map(|d| format!("/var/lib/{d}")))
-                }
-                _ => {}
-            }
+        (l.program, l.args) = (u.program().to_owned(), u.args().to_vec());
+        l.set(u.environment);
+        l.env_files = u.environment_files.into_iter().map(|f| (f.path, f.optional, f.at)).collect();
+        l.credentials = u.credentials;
+        if u.dynamic_user {
+            l.user.uid = Some(DYNAMIC_UID);
         }
+        l.user.ambient = u.ambient_capabilities;
+        l.user.bounding = u.capability_bounding_set;
+        l.state_dirs = u.state_directories.iter().map(|d| format!("/var/lib/{d}")).collect();
         l
     }
 
@@ -760,14 +411,14 @@ impl Files {
         let mut l = self.container(name, "client", from, joins);
         l.sysctls = DOCKER_SYSCTLS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         if tun {
-            let (user, env) =
-                docker_run(stage).unwrap_or_else(|| panic!("{DOCKERFILE}: client: no `docker run` example"));
+            let (user, env) = docker_run(stage, DOCKERFILE)
+                .unwrap_or_else(|| panic!("{DOCKERFILE}: client: no `docker run` example"));
             if let Some(u) = user {
                 l.user.uid = Some(u.parse().unwrap()).filter(|&u| u != 0);
             }
             l.set(env);
         } else {
-            l.set(documented_options(stage));
+            l.set(documented_options(stage, DOCKERFILE));
             l.set(operator_supplied(name));
         }
         l
@@ -790,11 +441,6 @@ impl Files {
             self.docker_client("dclienttun", true, Some("srv")),
         ]
     }
-}
-
-fn caps(v: &str, at: &str) -> Vec<String> {
-    assert!(!v.starts_with('~'), "{at}: inverted capability sets are not modelled");
-    v.split_whitespace().map(|c| c.trim_start_matches("CAP_").to_lowercase()).collect()
 }
 
 fn operator_supplied(name: &str) -> Vec<Setting> {

@@ -4,149 +4,40 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
-use tunnel_core::map::NodeKind;
 use tunnel_core::{JoinToken, KeyPin};
-use tunnel_node::node::{NodeConfig, RunningNode};
 use tunnel_node::LinkState;
-use tunnel_tests::{TestServer, PATIENCE};
-use tunnelctl::up::{Client, UpConfig};
+use tunnel_tests::loopback::{Loopback, Resource};
+use tunnel_tests::{services, wait_until, TestServer};
 
-/// A TCP service that greets every connection; aborting the handle closes its port.
-async fn service() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(b"hello\n").await;
-            });
-        }
-    });
-    (addr, task)
-}
-
+/// The loopback network and its services (aborting one closes its port).
 struct Net {
-    server: TestServer,
-    agent: RunningNode,
-    client: Option<Client>,
-    client_dir: tempfile::TempDir,
-    _agent_dir: tempfile::TempDir,
-    client_token: String,
+    lo: Loopback,
     services: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn start_client(token: &str, dir: &std::path::Path) -> Client {
-    tunnelctl::up::start(UpConfig {
-        token: JoinToken::parse(token).unwrap(),
-        state_dir: dir.to_owned(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        userspace: true,
-        socks5: "127.0.0.1:0".parse().unwrap(),
-        dns_listen: "127.0.0.1:0".parse().unwrap(),
-        listen_port: 0,
-        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
-        force_relay: false,
-        tcp: Default::default(),
-        dns: Default::default(),
-        dns_mode: tunnelctl::up::resolv::DnsMode::Off,
-        tun_name: String::new(),
-        resolv_conf: "/etc/resolv.conf".into(),
-    })
-    .await
-    .unwrap()
+impl std::ops::Deref for Net {
+    type Target = Loopback;
+    fn deref(&self) -> &Loopback {
+        &self.lo
+    }
+}
+
+impl std::ops::DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut Loopback {
+        &mut self.lo
+    }
 }
 
 /// Server; site `home` with `web` (alias web.private.example.com) and `db`; client `laptop` granted
 /// both, running in userspace mode.
 async fn net() -> Net {
     let server = TestServer::start().await.unwrap();
-    let (web, web_task) = service().await;
-    let (db, db_task) = service().await;
-    let site_token = server.ctl(&["site", "add", "home"]).await.unwrap().trim().to_owned();
-    let client_token = server.ctl(&["client", "add", "laptop"]).await.unwrap().trim().to_owned();
-    let web_target = web.to_string();
-    server
-        .ctl(&[
-            "add-resource",
-            "--site",
-            "home",
-            "--name",
-            "web",
-            "--target",
-            &web_target,
-            "--alias",
-            "web.private.example.com",
-        ])
-        .await
-        .unwrap();
-    server
-        .ctl(&["add-resource", "--site", "home", "--name", "db", "--target", &db.to_string()])
-        .await
-        .unwrap();
-    for r in ["web", "db"] {
-        server.ctl(&["grant", "--client", "laptop", "--resource", r]).await.unwrap();
-    }
-    let agent_dir = tempfile::tempdir().unwrap();
-    let agent = tunnel_node::node::start(NodeConfig {
-        kind: NodeKind::Site,
-        token: JoinToken::parse(&site_token).unwrap(),
-        state_dir: agent_dir.path().to_owned(),
-        listen_port: 0,
-        advertise: vec![],
-        metrics_listen: None,
-        version: "test".into(),
-        keepalive: tunnel_node::dataplane::DEFAULT_KEEPALIVE,
-        force_relay: false,
-        tcp: Default::default(),
-    })
-    .await
-    .unwrap();
-    let client_dir = tempfile::tempdir().unwrap();
-    let client = start_client(&client_token, client_dir.path()).await;
-    let n = Net {
-        server,
-        agent,
-        client: Some(client),
-        client_dir,
-        _agent_dir: agent_dir,
-        client_token,
-        services: vec![web_task, db_task],
-    };
-    wait_until("the client to know both resources and the site's key, connected", || async {
-        let c = n.client.as_ref().unwrap();
-        let known = c.node.maps.borrow().as_ref().is_some_and(|m| {
-            m.resources.len() == 2 && m.peers.values().any(|p| p.name == "home" && p.public_key.is_some())
-        });
-        known && *c.node.link.borrow() == LinkState::Connected
-    })
-    .await;
-    wait_until("the site to know the client's key and grants", || async {
-        n.agent
-            .maps
-            .borrow()
-            .as_ref()
-            .is_some_and(|m| m.peers.values().any(|p| p.public_key.is_some() && p.resources.len() == 2))
-    })
-    .await;
-    n
-}
-
-async fn wait_until<F, Fut>(what: &str, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (web, web_task) = services::greeter().await;
+    let (db, db_task) = services::greeter().await;
+    let resources =
+        [Resource::granted("web", web).alias("web.private.example.com"), Resource::granted("db", db)];
+    Net { lo: Loopback::start(server, &resources).await, services: vec![web_task, db_task] }
 }
 
 /// Runs `tunnelctl doctor --json` against the client's state dir; returns the report and exit code.

@@ -40,8 +40,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tunnel_core::status::NodeStatus;
+use tunnel_tests::deploy::env::env_file;
+use tunnel_tests::deploy::unit::{service_unit, ServiceUnit};
 use tunnel_tests::lab::binaries;
 use tunnel_tests::nat::{self, Internet, Nat, Options, Side};
+use tunnel_tests::world::{poll, tail, Clock, Fetch};
 
 const RUNBOOK: &str = include_str!("../../deploy/RUNBOOK.md");
 const UNITS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd");
@@ -245,14 +248,11 @@ fn check_output(expected: &str, actual: &str) -> Result<(), String> {
 
 // ---- units -------------------------------------------------------------------------------------
 
+/// A unit as `deploy/systemd/NAME.service` says, and how its runs went.
 #[derive(Debug)]
 struct Unit {
     host: String,
-    exec: Vec<String>,
-    env: Vec<(String, String)>,
-    env_files: Vec<String>,
-    credentials: Vec<(String, String)>,
-    state_dirs: Vec<String>,
+    spec: ServiceUnit,
     proc: Option<usize>,
     /// Stopped by `systemctl stop` (else an exit is a failure).
     stopped: bool,
@@ -274,51 +274,8 @@ fn unit_host(name: &str) -> &'static str {
 /// Reads `deploy/systemd/NAME.service`.
 fn unit(name: &str) -> Unit {
     let path = Path::new(UNITS_DIR).join(format!("{name}.service"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut u = Unit {
-        host: unit_host(name).into(),
-        exec: vec![],
-        env: vec![],
-        env_files: vec![],
-        credentials: vec![],
-        state_dirs: vec![],
-        proc: None,
-        stopped: true,
-        runs: 0,
-        journal_from: 1,
-    };
-    for l in text.lines() {
-        let Some((k, v)) = l.split_once('=') else { continue };
-        match k.trim() {
-            "ExecStart" => u.exec = v.split_whitespace().map(str::to_owned).collect(),
-            "Environment" => {
-                for w in v.split_whitespace() {
-                    let (k, v) = w.split_once('=').unwrap();
-                    u.env.push((k.into(), v.into()));
-                }
-            }
-            "EnvironmentFile" => u.env_files.push(v.trim_start_matches('-').into()),
-            "LoadCredential" => {
-                let (id, src) = v.split_once(':').unwrap();
-                u.credentials.push((id.into(), src.into()));
-            }
-            "StateDirectory" => u.state_dirs.push(v.into()),
-            _ => {}
-        }
-    }
-    assert!(!u.exec.is_empty(), "{}: no ExecStart=", path.display());
-    u
-}
-
-/// `KEY=VALUE` lines.
-fn env_file(path: &Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
+    let spec = service_unit(&std::fs::read_to_string(&path).unwrap(), &path.to_string_lossy());
+    Unit { host: unit_host(name).into(), spec, proc: None, stopped: true, runs: 0, journal_from: 1 }
 }
 
 // ---- the world ---------------------------------------------------------------------------------
@@ -347,7 +304,7 @@ impl Run {
 struct World {
     net: Internet,
     bin: PathBuf,
-    t0: Instant,
+    clock: Clock,
     blocks: BTreeMap<String, Block>,
     hosts: BTreeMap<String, Host>,
     units: BTreeMap<String, Unit>,
@@ -355,14 +312,6 @@ struct World {
     blob: Vec<u8>,
     fetches: usize,
     print: bool,
-}
-
-/// A transfer running in the background.
-#[derive(Debug)]
-struct Fetch {
-    idx: usize,
-    out: PathBuf,
-    log: String,
 }
 
 fn sock(ip: std::net::Ipv4Addr, port: u16) -> String {
@@ -376,17 +325,16 @@ impl World {
     /// The network, the server and its relay, site `home` with resource `web` and client `laptop`
     /// granted it, all as the runbook's deployment has them and up. `None` when not root.
     fn up(name: &str) -> Option<World> {
-        let t0 = Instant::now();
+        let clock = Clock::start();
         let mut opts = Options::new(Nat::Cone, Nat::Cone);
         opts.relay_host = true;
         let net = Internet::build(&opts)?;
         let bin = binaries();
-        let blob: Vec<u8> =
-            (0..BLOB_LEN as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let blob = tunnel_tests::blob(BLOB_LEN);
         let mut w = World {
             net,
             bin,
-            t0,
+            clock,
             blocks: blocks(),
             hosts: BTreeMap::new(),
             units: BTreeMap::new(),
@@ -484,7 +432,7 @@ impl World {
     }
 
     fn step(&self, what: &str) {
-        eprintln!("[{:>6.2}s] {what}", self.t0.elapsed().as_secs_f64());
+        self.clock.step(what);
     }
 
     fn host(&self, host: &str) -> &Host {
@@ -621,20 +569,27 @@ impl World {
         let host = u.host.clone();
         let creds = self.host(&host).root.join(format!("run/credentials/{name}"));
         let _ = std::fs::create_dir_all(&creds);
-        for (id, src) in &u.credentials {
+        for (id, src) in &u.spec.credentials {
             std::fs::copy(self.path(&host, src), creds.join(id))
                 .unwrap_or_else(|e| panic!("{name}: LoadCredential={id}:{src}: {e}"));
         }
-        for d in &u.state_dirs {
+        for d in &u.spec.state_directories {
             let _ = std::fs::create_dir_all(self.path(&host, &format!("/var/lib/{d}")));
         }
         let cred_s = creds.to_string_lossy().into_owned();
-        let mut env: Vec<(String, String)> =
-            u.env.iter().map(|(k, v)| (k.clone(), self.rooted(&host, &v.replace("%d", &cred_s)))).collect();
-        for f in &u.env_files {
-            env.extend(env_file(&self.path(&host, f)).into_iter().map(|(k, v)| (k, self.rooted(&host, &v))));
+        let mut env: Vec<(String, String)> = u
+            .spec
+            .environment
+            .iter()
+            .map(|s| (s.key.clone(), self.rooted(&host, &s.value.replace("%d", &cred_s))))
+            .collect();
+        for f in &u.spec.environment_files {
+            let path = self.path(&host, &f.path);
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let (settings, _) = env_file(&text, &path.to_string_lossy());
+            env.extend(settings.into_iter().map(|s| (s.key, self.rooted(&host, &s.value))));
         }
-        let args: Vec<String> = u.exec.iter().map(|a| self.rooted(&host, a)).collect();
+        let args: Vec<String> = u.spec.exec_start.iter().map(|a| self.rooted(&host, a)).collect();
         let runs = u.runs + 1;
         let log = format!("{name}-{runs}");
         let ns = self.host(&host).ns.clone();
@@ -805,16 +760,8 @@ impl World {
 
     /// Polls `cond` every 200 ms; fails with the context after `secs`.
     fn wait(&self, what: &str, secs: u64, mut cond: impl FnMut(&World) -> bool) -> Duration {
-        let start = Instant::now();
-        loop {
-            if cond(self) {
-                return start.elapsed();
-            }
-            if start.elapsed() > Duration::from_secs(secs) {
-                self.fail(&format!("timed out after {secs} s waiting for {what}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        poll(secs, Duration::from_millis(200), || cond(self))
+            .unwrap_or_else(|| self.fail(&format!("timed out after {secs} s waiting for {what}")))
     }
 
     /// A GET through the tunnel by name from the client host (the TUN client): whether it worked.
@@ -841,47 +788,15 @@ impl World {
     /// curl arguments (a SOCKS5 proxy).
     fn fetch_bg(&mut self, file: &str, via: &[&str]) -> Fetch {
         self.fetches += 1;
-        let out = self.net.lab.dir.path().join(format!("fetch{}.bin", self.fetches));
-        let log = format!("fetch{}", self.fetches);
-        let out_s = out.to_string_lossy().into_owned();
-        let mut args = vec!["curl", "-sS", "--max-time", "180", "-o", &out_s];
-        args.extend_from_slice(via);
         let url = format!("http://web.tunnel.internal:8080/{file}");
-        args.push(&url);
         let cli = self.host("client").ns.clone();
-        let idx = self.net.lab.spawn(&cli, &log, &args, &[]);
-        Fetch { idx, out, log }
-    }
-
-    fn fetched(f: &Fetch) -> u64 {
-        std::fs::metadata(&f.out).map(|m| m.len()).unwrap_or(0)
+        Fetch::start(&mut self.net.lab, &cli, self.fetches, &url, via)
     }
 
     /// Waits for a background transfer to end and checks it byte for byte.
     fn finish(&mut self, f: &Fetch, secs: u64, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let status = loop {
-            if let Some(st) = self.net.lab.try_wait(f.idx) {
-                break st;
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!(
-                    "{what}: still running after {secs} s ({} bytes so far)",
-                    Self::fetched(f)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if !status.success() {
-            self.fail(&format!("{what}: curl {status}: {}", self.net.lab.log(&f.log)));
-        }
-        let got = std::fs::read(&f.out).unwrap_or_default();
-        if got != self.blob {
-            self.fail(&format!(
-                "{what}: {} bytes arrived, {} expected, or they differ",
-                got.len(),
-                self.blob.len()
-            ));
+        if let Err(e) = f.finish(&mut self.net.lab, secs, &self.blob) {
+            self.fail(&format!("{what}: {e}"));
         }
         self.step(&format!("{what}: complete and byte-exact"));
     }
@@ -896,12 +811,7 @@ impl World {
             s.push_str(&format!("--- fetch{n}: {}\n", self.net.lab.log(&format!("fetch{n}"))));
         }
         for name in self.units.keys() {
-            let j = self.journal(name);
-            let lines: Vec<&str> = j.lines().collect();
-            s.push_str(&format!(
-                "--- journal of {name} (tail):\n{}\n",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            ));
+            s.push_str(&format!("--- journal of {name} (tail):\n{}\n", tail(&self.journal(name), 60)));
         }
         panic!("{msg}\n{s}");
     }
@@ -1032,20 +942,14 @@ fn runbook_server_down_upgrade_and_restore() {
     w.run_until("upgrade.before", 40);
     let direct = w.fetch_bg(SLOW, &[]);
     let relayed = w.fetch_bg(SLOW, &["--socks5-hostname", OPS_SOCKS]);
-    w.wait("both transfers under way", 30, |_| {
-        World::fetched(&direct) > 2_000_000 && World::fetched(&relayed) > 2_000_000
-    });
+    w.wait("both transfers under way", 30, |_| direct.bytes() > 2_000_000 && relayed.bytes() > 2_000_000);
     let relay_bytes = |w: &World| -> u64 {
         let m = w.sh("relay", "curl -fsS http://127.0.0.1:9183/metrics").out;
         m.lines().find_map(|l| l.strip_prefix("tunnel_relay_bytes_total ")?.trim().parse().ok()).unwrap_or(0)
     };
     let relayed_before = relay_bytes(&w);
     w.run("upgrade.install");
-    w.step(&format!(
-        "server upgraded ({} and {} bytes fetched)",
-        World::fetched(&direct),
-        World::fetched(&relayed)
-    ));
+    w.step(&format!("server upgraded ({} and {} bytes fetched)", direct.bytes(), relayed.bytes()));
     w.run_until("upgrade.verify", 40);
     w.finish(&direct, 60, "the direct transfer across the upgrade");
     w.finish(&relayed, 60, "the relayed transfer across the upgrade");
@@ -1164,14 +1068,14 @@ fn runbook_hole_punching_and_relay_down() {
 
     // ---- 2. Relay down ----
     let f = w.fetch_bg(SLOW, &[]);
-    w.wait("the transfer to be under way", 30, |_| World::fetched(&f) > 1_000_000);
+    w.wait("the transfer to be under way", 30, |_| f.bytes() > 1_000_000);
     w.crash("tunnel-relay");
     let killed = Instant::now();
-    w.step(&format!("relay killed ({} bytes fetched)", World::fetched(&f)));
+    w.step(&format!("relay killed ({} bytes fetched)", f.bytes()));
     std::thread::sleep(Duration::from_secs(1));
-    let stalled = World::fetched(&f);
+    let stalled = f.bytes();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(World::fetched(&f), stalled, "nothing passes while the relay is down");
+    assert_eq!(f.bytes(), stalled, "nothing passes while the relay is down");
     assert!(!w.get(3), "no new connection through a dead relay");
     w.wait("the client to notice the relay is gone", 45, |w| w.relay_up("client") == Some(false));
     w.step(&format!("the client says relay: down {:.1}s after the kill", killed.elapsed().as_secs_f64()));
@@ -1240,7 +1144,7 @@ fn runbook_names_site_down_and_leaked_token() {
     // ---- 6. A leaked token ----
     // The rightful client's transfer, cut by the rotation.
     let f = w.fetch_bg(CRAWL, &[]);
-    w.wait("the transfer to be under way", 30, |_| World::fetched(&f) > 200_000);
+    w.wait("the transfer to be under way", 30, |_| f.bytes() > 200_000);
     // Someone else uses the client's token, from the relay host, while the client runs.
     std::fs::copy(w.path("client", "/etc/tunnel/client.token"), w.net.lab.dir.path().join("leaked.token"))
         .unwrap();
@@ -1276,9 +1180,9 @@ fn runbook_names_site_down_and_leaked_token() {
         w.fail(&format!("rb:leak.rotate: {e}\n{}", r.out));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let cut = World::fetched(&f);
+    let cut = f.bytes();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(World::fetched(&f), cut, "the rotation cut the live session's tunnel");
+    assert_eq!(f.bytes(), cut, "the rotation cut the live session's tunnel");
     assert!(!w.get(3), "no new connection with the old identity");
     let r = w.sh(
         "relay",

@@ -39,12 +39,8 @@ pub(crate) fn alive(pid: u32) -> bool {
 
 /// The server's /metrics, as name (with labels) -> value.
 pub(crate) async fn metrics(addr: SocketAddr) -> Result<BTreeMap<String, f64>> {
-    let mut s = timeout(Duration::from_secs(2), TcpStream::connect(addr)).await??;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").await?;
-    let mut text = String::new();
-    timeout(Duration::from_secs(3), s.read_to_string(&mut text)).await??;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok(body
+    let r = tunnel_tests::wire::http::get_within(addr, "/metrics", Duration::from_secs(3)).await?;
+    Ok(r.body
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))

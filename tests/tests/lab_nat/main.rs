@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use tunnel_core::status::{NodeStatus, PeerStatus};
 use tunnel_tests::lab::binaries;
 use tunnel_tests::nat::{self, Internet, Nat, Options, Side};
+use tunnel_tests::world::{check_file, poll, tail, Clock, Fetch};
 
 mod reference;
 mod topology;
@@ -176,10 +177,10 @@ fn nat_rebinding_mid_transfer_keeps_the_transfer() {
 
     // 24 MB at 3 MB/s: about 8 s. Rebind once a sixth has arrived.
     let f = w.fetch_bg("3M");
-    w.wait("the background transfer to be under way", 30, |_| World::fetched(&f) >= 4_000_000);
+    w.wait("the background transfer to be under way", 30, |_| f.bytes() >= 4_000_000);
     let (lo, hi) = w.net.rebind(Side::Client);
     let rebound = Instant::now();
-    w.step(&format!("client router rebound ({} bytes fetched so far)", World::fetched(&f)));
+    w.step(&format!("client router rebound ({} bytes fetched so far)", f.bytes()));
 
     // Let packets already past the router drain before taking the baseline: from here on, anything
     // the client receives came through the new mapping (or the relay).
@@ -245,11 +246,11 @@ fn relayed_traffic_survives_the_control_plane_being_killed() {
 
     // 24 MB at 2 MB/s: about 12 s, so the kill lands in the middle.
     let f = w.fetch_bg("2M");
-    w.wait("the background transfer to be under way", 30, |_| World::fetched(&f) >= 3_000_000);
+    w.wait("the background transfer to be under way", 30, |_| f.bytes() >= 3_000_000);
     let server = w.server.take().unwrap();
     w.net.lab.kill(server);
     let killed = Instant::now();
-    w.step(&format!("control server killed ({} bytes fetched so far)", World::fetched(&f)));
+    w.step(&format!("control server killed ({} bytes fetched so far)", f.bytes()));
 
     w.finish(&f, 90, "the transfer under way when the server died");
     w.assert_path("relay", "after the server died");

@@ -24,7 +24,7 @@ fn wireguard_go_on_the_lossy_wan() {
     opts.site_port_forward = Some(SITE_PORT);
     let Some(mut net) = Internet::build(&opts) else { return };
     let dir = net.lab.dir.path().to_owned();
-    let blob: Vec<u8> = (0..BLOB_LEN as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let blob = tunnel_tests::blob(BLOB_LEN);
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/big.bin"), &blob).unwrap();
     let (svc, www) = (net.svc.clone(), dir.join("www").to_string_lossy().into_owned());

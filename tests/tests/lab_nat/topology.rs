@@ -4,8 +4,8 @@ use super::*;
 
 #[test]
 fn topology_behaves_like_the_nats_it_models() {
-    let t0 = Instant::now();
-    let step = |what: &str| eprintln!("[{:>6.2}s] {what}", t0.elapsed().as_secs_f64());
+    let clock = Clock::start();
+    let step = |what: &str| clock.step(what);
     // Site behind a cone NAT with a port forward, client behind a symmetric NAT, a second public host.
     let mut opts = Options::new(Nat::Cone, Nat::Symmetric);
     opts.relay_host = true;

@@ -43,20 +43,12 @@ pub(crate) enum Relay {
     Standalone { capability_ttl: &'static str },
 }
 
-/// A transfer running in the background.
-#[derive(Debug)]
-pub(crate) struct Fetch {
-    pub(crate) idx: usize,
-    pub(crate) out: PathBuf,
-    pub(crate) log: String,
-}
-
 /// One scenario's world: the topology, the processes, the file to move.
 #[derive(Debug)]
 pub(crate) struct World {
     pub(crate) net: Internet,
     pub(crate) bin: PathBuf,
-    pub(crate) t0: Instant,
+    pub(crate) clock: Clock,
     pub(crate) blob: Vec<u8>,
     pub(crate) data: PathBuf,
     pub(crate) server: Option<usize>,
@@ -67,23 +59,17 @@ pub(crate) fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
-pub(crate) fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 impl World {
     /// Builds the topology and brings everything up: the service, the server (and the standalone
     /// relay), the site and client records, the agent (with `agent_args`) and the TUN client, whose
     /// resolver is pointed at itself. `None` when not root.
     pub(crate) fn up(opts: &Options, relay: Relay, agent_args: &[&str]) -> Option<World> {
-        let t0 = Instant::now();
+        let clock = Clock::start();
         let net = Internet::build(opts)?;
         let bin = binaries();
         let data = net.lab.dir.path().join("server");
-        let blob: Vec<u8> =
-            (0..BLOB_LEN as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let mut w = World { net, bin, t0, blob, data, server: None, fetches: 0 };
+        let blob = tunnel_tests::blob(BLOB_LEN);
+        let mut w = World { net, bin, clock, blob, data, server: None, fetches: 0 };
         w.step("topology built, binaries ready");
 
         // The service on site A's LAN.
@@ -113,7 +99,7 @@ impl World {
     }
 
     pub(crate) fn step(&self, what: &str) {
-        eprintln!("[{:>6.2}s] {what}", self.t0.elapsed().as_secs_f64());
+        self.clock.step(what);
     }
 
     pub(crate) fn b(&self, name: &str) -> String {
@@ -328,17 +314,8 @@ impl World {
     /// Polls `cond` every 100 ms until it holds; fails with the whole context after `secs`. Returns
     /// how long it took.
     pub(crate) fn wait(&self, what: &str, secs: u64, mut cond: impl FnMut(&World) -> bool) -> Duration {
-        let start = Instant::now();
-        let deadline = start + Duration::from_secs(secs);
-        loop {
-            if cond(self) {
-                return start.elapsed();
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!("timed out after {secs} s waiting for {what}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(secs, Duration::from_millis(100), || cond(self))
+            .unwrap_or_else(|| self.fail(&format!("timed out after {secs} s waiting for {what}")))
     }
 
     /// Fails the test with `msg`, both nodes' status, the routers' rules and tables and the logs.
@@ -386,55 +363,24 @@ impl World {
     }
 
     pub(crate) fn check_file(&self, out: &Path, what: &str) {
-        let got = std::fs::read(out).unwrap_or_default();
-        if got != self.blob {
-            let first_diff = got.iter().zip(&self.blob).position(|(a, b)| a != b);
-            self.fail(&format!(
-                "{what}: {} bytes arrived, {} expected, first difference at {first_diff:?}",
-                got.len(),
-                self.blob.len()
-            ));
+        if let Err(e) = check_file(out, &self.blob) {
+            self.fail(&format!("{what}: {e}"));
         }
-        let _ = std::fs::remove_file(out);
     }
 
     /// Starts fetching the file in the background at `rate` (curl's `--limit-rate`).
     pub(crate) fn fetch_bg(&mut self, rate: &str) -> Fetch {
         self.fetches += 1;
-        let out = self.net.lab.dir.path().join(format!("fetch{}.bin", self.fetches));
-        let log = format!("fetch{}", self.fetches);
         let url = format!("http://{RESOURCE}:{HTTP_PORT}/big.bin");
-        let out_s = out.to_string_lossy().into_owned();
         let cli = self.net.cli.clone();
-        let args = ["curl", "-sS", "--max-time", "180", "--limit-rate", rate, "-o", &out_s, &url];
-        let idx = self.net.lab.spawn(&cli, &log, &args, &[]);
-        Fetch { idx, out, log }
-    }
-
-    /// Bytes of a background transfer so far.
-    pub(crate) fn fetched(f: &Fetch) -> u64 {
-        std::fs::metadata(&f.out).map(|m| m.len()).unwrap_or(0)
+        Fetch::start(&mut self.net.lab, &cli, self.fetches, &url, &["--limit-rate", rate])
     }
 
     /// Waits for a background transfer to end and checks it byte for byte.
     pub(crate) fn finish(&mut self, f: &Fetch, secs: u64, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let status = loop {
-            if let Some(st) = self.net.lab.try_wait(f.idx) {
-                break st;
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!(
-                    "{what}: still running after {secs} s ({} bytes so far)",
-                    Self::fetched(f)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        if !status.success() {
-            self.fail(&format!("{what}: curl {status}: {}", self.net.lab.log(&f.log)));
+        if let Err(e) = f.finish(&mut self.net.lab, secs, &self.blob) {
+            self.fail(&format!("{what}: {e}"));
         }
-        self.check_file(&f.out, what);
         self.step(&format!("{what}: complete and byte-exact"));
     }
 
