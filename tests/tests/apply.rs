@@ -407,19 +407,14 @@ async fn an_invalid_file_is_refused_with_one_line_and_nothing_changes() {
     assert!(audit.iter().any(|(a, _)| a == "apply --dry-run"), "refusals are audited: {audit:?}");
 }
 
-#[tokio::test]
-async fn a_failure_inside_the_transaction_rolls_back_everything() {
-    let s = TestServer::start().await.unwrap();
-    s.ctl(&["apply", &write(&s, "tunnel.yaml", BASE)]).await.unwrap();
-    let before = s.snapshot().await.unwrap();
+/// A second handle on the server's database adds resource "zzz" on site home (target `z:1`)
+/// behind the server's back; returns that handle.
+async fn other_writer_adds_zzz(s: &TestServer) -> Store {
     let home_id = s.ctl_json(&["sites", "--json"]).await.unwrap()[0]["id"].as_str().unwrap().to_owned();
-    // Another writer (as a second replica sharing the database would be) adds a resource behind this
-    // server's back: the server plans "zzz" as new and finds the clash only in the database, after
-    // the new site and client rows are already written in the same transaction.
     let other = Store::open(None, &s.cfg.data_dir).await.unwrap();
     let zzz = ResourceRow {
         name: "zzz".into(),
-        site_id: home_id.clone(),
+        site_id: home_id,
         target: "z:1".into(),
         alias: None,
         overlay_addr: "100.96.255.200".into(),
@@ -427,6 +422,18 @@ async fn a_failure_inside_the_transaction_rolls_back_everything() {
         health_check: None,
     };
     other.apply(&ApplyBatch { insert_resources: vec![zzz], ..Default::default() }, 1).await.unwrap();
+    other
+}
+
+#[tokio::test]
+async fn a_failure_inside_the_transaction_rolls_back_everything() {
+    let s = TestServer::start().await.unwrap();
+    s.ctl(&["apply", &write(&s, "tunnel.yaml", BASE)]).await.unwrap();
+    let before = s.snapshot().await.unwrap();
+    // Another writer (as a second replica sharing the database would be) adds a resource behind this
+    // server's back: the server plans "zzz" as new and finds the clash only in the database, after
+    // the new site and client rows are already written in the same transaction.
+    let other = other_writer_adds_zzz(&s).await;
     let bigger = BASE
         .replace("  - name: k8s\n", "  - name: k8s\n  - name: extra\n")
         .replace("  - name: laptop\n", "  - name: laptop\n  - name: ci\n")
@@ -468,18 +475,7 @@ async fn a_failure_inside_the_transaction_rolls_back_everything() {
 async fn a_single_operation_refused_by_the_database_changes_nothing() {
     let s = TestServer::start().await.unwrap();
     s.ctl(&["apply", &write(&s, "tunnel.yaml", BASE)]).await.unwrap();
-    let home_id = s.ctl_json(&["sites", "--json"]).await.unwrap()[0]["id"].as_str().unwrap().to_owned();
-    let other = Store::open(None, &s.cfg.data_dir).await.unwrap();
-    let zzz = ResourceRow {
-        name: "zzz".into(),
-        site_id: home_id,
-        target: "z:1".into(),
-        alias: None,
-        overlay_addr: "100.96.255.200".into(),
-        created_ms: 1,
-        health_check: None,
-    };
-    other.apply(&ApplyBatch { insert_resources: vec![zzz], ..Default::default() }, 1).await.unwrap();
+    let other = other_writer_adds_zzz(&s).await;
     let before = s.snapshot().await.unwrap();
     let e = s
         .ctl(&["add-resource", "--site", "home", "--name", "zzz", "--target", "z:2"])

@@ -3,7 +3,7 @@
 //! `AlreadyExists`, where apply's create is idempotent), their replies, and idempotent grants.
 
 use tunnel_core::map::NodeKind;
-use tunnel_core::{names, NodeId, Target};
+use tunnel_core::{names, NodeId, Secret, Target};
 use tunnel_proto::v1 as pb;
 
 use super::plan::{self, NewNode, Plan, Rotation};
@@ -113,11 +113,8 @@ impl Shared {
         let _w = self.write_lock().await;
         let now = now_ms();
         let mut p = add_node(&self.model().reg, kind, name, now)?;
-        let secret = self.commit(&mut p, limits, now, "").await?.pop();
-        let id = &p.new_nodes[0].id;
-        let secret = secret.ok_or_else(|| OpError::Internal("no secret for the new node".into()))?;
-        let info = node_info(&self.model(), id);
-        Ok(pb::JoinTokenReply { node: info, join_token: self.token(id, secret).encode() })
+        let secrets = self.commit(&mut p, limits, now, "").await?;
+        self.token_reply(&p.new_nodes[0].id, secrets)
     }
 
     /// Removes a node. Its live session ends at once; its peers lose it; a site's resources and every
@@ -161,9 +158,13 @@ impl Shared {
             };
             Plan { rotations: vec![r], ..Plan::default() }
         };
-        let secret = self.commit(&mut p, limits, now, "").await?.pop();
-        let id = &p.rotations[0].id;
-        let secret = secret.ok_or_else(|| OpError::Internal("no secret for the rotated node".into()))?;
+        let secrets = self.commit(&mut p, limits, now, "").await?;
+        self.token_reply(&p.rotations[0].id, secrets)
+    }
+
+    /// The reply of a one-node plan that issued a join secret: the node and its token.
+    fn token_reply(&self, id: &NodeId, mut secrets: Vec<Secret>) -> OpResult<pb::JoinTokenReply> {
+        let secret = secrets.pop().ok_or_else(|| OpError::Internal("no join secret was issued".into()))?;
         let info = node_info(&self.model(), id);
         Ok(pb::JoinTokenReply { node: info, join_token: self.token(id, secret).encode() })
     }
