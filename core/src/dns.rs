@@ -50,7 +50,7 @@ impl PrivateZone {
         let mut records = BTreeMap::new();
         let mut reverse = BTreeMap::new();
         for r in map.resources.values() {
-            if let Ok(addr) = r.overlay_addr.parse() {
+            if let Some(addr) = crate::map::ipv4(r.overlay_addr) {
                 for n in &r.dns_names {
                     records.insert(canon(n), addr);
                 }
@@ -59,7 +59,12 @@ impl PrivateZone {
                 }
             }
         }
-        PrivateZone { zone: canon(&map.dns_zone), records, reverse, overlay: map.overlay_cidr.parse().ok() }
+        PrivateZone {
+            zone: canon(&map.dns_zone),
+            records,
+            reverse,
+            overlay: crate::map::ipv4_net(map.overlay_cidr),
+        }
     }
 
     /// The zone name.
@@ -207,7 +212,7 @@ mod tests {
             "prom".to_string(),
             ResourceInfo {
                 name: "prom".into(),
-                overlay_addr: "100.96.0.10".into(),
+                overlay_addr: "100.96.0.10".parse().unwrap(),
                 target: None,
                 port: 9090,
                 alias: Some("prom.private.example.com".into()),
@@ -221,8 +226,8 @@ mod tests {
             node_id: NodeId::from_random([2; 10]),
             node_name: "me".into(),
             kind: NodeKind::Client,
-            overlay_addr: "100.96.0.2".into(),
-            overlay_cidr: "100.96.0.0/16".into(),
+            overlay_addr: "100.96.0.2".parse().unwrap(),
+            overlay_cidr: "100.96.0.0/16".parse().unwrap(),
             dns_zone: "tunnel.internal".into(),
             mtu: 1280,
             peers: BTreeMap::new(),

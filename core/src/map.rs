@@ -6,7 +6,9 @@
 //! disk and every diff are deterministic.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::token::NodeId;
@@ -60,6 +62,23 @@ impl CandidateKind {
             CandidateKind::Reflexive => MAX_CANDIDATES_REFLEXIVE,
             CandidateKind::Advertised => MAX_CANDIDATES_ADVERTISED,
         }
+    }
+}
+
+/// The IPv4 address, if `a` is one: inside the tunnel the data plane carries IPv4 today, while the
+/// model holds both families.
+pub fn ipv4(a: IpAddr) -> Option<std::net::Ipv4Addr> {
+    match a {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The IPv4 network, if `n` is one (see [`ipv4`]).
+pub fn ipv4_net(n: IpNet) -> Option<ipnet::Ipv4Net> {
+    match n {
+        IpNet::V4(v4) => Some(v4),
+        IpNet::V6(_) => None,
     }
 }
 
@@ -156,9 +175,9 @@ pub struct PeerInfo {
     /// X25519 public key, absent until the peer first joins.
     pub public_key: Option<[u8; 32]>,
     /// The peer's own overlay address.
-    pub overlay_addr: String,
-    /// Inner addresses (`ADDR/32`) this peer may send from and be sent to.
-    pub allowed_ips: Vec<String>,
+    pub overlay_addr: IpAddr,
+    /// Inner addresses (`ADDR/32`, or `/128`) this peer may send from and be sent to.
+    pub allowed_ips: Vec<IpNet>,
     /// Where the peer may be reached.
     pub candidates: Vec<Candidate>,
     /// Whether the peer holds a control session now (a hint only).
@@ -174,7 +193,7 @@ pub struct ResourceInfo {
     /// Unique resource name.
     pub name: String,
     /// The overlay address it answers on.
-    pub overlay_addr: String,
+    pub overlay_addr: IpAddr,
     /// `HOST:PORT` to re-dial; only known to the hosting site.
     pub target: Option<String>,
     /// The port it answers on.
@@ -252,9 +271,9 @@ pub struct NetworkMap {
     /// Site or client.
     pub kind: NodeKind,
     /// This node's overlay address.
-    pub overlay_addr: String,
+    pub overlay_addr: IpAddr,
     /// The whole overlay CIDR.
-    pub overlay_cidr: String,
+    pub overlay_cidr: IpNet,
     /// The private DNS zone.
     pub dns_zone: String,
     /// Inner MTU.
@@ -438,8 +457,8 @@ mod tests {
             name: format!("p{n}"),
             kind: NodeKind::Site,
             public_key: Some([n; 32]),
-            overlay_addr: addr.into(),
-            allowed_ips: vec![format!("{addr}/32")],
+            overlay_addr: addr.parse().unwrap(),
+            allowed_ips: vec![format!("{addr}/32").parse().unwrap()],
             candidates: vec![],
             online: true,
             resources: vec![],
@@ -452,8 +471,8 @@ mod tests {
             node_id: id(0),
             node_name: "me".into(),
             kind: NodeKind::Client,
-            overlay_addr: "100.96.0.2".into(),
-            overlay_cidr: "100.96.0.0/16".into(),
+            overlay_addr: "100.96.0.2".parse().unwrap(),
+            overlay_cidr: "100.96.0.0/16".parse().unwrap(),
             dns_zone: "tunnel.internal".into(),
             mtu: 1280,
             peers: BTreeMap::new(),
@@ -461,6 +480,31 @@ mod tests {
             relays: vec![],
             stun_addr: None,
         }
+    }
+
+    /// The cached `map.json` of a node from before the model was typed (every address a string)
+    /// loads as it is, and saves back in the same shape: an upgraded node starts from its cache.
+    #[test]
+    fn a_map_cached_by_an_older_node_still_loads() {
+        let old = r#"{"version":3,"node_id":"n1","node_name":"laptop","kind":"client",
+            "overlay_addr":"100.96.0.2","overlay_cidr":"100.96.0.0/16","dns_zone":"tunnel.internal",
+            "mtu":1280,"peers":{"n2":{"node_id":"n2","name":"home","kind":"site","public_key":null,
+            "overlay_addr":"100.96.0.1","allowed_ips":["100.96.0.1/32","100.96.0.10/32"],
+            "candidates":[{"addr":"192.0.2.7:51820","kind":"lan"},{"addr":"[2001:db8::7]:51820","kind":"reflexive"}],
+            "online":true}},"resources":{"web":{"name":"web","overlay_addr":"100.96.0.10","target":null,
+            "port":80,"alias":null,"site_id":"n2","dns_names":["web.tunnel.internal"]}},"relays":[],
+            "stun_addr":null}"#;
+        let m: NetworkMap = serde_json::from_str(old).unwrap();
+        let home = &m.peers[&"n2".parse().unwrap()];
+        assert_eq!(ipv4(m.overlay_addr), Some(std::net::Ipv4Addr::new(100, 96, 0, 2)));
+        assert_eq!(home.allowed_ips[1], "100.96.0.10/32".parse::<IpNet>().unwrap());
+        assert_eq!(home.candidates[1].addr, "[2001:db8::7]:51820".parse::<std::net::SocketAddr>().unwrap());
+        assert_eq!(home.candidates[1].kind, CandidateKind::Reflexive);
+        let again: serde_json::Value = serde_json::to_value(&m).unwrap();
+        assert_eq!(again["peers"]["n2"]["allowed_ips"][0], "100.96.0.1/32");
+        assert_eq!(again["resources"]["web"]["overlay_addr"], "100.96.0.10");
+        assert_eq!(again["peers"]["n2"]["candidates"][1]["addr"], "[2001:db8::7]:51820");
+        assert_eq!(serde_json::from_value::<NetworkMap>(again).unwrap(), m);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tunnel_core::NodeId;
 fn resource(name: &str, addr: &str, names: &[&str]) -> ResourceInfo {
     ResourceInfo {
         name: name.into(),
-        overlay_addr: addr.into(),
+        overlay_addr: addr.parse().unwrap_or_else(|_| unreachable!()),
         target: None,
         port: 80,
         alias: names.get(1).map(|s| s.to_string()),
@@ -34,7 +34,8 @@ fn zones() -> &'static [PrivateZone; 2] {
         for r in [
             resource("prom", "100.96.0.10", &["prom.tunnel.internal", "prom.private.example.com"]),
             resource("periphery", "100.96.0.11", &["periphery.tunnel.internal", "periphery.private.example.com"]),
-            resource("bad", "not-an-address", &["bad.tunnel.internal"]),
+            // An address the zone has no A record for (the model holds both families).
+            resource("bad", "fd00::9", &["bad.tunnel.internal"]),
             resource("upper", "100.96.1.1", &["UPPER.Tunnel.Internal."]),
         ] {
             resources.insert(r.name.clone(), r);
@@ -44,8 +45,8 @@ fn zones() -> &'static [PrivateZone; 2] {
             node_id: NodeId::from_random([2; 10]),
             node_name: "me".into(),
             kind: NodeKind::Client,
-            overlay_addr: "100.96.0.2".into(),
-            overlay_cidr: "100.96.0.0/16".into(),
+            overlay_addr: "100.96.0.2".parse().unwrap_or_else(|_| unreachable!()),
+            overlay_cidr: "100.96.0.0/16".parse().unwrap_or_else(|_| unreachable!()),
             dns_zone: "tunnel.internal".into(),
             mtu: 1280,
             peers: BTreeMap::new(),
@@ -55,7 +56,8 @@ fn zones() -> &'static [PrivateZone; 2] {
         };
         let mut empty = map.clone();
         empty.dns_zone = String::new();
-        empty.overlay_cidr = "garbage".into();
+        // An overlay with no IPv4 reverse zone.
+        empty.overlay_cidr = "fd00::/8".parse().unwrap_or_else(|_| unreachable!());
         [PrivateZone::from_map(&map), PrivateZone::from_map(&empty)]
     })
 }

@@ -94,7 +94,7 @@ fn derive(m: &NetworkMap, e: &mut Engines, now: Instant) {
 /// What the server does with candidates a node reports (server/src/convert.rs), and the wire round
 /// trip of peers and maps: encoding then decoding (tunnel-wire) is the identity.
 fn wire_checks(first: &pb::NetworkMap, m: &NetworkMap) {
-    let overlay: ipnet::Ipv4Net = m.overlay_cidr.parse().unwrap_or_else(|_| "100.96.0.0/16".parse().unwrap_or_else(|_| unreachable!()));
+    let overlay = map::ipv4_net(m.overlay_cidr).unwrap_or_else(|| "100.96.0.0/16".parse().unwrap_or_else(|_| unreachable!()));
     for p in &first.peers {
         let (kept, dropped) = tunnel_server::convert::candidates_from_pb(&p.candidates, overlay, false);
         assert_eq!(kept.len() + dropped, p.candidates.len());

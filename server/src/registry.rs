@@ -127,6 +127,11 @@ impl AddressPool {
     }
 }
 
+/// The one-address network of `a` (`ADDR/32`): what a peer may send from, or be sent to, for it.
+fn host_net(a: Ipv4Addr) -> ipnet::IpNet {
+    ipnet::IpNet::V4(Ipv4Net::from(a))
+}
+
 /// The whole model.
 #[derive(Debug)]
 pub struct Registry {
@@ -362,7 +367,7 @@ impl Registry {
     pub fn peer_entry(&self, viewer: &NodeId, peer: &NodeId) -> Option<PeerInfo> {
         let v = self.nodes.get(viewer)?;
         let p = self.nodes.get(peer)?;
-        let mut allowed = vec![format!("{}/32", p.addr)];
+        let mut allowed = vec![host_net(p.addr)];
         let mut resources = Vec::new();
         match (v.kind, p.kind) {
             (NodeKind::Client, NodeKind::Site) => {
@@ -371,7 +376,7 @@ impl Registry {
                 }
                 for r in self.client_grants.get(viewer).into_iter().flatten() {
                     if let Some(res) = self.resources.get(r).filter(|res| &res.site == peer) {
-                        allowed.push(format!("{}/32", res.addr));
+                        allowed.push(host_net(res.addr));
                     }
                 }
             }
@@ -392,7 +397,7 @@ impl Registry {
             name: p.name.clone(),
             kind: p.kind,
             public_key: p.public_key,
-            overlay_addr: p.addr.to_string(),
+            overlay_addr: p.addr.into(),
             allowed_ips: allowed,
             candidates: p.candidates.clone(),
             online: p.online,
@@ -419,7 +424,7 @@ impl Registry {
         dns_names.extend(r.alias.clone());
         ResourceInfo {
             name: r.name.clone(),
-            overlay_addr: r.addr.to_string(),
+            overlay_addr: r.addr.into(),
             target,
             port: r.target.port,
             alias: r.alias.clone(),
@@ -439,6 +444,10 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
 
     fn node(n: u8, kind: NodeKind, addr: &str) -> NodeRec {
         NodeRec {
@@ -494,8 +503,8 @@ mod tests {
         r.insert_grant(&cid, "prom", 0);
         r.insert_grant(&cid, "loki", 0);
         let p = r.peer_entry(&cid, &sid).unwrap();
-        assert_eq!(p.allowed_ips, vec!["100.96.0.1/32", "100.96.0.11/32", "100.96.0.10/32"]);
-        assert_eq!(r.peer_entry(&sid, &cid).unwrap().allowed_ips, vec!["100.96.0.2/32"]);
+        assert_eq!(p.allowed_ips, nets(&["100.96.0.1/32", "100.96.0.11/32", "100.96.0.10/32"]));
+        assert_eq!(r.peer_entry(&sid, &cid).unwrap().allowed_ips, nets(&["100.96.0.2/32"]));
         assert_eq!(
             r.peer_entry(&sid, &cid).unwrap().resources,
             vec!["loki", "prom"],
@@ -505,7 +514,7 @@ mod tests {
         assert_eq!(r.resource_entry(&cid, "prom").unwrap().target, None, "clients never see targets");
         assert_eq!(r.resource_entry(&sid, "prom").unwrap().target.as_deref(), Some("x:1"));
         r.remove_grant(&cid, "prom");
-        assert_eq!(r.peer_entry(&cid, &sid).unwrap().allowed_ips, vec!["100.96.0.1/32", "100.96.0.11/32"]);
+        assert_eq!(r.peer_entry(&cid, &sid).unwrap().allowed_ips, nets(&["100.96.0.1/32", "100.96.0.11/32"]));
         r.remove_grant(&cid, "loki");
         assert!(r.peer_entry(&cid, &sid).is_none());
         assert!(r.peers_of(&sid).is_empty());

@@ -354,16 +354,17 @@ impl Sim {
             .nodes
             .iter()
             .map(|n| {
-                let mut allowed = vec![format!("{}/32", n.overlay)];
+                let host = |a: Ipv4Addr| ipnet::IpNet::V4(a.into());
+                let mut allowed = vec![host(n.overlay)];
                 if n.kind == NodeKind::Site {
-                    allowed.push(format!("{}/32", WEB.ip()));
+                    allowed.push(host(*WEB.ip()));
                 }
                 PeerInfo {
                     node_id: NodeId::from_random([n.key[0]; 10]),
                     name: n.name.clone(),
                     kind: n.kind,
                     public_key: Some(n.public_key()),
-                    overlay_addr: n.overlay.to_string(),
+                    overlay_addr: n.overlay.into(),
                     allowed_ips: allowed,
                     candidates: n.candidates.clone(),
                     online: true,
@@ -377,7 +378,7 @@ impl Sim {
                 infos.iter().filter(|p| p.kind != n.kind).map(|p| (p.node_id.clone(), p.clone())).collect();
             let web = ResourceInfo {
                 name: "web".into(),
-                overlay_addr: WEB.ip().to_string(),
+                overlay_addr: (*WEB.ip()).into(),
                 target: (n.kind == NodeKind::Site).then(|| "127.0.0.1:9".into()),
                 port: WEB.port(),
                 alias: None,
@@ -390,8 +391,8 @@ impl Sim {
                 node_id: NodeId::from_random([n.key[0]; 10]),
                 node_name: n.name.clone(),
                 kind: n.kind,
-                overlay_addr: n.overlay.to_string(),
-                overlay_cidr: "100.96.0.0/16".into(),
+                overlay_addr: n.overlay.into(),
+                overlay_cidr: ipnet::IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::new(100, 96, 0, 0), 16)),
                 dns_zone: "tunnel.internal".into(),
                 mtu: 1280,
                 peers,

@@ -221,7 +221,7 @@ async fn apply_updates_in_place_and_pushes_deltas_to_connected_nodes() {
     laptop
         .wait_for("loki, and prom at its new address", |m| {
             m.resources.contains_key("loki")
-                && m.resources.get("prom").is_some_and(|r| r.overlay_addr == new_prom)
+                && m.resources.get("prom").is_some_and(|r| r.overlay_addr.to_string() == new_prom)
                 && m.resources
                     .get("periphery")
                     .is_some_and(|r| r.dns_names == vec!["periphery.tunnel.internal"])

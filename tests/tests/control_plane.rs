@@ -100,7 +100,7 @@ async fn nodes_get_their_map_and_every_change_pushed() {
         site.wait_for("the new resource on the site", |m| m.resources.contains_key("prom")).await.unwrap();
     assert_eq!(m.resources["prom"].target.as_deref(), Some("prometheus:9090"));
     assert_eq!(m.resources["prom"].port, 9090);
-    let prom_addr = m.resources["prom"].overlay_addr.clone();
+    let prom_addr = m.resources["prom"].overlay_addr;
 
     s.ctl(&["grant", "--client", "laptop", "--resource", "prom"]).await.unwrap();
     let site_id = JoinToken::parse(&site_tok).unwrap().node_id;
@@ -116,10 +116,11 @@ async fn nodes_get_their_map_and_every_change_pushed() {
     assert_eq!(r.dns_names, vec!["prom.tunnel.internal"]);
     let p = &m.peers[&site_id];
     assert_eq!(p.public_key, Some([1; 32]));
-    assert!(p.allowed_ips.contains(&format!("{prom_addr}/32")), "{:?}", p.allowed_ips);
+    assert!(p.allowed_ips.iter().any(|n| n.to_string() == format!("{prom_addr}/32")), "{:?}", p.allowed_ips);
     let m = site.wait_for("client peer", |m| m.peers.contains_key(&client_id)).await.unwrap();
     assert_eq!(m.peers[&client_id].public_key, Some([2; 32]));
-    assert_eq!(m.peers[&client_id].allowed_ips, vec![format!("{}/32", client.map().overlay_addr)]);
+    let allowed: Vec<String> = m.peers[&client_id].allowed_ips.iter().map(ToString::to_string).collect();
+    assert_eq!(allowed, vec![format!("{}/32", client.map().overlay_addr)]);
 
     s.ctl(&["revoke", "--client", "laptop", "--resource", "prom"]).await.unwrap();
     client.wait_for("revocation", |m| m.resources.is_empty() && m.peers.is_empty()).await.unwrap();

@@ -204,13 +204,13 @@ async fn udp_echo_through_socks5_udp_associate() {
 #[tokio::test]
 async fn private_dns_answers_names_and_refuses_unknown_ones() {
     let n = net().await;
-    let web_addr = n.client().node.maps.borrow().as_ref().unwrap().resources["web"].overlay_addr.clone();
+    let web_addr = n.client().node.maps.borrow().as_ref().unwrap().resources["web"].overlay_addr;
     for name in ["web.tunnel.internal.", "web.private.example.com."] {
         let m = dns(n.client().dns, name, RecordType::A).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert_eq!(m.answers.len(), 1);
         match &m.answers[0].data {
-            RData::A(a) => assert_eq!(a.0.to_string(), web_addr),
+            RData::A(a) => assert_eq!(std::net::IpAddr::V4(a.0), web_addr),
             other => panic!("{other:?}"),
         }
     }
@@ -231,15 +231,15 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
     let other_dir = tempfile::tempdir().unwrap();
     let other_client = start_client(other.trim(), other_dir.path(), false).await;
     wait_until("the other client's map", || async { other_client.node.maps.borrow().is_some() }).await;
-    let other_addr = other_client.node.maps.borrow().as_ref().unwrap().overlay_addr.clone();
+    let other_addr = other_client.node.maps.borrow().as_ref().unwrap().overlay_addr;
     let (secret_addr, web_addr, client_addr, site_key) = {
         let m = n.site.maps.borrow().clone().unwrap();
         let cm = n.client().node.maps.borrow().clone().unwrap();
         let site = cm.peers.values().next().unwrap();
         (
-            m.resources["secret"].overlay_addr.clone(),
-            m.resources["web"].overlay_addr.clone(),
-            cm.overlay_addr.clone(),
+            m.resources["secret"].overlay_addr,
+            m.resources["web"].overlay_addr,
+            cm.overlay_addr,
             site.public_key.unwrap(),
         )
     };
@@ -273,7 +273,7 @@ async fn ungranted_resources_are_unreachable_even_to_a_raw_peer() {
         out
     };
     // Complete a handshake with a packet for the ungranted resource, then send a few more.
-    let probe = |src: &str, dst: &str| {
+    let probe = |src: &std::net::IpAddr, dst: &std::net::IpAddr| {
         tunnel_core::packet::udp_packet(
             format!("{src}:4000").parse().unwrap(),
             format!("{dst}:9").parse().unwrap(),

@@ -3,14 +3,16 @@
 //! and each pair is tested to round-trip. `tunnel-proto` stays generated code only; rules about what
 //! a node may report (bounds, loopback) stay with the server, which applies them after decoding.
 //!
-//! Decoding is strict about what the model types: a node id, a kind, a port or an MTU out of range
-//! makes the whole message [`Malformed`]. A candidate that is not an `IP:PORT` literal of a known
+//! Decoding is strict about what the model types: a node id, a kind, an overlay address or network
+//! (either family), a port or an MTU that does not parse makes the whole message [`Malformed`]. A candidate that is not an `IP:PORT` literal of a known
 //! kind is left out (a newer peer's new kind is not an error), as the data plane always ignored it.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use tunnel_core::map::{
     Candidate, CandidateKind, HealthState, MapDelta, NetworkMap, NodeKind, PeerInfo, RelayInfo, ResourceInfo,
@@ -47,6 +49,14 @@ fn kind(k: i32) -> Result<NodeKind, Malformed> {
 
 fn id(s: &str) -> Result<NodeId, Malformed> {
     s.parse().map_err(|_| Malformed("node id"))
+}
+
+fn addr(s: &str, what: &'static str) -> Result<IpAddr, Malformed> {
+    s.parse().map_err(|_| Malformed(what))
+}
+
+fn net(s: &str, what: &'static str) -> Result<IpNet, Malformed> {
+    s.parse().map_err(|_| Malformed(what))
 }
 
 /// Candidate kind for the wire.
@@ -126,8 +136,8 @@ pub fn peer_to_pb(p: &PeerInfo) -> pb::Peer {
         name: p.name.clone(),
         kind: kind_to_pb(p.kind) as i32,
         public_key: p.public_key.map(|k| k.to_vec()).unwrap_or_default(),
-        overlay_addr: p.overlay_addr.clone(),
-        allowed_ips: p.allowed_ips.clone(),
+        overlay_addr: p.overlay_addr.to_string(),
+        allowed_ips: p.allowed_ips.iter().map(IpNet::to_string).collect(),
         candidates: p.candidates.iter().map(candidate_to_pb).collect(),
         online: p.online,
         resources: p.resources.clone(),
@@ -146,8 +156,8 @@ pub fn peer_from_pb(p: &pb::Peer) -> Result<PeerInfo, Malformed> {
         name: p.name.clone(),
         kind: kind(p.kind)?,
         public_key,
-        overlay_addr: p.overlay_addr.clone(),
-        allowed_ips: p.allowed_ips.clone(),
+        overlay_addr: addr(&p.overlay_addr, "peer overlay address")?,
+        allowed_ips: p.allowed_ips.iter().map(|n| net(n, "peer allowed IP")).collect::<Result<_, _>>()?,
         candidates: p.candidates.iter().filter_map(candidate_from_pb).collect(),
         online: p.online,
         resources: p.resources.clone(),
@@ -158,7 +168,7 @@ pub fn peer_from_pb(p: &pb::Peer) -> Result<PeerInfo, Malformed> {
 pub fn resource_to_pb(r: &ResourceInfo) -> pb::Resource {
     pb::Resource {
         name: r.name.clone(),
-        overlay_addr: r.overlay_addr.clone(),
+        overlay_addr: r.overlay_addr.to_string(),
         target: r.target.clone().unwrap_or_default(),
         port: u32::from(r.port),
         alias: r.alias.clone().unwrap_or_default(),
@@ -172,7 +182,7 @@ pub fn resource_to_pb(r: &ResourceInfo) -> pb::Resource {
 pub fn resource_from_pb(r: &pb::Resource) -> Result<ResourceInfo, Malformed> {
     Ok(ResourceInfo {
         name: r.name.clone(),
-        overlay_addr: r.overlay_addr.clone(),
+        overlay_addr: addr(&r.overlay_addr, "resource overlay address")?,
         target: (!r.target.is_empty()).then(|| r.target.clone()),
         port: u16::try_from(r.port).map_err(|_| Malformed("resource port"))?,
         alias: (!r.alias.is_empty()).then(|| r.alias.clone()),
@@ -209,8 +219,8 @@ pub fn map_to_pb(m: &NetworkMap) -> pb::NetworkMap {
         node_id: m.node_id.to_string(),
         node_name: m.node_name.clone(),
         kind: kind_to_pb(m.kind) as i32,
-        overlay_addr: m.overlay_addr.clone(),
-        overlay_cidr: m.overlay_cidr.clone(),
+        overlay_addr: m.overlay_addr.to_string(),
+        overlay_cidr: m.overlay_cidr.to_string(),
         dns_zone: m.dns_zone.clone(),
         mtu: u32::from(m.mtu),
         peers: m.peers.values().map(peer_to_pb).collect(),
@@ -237,8 +247,8 @@ pub fn map_from_pb(m: &pb::NetworkMap) -> Result<NetworkMap, Malformed> {
         node_id: id(&m.node_id)?,
         node_name: m.node_name.clone(),
         kind: kind(m.kind)?,
-        overlay_addr: m.overlay_addr.clone(),
-        overlay_cidr: m.overlay_cidr.clone(),
+        overlay_addr: addr(&m.overlay_addr, "overlay address")?,
+        overlay_cidr: net(&m.overlay_cidr, "overlay CIDR")?,
         dns_zone: m.dns_zone.clone(),
         mtu: u16::try_from(m.mtu).map_err(|_| Malformed("mtu"))?,
         peers,

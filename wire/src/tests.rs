@@ -27,6 +27,17 @@ fn candidate() -> impl Strategy<Value = Candidate> {
     (addr, kind).prop_map(|(addr, kind)| Candidate { addr, kind })
 }
 
+fn ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![any::<[u8; 4]>().prop_map(IpAddr::from), any::<[u16; 8]>().prop_map(IpAddr::from)]
+}
+
+fn net() -> impl Strategy<Value = IpNet> {
+    (ip(), any::<u8>()).prop_map(|(ip, p)| {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        IpNet::new(ip, p % (max + 1)).unwrap()
+    })
+}
+
 fn text() -> impl Strategy<Value = String> {
     "[a-z0-9.:/-]{0,12}"
 }
@@ -37,8 +48,8 @@ fn peer() -> impl Strategy<Value = PeerInfo> {
         text(),
         node_kind(),
         proptest::option::of(any::<[u8; 32]>()),
-        text(),
-        proptest::collection::vec(text(), 0..3),
+        ip(),
+        proptest::collection::vec(net(), 0..3),
         proptest::collection::vec(candidate(), 0..4),
         any::<bool>(),
         proptest::collection::vec(text(), 0..3),
@@ -63,7 +74,7 @@ fn peer() -> impl Strategy<Value = PeerInfo> {
 fn resource() -> impl Strategy<Value = ResourceInfo> {
     // The wire says "absent" with an empty string: an empty optional text is `None`.
     let opt = || proptest::option::of("[a-z0-9.:/-]{1,12}");
-    (text(), text(), opt(), any::<u16>(), opt(), node_id(), proptest::collection::vec(text(), 0..3), opt())
+    (text(), ip(), opt(), any::<u16>(), opt(), node_id(), proptest::collection::vec(text(), 0..3), opt())
         .prop_map(|(name, overlay_addr, target, port, alias, site_id, dns_names, health_check)| {
             ResourceInfo { name, overlay_addr, target, port, alias, site_id, dns_names, health_check }
         })
@@ -77,7 +88,7 @@ fn relay() -> impl Strategy<Value = RelayInfo> {
 
 fn network_map() -> impl Strategy<Value = NetworkMap> {
     (
-        (any::<u64>(), node_id(), text(), node_kind(), text(), text(), text(), any::<u16>()),
+        (any::<u64>(), node_id(), text(), node_kind(), ip(), net(), text(), any::<u16>()),
         proptest::collection::vec(peer(), 0..4),
         proptest::collection::vec(resource(), 0..4),
         proptest::collection::vec(relay(), 0..2),
@@ -191,8 +202,8 @@ fn what_a_node_cannot_use_is_refused_or_left_out() {
         name: "a".into(),
         kind: NodeKind::Site,
         public_key: None,
-        overlay_addr: "100.96.0.1".into(),
-        allowed_ips: vec![],
+        overlay_addr: "100.96.0.1".parse().unwrap(),
+        allowed_ips: vec!["100.96.0.1/32".parse().unwrap(), "fd00::1/128".parse().unwrap()],
         candidates: vec![Candidate { addr: "192.0.2.1:5".parse().unwrap(), kind: CandidateKind::Lan }],
         online: true,
         resources: vec![],
@@ -206,11 +217,18 @@ fn what_a_node_cannot_use_is_refused_or_left_out() {
     let mut bad = p.clone();
     bad.kind = 0;
     assert_eq!(peer_from_pb(&bad), Err(Malformed("node kind")));
-    let mut bad = p;
+    let mut bad = p.clone();
     bad.node_id = "Not An Id".into();
     assert_eq!(peer_from_pb(&bad), Err(Malformed("node id")));
+    let mut bad = p.clone();
+    bad.overlay_addr = "100.96.0".into();
+    assert_eq!(peer_from_pb(&bad), Err(Malformed("peer overlay address")));
+    let mut bad = p;
+    bad.allowed_ips.push("100.96.0.9/33".into());
+    assert_eq!(peer_from_pb(&bad), Err(Malformed("peer allowed IP")));
     let r = pb::Resource {
         port: 70_000,
+        overlay_addr: "100.96.0.10".into(),
         site_id: NodeId::from_random([2; 10]).to_string(),
         ..Default::default()
     };

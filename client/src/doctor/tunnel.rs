@@ -185,7 +185,7 @@ pub(super) async fn checks(local: &Local, daemon: Result<Daemon, Step>, timeout:
 }
 
 fn target(r: &ResourceInfo) -> Option<SocketAddrV4> {
-    Some(SocketAddrV4::new(r.overlay_addr.parse().ok()?, r.port))
+    Some(SocketAddrV4::new(tunnel_core::map::ipv4(r.overlay_addr)?, r.port))
 }
 
 fn site_name(map: &NetworkMap, r: &ResourceInfo) -> String {
@@ -514,7 +514,7 @@ async fn names(d: &Daemon, via: Via, map: &NetworkMap, timeout: Duration) -> Ste
     let want: Vec<(String, Ipv4Addr)> = map
         .resources
         .values()
-        .filter_map(|r| Some((r, r.overlay_addr.parse::<Ipv4Addr>().ok()?)))
+        .filter_map(|r| Some((r, tunnel_core::map::ipv4(r.overlay_addr)?)))
         .flat_map(|(r, a)| r.dns_names.iter().map(move |n| (n.clone(), a)))
         .collect();
     if want.is_empty() {

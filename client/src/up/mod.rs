@@ -160,9 +160,10 @@ async fn start_tun(cfg: UpConfig) -> Result<Client> {
     .ok()
     .flatten()
     .ok_or_else(|| anyhow!("no network map: the server did not answer within 20 s and there is no cached map in the state dir"))?;
-    let addr: std::net::Ipv4Addr =
-        map.overlay_addr.parse().context("the map's overlay address is invalid")?;
-    let overlay: ipnet::Ipv4Net = map.overlay_cidr.parse().context("the map's overlay CIDR is invalid")?;
+    let addr = tunnel_core::map::ipv4(map.overlay_addr)
+        .ok_or_else(|| anyhow!("the map's overlay address {} is not IPv4", map.overlay_addr))?;
+    let overlay = tunnel_core::map::ipv4_net(map.overlay_cidr)
+        .ok_or_else(|| anyhow!("the map's overlay CIDR {} is not IPv4", map.overlay_cidr))?;
     tun::check_routes(overlay, &cfg.tun_name)?;
     let tun_task = tun::create(&cfg.tun_name, addr, overlay, map.mtu, from_os_tx, to_os_rx)?;
     let zone0 = Arc::new(PrivateZone::from_map(&map));

@@ -64,7 +64,7 @@ fn resolve(
             let m = maps.borrow().clone()?;
             m.resources
                 .values()
-                .any(|r| r.overlay_addr == a.to_string())
+                .any(|r| r.overlay_addr == IpAddr::V4(*a))
                 .then(|| SocketAddrV4::new(*a, *port))
         }
         Dest::Ip(_, _) => None,

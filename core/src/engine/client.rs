@@ -120,7 +120,7 @@ impl Engine<Client> {
 /// without the resource's route not even that refusal could come back.
 fn lost_resources(node: &mut Node, map: &NetworkMap) {
     let reachable: BTreeSet<Ipv4Addr> =
-        map.resources.values().filter_map(|r| r.overlay_addr.parse().ok()).collect();
+        map.resources.values().filter_map(|r| crate::map::ipv4(r.overlay_addr)).collect();
     if let Some(stack) = node.stack.as_mut() {
         for h in node.flows.keys() {
             let s = stack.socket(*h);

@@ -222,10 +222,6 @@ pub fn normalize(a: SocketAddr) -> SocketAddr {
     }
 }
 
-fn parse_net(s: &str) -> Option<ipnet::Ipv4Net> {
-    s.parse().ok().or_else(|| s.parse::<Ipv4Addr>().ok().map(ipnet::Ipv4Net::from))
-}
-
 impl Node {
     fn new(cfg: EngineConfig, now: Instant) -> Node {
         let seed = cfg.seed;
@@ -287,10 +283,10 @@ impl Node {
         now: Instant,
     ) -> Option<Ipv4Addr> {
         let mut new_addr = None;
-        let own: Option<Ipv4Addr> = map.overlay_addr.parse().ok();
+        let own: Option<Ipv4Addr> = crate::map::ipv4(map.overlay_addr);
         if self.stack.is_none() || own != self.own_addr {
             if let Some(addr) = own {
-                let prefix = map.overlay_cidr.parse::<ipnet::Ipv4Net>().map(|n| n.prefix_len()).unwrap_or(16);
+                let prefix = crate::map::ipv4_net(map.overlay_cidr).map_or(16, |n| n.prefix_len());
                 let (seed, opts) = (self.seed, self.stack_options);
                 self.stack = Some(NetStack::with_options(addr, prefix, map.mtu, any_ip, seed, now, opts));
                 for (h, _) in std::mem::take(&mut self.flows) {
@@ -305,7 +301,7 @@ impl Node {
         self.peer_names.clear();
         for p in map.peers.values() {
             let Some(key) = p.public_key else { continue };
-            let allowed: Vec<_> = p.allowed_ips.iter().filter_map(|s| parse_net(s)).collect();
+            let allowed: Vec<_> = p.allowed_ips.iter().filter_map(|n| crate::map::ipv4_net(*n)).collect();
             // The path logic picks the endpoint; the device starts without one.
             let keepalive = persistent_keepalive.then_some(self.keepalive.as_secs().clamp(1, 600) as u16);
             peers.push(PeerConfig { key, allowed, endpoint: None, keepalive });

@@ -73,7 +73,7 @@ impl Role for Site {
         let addr_of: BTreeMap<&str, Ipv4Addr> = map
             .resources
             .values()
-            .filter_map(|r| Some((r.name.as_str(), r.overlay_addr.parse().ok()?)))
+            .filter_map(|r| Some((r.name.as_str(), crate::map::ipv4(r.overlay_addr)?)))
             .collect();
         self.grants.clear();
         for p in map.peers.values() {
@@ -83,7 +83,7 @@ impl Role for Site {
         }
         self.served.clear();
         for r in map.resources.values() {
-            if let (Ok(addr), Some(target)) = (r.overlay_addr.parse(), r.target.clone()) {
+            if let (Some(addr), Some(target)) = (crate::map::ipv4(r.overlay_addr), r.target.clone()) {
                 self.served.insert(addr, ServedResource { target, port: r.port });
             }
         }
