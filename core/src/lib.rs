@@ -8,6 +8,7 @@
 pub mod capability;
 pub mod dns;
 pub mod engine;
+pub mod key;
 pub mod keyproof;
 pub mod map;
 pub mod names;
@@ -22,6 +23,7 @@ pub mod stun;
 pub mod token;
 pub mod wg;
 
+pub use key::PublicKey;
 pub use map::{MapDelta, MapError, NetworkMap, NodeKind, PeerInfo, ResourceInfo};
 pub use names::{NameError, Target};
 pub use token::{AdminToken, JoinToken, KeyPin, NodeId, Secret, TokenError};

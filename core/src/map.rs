@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::token::NodeId;
+use crate::PublicKey;
 
 /// Site agent or machine client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -173,7 +174,7 @@ pub struct PeerInfo {
     /// Site or client.
     pub kind: NodeKind,
     /// X25519 public key, absent until the peer first joins.
-    pub public_key: Option<[u8; 32]>,
+    pub public_key: Option<PublicKey>,
     /// The peer's own overlay address.
     pub overlay_addr: IpAddr,
     /// Inner addresses (`ADDR/32`, or `/128`) this peer may send from and be sent to.
@@ -456,7 +457,7 @@ mod tests {
             node_id: id(n),
             name: format!("p{n}"),
             kind: NodeKind::Site,
-            public_key: Some([n; 32]),
+            public_key: Some(crate::PublicKey([n; 32])),
             overlay_addr: addr.parse().unwrap(),
             allowed_ips: vec![format!("{addr}/32").parse().unwrap()],
             candidates: vec![],

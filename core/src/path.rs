@@ -15,6 +15,7 @@
 //! drain [`Paths::poll_transmit`] (probe datagrams for the node's UDP socket) and [`Paths::poll_event`]
 //! (path changes to apply to the WireGuard device).
 
+use crate::PublicKey;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -95,7 +96,7 @@ fn bounded(list: Vec<(SocketAddr, Origin)>) -> Vec<(SocketAddr, Origin)> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCandidates {
     /// The peer's static key.
-    pub key: [u8; 32],
+    pub key: PublicKey,
     /// Where it may be reached.
     pub candidates: Vec<(SocketAddr, Origin)>,
 }
@@ -104,7 +105,7 @@ pub struct PeerCandidates {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathEvent {
     /// The peer.
-    pub key: [u8; 32],
+    pub key: PublicKey,
     /// Its new path (`None`: no way to reach it now).
     pub via: Option<Via>,
     /// Whether the path is proven (a direct path answered probes, or the relay). An unproven path is
@@ -158,8 +159,8 @@ struct PeerPath {
 /// Path state of every peer of one node.
 pub struct Paths {
     secret: StaticSecret,
-    me: [u8; 32],
-    peers: BTreeMap<[u8; 32], PeerPath>,
+    me: PublicKey,
+    peers: BTreeMap<PublicKey, PeerPath>,
     relay_up: bool,
     keepalive: Duration,
     rng: u64,
@@ -214,7 +215,7 @@ impl Paths {
     /// be at, and to a bounded number of them.
     pub fn set_peers(&mut self, desired: Vec<PeerCandidates>, now: Instant) {
         self.now = self.now.max(now);
-        let keys: std::collections::BTreeSet<[u8; 32]> = desired.iter().map(|p| p.key).collect();
+        let keys: std::collections::BTreeSet<PublicKey> = desired.iter().map(|p| p.key).collect();
         self.peers.retain(|k, _| keys.contains(k));
         for mut p in desired {
             p.candidates = bounded(p.candidates);
@@ -260,7 +261,7 @@ impl Paths {
             return;
         }
         self.relay_up = up;
-        let keys: Vec<[u8; 32]> = self.peers.keys().copied().collect();
+        let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
         for k in keys {
             self.reselect(&k, now);
         }
@@ -326,7 +327,7 @@ impl Paths {
     }
 
     /// An authenticated WireGuard packet from `key` arrived directly from `from`: it confirms that path.
-    pub fn handle_rx(&mut self, key: &[u8; 32], from: SocketAddr, now: Instant) {
+    pub fn handle_rx(&mut self, key: &PublicKey, from: SocketAddr, now: Instant) {
         self.now = self.now.max(now);
         if let Some(st) = self.peers.get_mut(key) {
             if let Some(p) = st.proven.get_mut(&from) {
@@ -342,7 +343,7 @@ impl Paths {
     /// (re)started its session from there (a restart gets a new socket, a new NAT mapping). Follow it
     /// at once, as WireGuard roaming would, while the probes prove it; the old path is forgotten. While
     /// we use the relay, the relay stays until `from` is proven.
-    pub fn handle_initiation(&mut self, key: &[u8; 32], from: SocketAddr, now: Instant) {
+    pub fn handle_initiation(&mut self, key: &PublicKey, from: SocketAddr, now: Instant) {
         self.now = self.now.max(now);
         let Some(st) = self.peers.get_mut(key) else { return };
         match st.current {
@@ -367,7 +368,7 @@ impl Paths {
     }
 
     /// We sent traffic to `key`: its path is in use and must be confirmed quickly.
-    pub fn handle_tx(&mut self, key: &[u8; 32], now: Instant) {
+    pub fn handle_tx(&mut self, key: &PublicKey, now: Instant) {
         self.now = self.now.max(now);
         if let Some(st) = self.peers.get_mut(key) {
             st.last_tx = Some(now);
@@ -416,7 +417,7 @@ impl Paths {
     /// Sends due pings, ends punch rounds, notices dead paths.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = self.now.max(now);
-        let keys: Vec<[u8; 32]> = self.peers.keys().copied().collect();
+        let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
         let me = self.me;
         let keepalive = self.keepalive;
         for key in keys {
@@ -485,7 +486,7 @@ impl Paths {
         }
     }
 
-    fn reselect(&mut self, key: &[u8; 32], now: Instant) {
+    fn reselect(&mut self, key: &PublicKey, now: Instant) {
         let relay_up = self.relay_up;
         let Some(st) = self.peers.get_mut(key) else { return };
         let fresh = |p: &Proof| now.saturating_duration_since(p.last_ok) < PUNCH_WINDOW + DEAD_AFTER;
@@ -537,17 +538,17 @@ impl Paths {
     }
 
     /// The path a peer uses now.
-    pub fn current(&self, key: &[u8; 32]) -> Option<Via> {
+    pub fn current(&self, key: &PublicKey) -> Option<Via> {
         self.peers.get(key).and_then(|s| s.current)
     }
 
     /// Whether the peer's current path is a proven direct one.
-    pub fn is_direct(&self, key: &[u8; 32]) -> bool {
+    pub fn is_direct(&self, key: &PublicKey) -> bool {
         self.peers.get(key).is_some_and(is_direct)
     }
 
     /// Counters for one peer.
-    pub fn stats(&self, key: &[u8; 32]) -> Option<PathStats> {
+    pub fn stats(&self, key: &PublicKey) -> Option<PathStats> {
         self.peers.get(key).map(|s| s.stats)
     }
 }

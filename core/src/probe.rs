@@ -10,7 +10,9 @@
 //! transaction id (8) | HMAC-SHA256 over everything before it, truncated to 16 bytes.
 //! Byte 0 (0xF7) has its top bits set (not STUN) and is not 1-4 (not WireGuard).
 
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
+
+use crate::PublicKey;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -35,7 +37,7 @@ pub struct Probe {
     /// Ping or pong.
     pub kind: ProbeKind,
     /// The sender's static public key.
-    pub sender: [u8; 32],
+    pub sender: PublicKey,
     /// Transaction id.
     pub txid: u64,
 }
@@ -46,10 +48,10 @@ pub fn is_probe(data: &[u8]) -> bool {
 }
 
 /// The MAC key shared by the two nodes `secret`'s owner and `peer`.
-pub fn pair_key(secret: &StaticSecret, peer: &[u8; 32]) -> [u8; 32] {
-    let shared = secret.diffie_hellman(&PublicKey::from(*peer));
-    let mine = *PublicKey::from(secret).as_bytes();
-    let (a, b) = if mine <= *peer { (mine, *peer) } else { (*peer, mine) };
+pub fn pair_key(secret: &StaticSecret, peer: &PublicKey) -> [u8; 32] {
+    let shared = secret.diffie_hellman(&X25519Public::from(peer.0));
+    let mine = *X25519Public::from(secret).as_bytes();
+    let (a, b) = if mine <= peer.0 { (mine, peer.0) } else { (peer.0, mine) };
     let mut h = Sha256::new();
     h.update(b"tunnel path probe v1");
     h.update(shared.as_bytes());
@@ -69,14 +71,14 @@ fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
 }
 
 /// Builds a probe from `sender` with the pair key `key`.
-pub fn encode(kind: ProbeKind, sender: &[u8; 32], txid: u64, key: &[u8; 32]) -> Vec<u8> {
+pub fn encode(kind: ProbeKind, sender: &PublicKey, txid: u64, key: &[u8; 32]) -> Vec<u8> {
     let mut p = Vec::with_capacity(LEN);
     p.extend_from_slice(&MAGIC);
     p.push(match kind {
         ProbeKind::Ping => 1,
         ProbeKind::Pong => 2,
     });
-    p.extend_from_slice(sender);
+    p.extend_from_slice(sender.as_bytes());
     p.extend_from_slice(&txid.to_be_bytes());
     let tag = mac(key, &p);
     p.extend_from_slice(&tag);
@@ -94,7 +96,7 @@ pub fn parse(data: &[u8]) -> Option<Probe> {
         2 => ProbeKind::Pong,
         _ => return None,
     };
-    let sender: [u8; 32] = data[5..37].try_into().ok()?;
+    let sender = PublicKey::from_slice(&data[5..37])?;
     let txid = u64::from_be_bytes(data[37..45].try_into().ok()?);
     Some(Probe { kind, sender, txid })
 }
@@ -121,7 +123,8 @@ mod tests {
     #[test]
     fn both_ends_derive_the_same_key_and_verify() {
         let (a, b) = keys();
-        let (pa, pb) = (*PublicKey::from(&a).as_bytes(), *PublicKey::from(&b).as_bytes());
+        let (pa, pb) =
+            (PublicKey(*X25519Public::from(&a).as_bytes()), PublicKey(*X25519Public::from(&b).as_bytes()));
         let kab = pair_key(&a, &pb);
         assert_eq!(kab, pair_key(&b, &pa));
         let ping = encode(ProbeKind::Ping, &pa, 42, &kab);
@@ -135,7 +138,8 @@ mod tests {
     fn a_third_key_or_a_flipped_bit_fails() {
         let (a, b) = keys();
         let c = StaticSecret::from([3u8; 32]);
-        let (pa, pb) = (*PublicKey::from(&a).as_bytes(), *PublicKey::from(&b).as_bytes());
+        let (pa, pb) =
+            (PublicKey(*X25519Public::from(&a).as_bytes()), PublicKey(*X25519Public::from(&b).as_bytes()));
         // C claims to be A.
         let forged = encode(ProbeKind::Pong, &pa, 7, &pair_key(&c, &pb));
         assert!(!verify(&forged, &pair_key(&b, &pa)));

@@ -14,6 +14,7 @@
 //! the destination, the relay rewrites it to name the source. Over TCP/TLS the same messages travel as
 //! [`Frame`]s (`u16` length, type byte, body), for networks that block UDP.
 
+use crate::PublicKey;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
 /// ALPN of the relay protocol (QUIC and TCP/TLS).
@@ -78,11 +79,11 @@ pub enum CapError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capability {
     /// The node's WireGuard public key.
-    pub node: [u8; 32],
+    pub node: PublicKey,
     /// Unix time in milliseconds after which it is no longer accepted.
     pub expires_unix_ms: u64,
     /// Keys of the peers the node may exchange packets with.
-    pub peers: Vec<[u8; 32]>,
+    pub peers: Vec<PublicKey>,
 }
 
 impl Capability {
@@ -90,11 +91,11 @@ impl Capability {
         let n = self.peers.len();
         let mut b = Vec::with_capacity(4 + 32 + 8 + 2 + 32 * n + SIG_LEN);
         b.extend_from_slice(CAP_MAGIC);
-        b.extend_from_slice(&self.node);
+        b.extend_from_slice(self.node.as_bytes());
         b.extend_from_slice(&self.expires_unix_ms.to_be_bytes());
         b.extend_from_slice(&(n as u16).to_be_bytes());
         for p in &self.peers[..n] {
-            b.extend_from_slice(p);
+            b.extend_from_slice(p.as_bytes());
         }
         b
     }
@@ -130,15 +131,8 @@ impl Capability {
         if now_unix_ms > expires_unix_ms {
             return Err(CapError::Expired);
         }
-        let peers = body[46..]
-            .chunks_exact(32)
-            .map(|c| {
-                let mut k = [0u8; 32];
-                k.copy_from_slice(c);
-                k
-            })
-            .collect();
-        Ok(Capability { node, expires_unix_ms, peers })
+        let peers = body[46..].chunks_exact(32).filter_map(PublicKey::from_slice).collect();
+        Ok(Capability { node: PublicKey(node), expires_unix_ms, peers })
     }
 }
 
@@ -148,21 +142,19 @@ pub fn public_key(key: &Ed25519KeyPair) -> Vec<u8> {
 }
 
 /// A packet for (or from) the peer `key`.
-pub fn encode_packet(key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
+pub fn encode_packet(key: &PublicKey, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(PACKET_HEADER + payload.len());
-    v.extend_from_slice(key);
+    v.extend_from_slice(key.as_bytes());
     v.extend_from_slice(payload);
     v
 }
 
 /// Splits a relayed packet into the peer's key and the WireGuard packet.
-pub fn parse_packet(data: &[u8]) -> Option<([u8; 32], &[u8])> {
+pub fn parse_packet(data: &[u8]) -> Option<(PublicKey, &[u8])> {
     if data.len() <= PACKET_HEADER {
         return None;
     }
-    let mut k = [0u8; 32];
-    k.copy_from_slice(&data[..PACKET_HEADER]);
-    Some((k, &data[PACKET_HEADER..]))
+    Some((PublicKey::from_slice(&data[..PACKET_HEADER])?, &data[PACKET_HEADER..]))
 }
 
 /// A message on a TCP/TLS relay connection.
@@ -233,7 +225,11 @@ mod tests {
     #[test]
     fn capabilities_verify_only_with_the_right_key_and_before_expiry() {
         let (k, other) = (key(), key());
-        let cap = Capability { node: [1; 32], expires_unix_ms: 10_000, peers: vec![[2; 32], [3; 32]] };
+        let cap = Capability {
+            node: crate::PublicKey([1; 32]),
+            expires_unix_ms: 10_000,
+            peers: vec![crate::PublicKey([2; 32]), crate::PublicKey([3; 32])],
+        };
         let signed = cap.sign(&k).unwrap();
         assert_eq!(Capability::verify(&signed, &public_key(&k), 9_999), Ok(cap.clone()));
         assert_eq!(Capability::verify(&signed, &public_key(&other), 9_999), Err(CapError::BadSignature));
@@ -250,7 +246,7 @@ mod tests {
             Frame::Hello(vec![7; 300]),
             Frame::Reply(Ok(())),
             Frame::Reply(Err("expired".into())),
-            Frame::Packet(encode_packet(&[9; 32], &[1; 1312])),
+            Frame::Packet(encode_packet(&crate::PublicKey([9; 32]), &[1; 1312])),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
         let mut buf = Vec::new();
@@ -270,14 +266,14 @@ mod tests {
     fn capabilities_for_thousands_of_peers_travel_whole() {
         let k = key();
         // 3,000 peers: over what a u16 length holds (it used to wrap, and the TCP encoder truncated).
-        let peers: Vec<[u8; 32]> = (0..3000u32)
+        let peers: Vec<PublicKey> = (0..3000u32)
             .map(|i| {
                 let mut p = [0u8; 32];
                 p[..4].copy_from_slice(&i.to_be_bytes());
-                p
+                PublicKey(p)
             })
             .collect();
-        let cap = Capability { node: [1; 32], expires_unix_ms: 10_000, peers };
+        let cap = Capability { node: crate::PublicKey([1; 32]), expires_unix_ms: 10_000, peers };
         let signed = cap.sign(&k).unwrap();
         assert!(signed.len() > 65_535);
         let mut wire = Frame::Hello(signed.clone()).encode();
@@ -292,8 +288,11 @@ mod tests {
         }
         assert_eq!(got, vec![Frame::Hello(signed.clone()), Frame::Packet(vec![5; 10])]);
         assert_eq!(Capability::verify(&signed, &public_key(&k), 0), Ok(cap));
-        let too_many =
-            Capability { node: [1; 32], expires_unix_ms: 1, peers: vec![[0; 32]; MAX_CAP_PEERS + 1] };
+        let too_many = Capability {
+            node: crate::PublicKey([1; 32]),
+            expires_unix_ms: 1,
+            peers: vec![crate::PublicKey([0; 32]); MAX_CAP_PEERS + 1],
+        };
         assert_eq!(too_many.sign(&k), Err(CapError::TooManyPeers(MAX_CAP_PEERS + 1)));
     }
 

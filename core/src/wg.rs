@@ -29,7 +29,9 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
+use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
+
+use crate::PublicKey;
 use ipnet::Ipv4Net;
 
 /// Which way a peer's packets go.
@@ -66,7 +68,7 @@ const BUF: usize = 65_536;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
     /// The peer's static public key: its identity.
-    pub key: [u8; 32],
+    pub key: PublicKey,
     /// Inner addresses the peer may send from and be sent to.
     pub allowed: Vec<Ipv4Net>,
     /// Where to send at first, if known; otherwise the first authenticated packet's source. After
@@ -82,7 +84,7 @@ pub struct Transmit {
     /// Which way: a UDP address, or the relay.
     pub dst: Via,
     /// The peer it is for (`None` only for cookie replies to strangers, which are never relayed).
-    pub peer: Option<[u8; 32]>,
+    pub peer: Option<PublicKey>,
     /// The WireGuard packet.
     pub payload: Vec<u8>,
 }
@@ -91,7 +93,7 @@ pub struct Transmit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Authenticated {
     /// The peer whose session accepted it.
-    pub peer: [u8; 32],
+    pub peer: PublicKey,
     /// It was a fresh handshake initiation: the peer (re)started a session from where it came from.
     pub initiation: bool,
 }
@@ -144,7 +146,7 @@ impl HandshakeBudget {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Inbound {
     /// The peer (static key) it came from.
-    pub peer: [u8; 32],
+    pub peer: PublicKey,
     /// The IPv4 packet.
     pub packet: Vec<u8>,
 }
@@ -203,7 +205,7 @@ struct PeerState {
 /// A handshake initiation from a key that is not a peer yet, and where it came from. It passed the
 /// rate limits and, if relayed, the check against the sender the relay named.
 struct PendingInit {
-    key: [u8; 32],
+    key: PublicKey,
     from: Via,
     data: Vec<u8>,
 }
@@ -211,9 +213,9 @@ struct PendingInit {
 /// Every WireGuard session of one node.
 pub struct Device {
     secret: StaticSecret,
-    public: PublicKey,
-    peers: BTreeMap<[u8; 32], PeerState>,
-    by_index: HashMap<u32, [u8; 32]>,
+    public: X25519Public,
+    peers: BTreeMap<PublicKey, PeerState>,
+    by_index: HashMap<u32, PublicKey>,
     next_index: u32,
     /// Handshakes from UDP addresses, all together (cookies beyond it).
     limiter: Arc<RateLimiter>,
@@ -243,7 +245,7 @@ impl Device {
     /// A device with this private key. `index_seed` makes session indices unpredictable.
     pub fn new(private_key: [u8; 32], index_seed: u32) -> Self {
         let secret = StaticSecret::from(private_key);
-        let public = PublicKey::from(&secret);
+        let public = X25519Public::from(&secret);
         Device {
             limiter: Arc::new(RateLimiter::new(&public, DIRECT_HANDSHAKE_RATE)),
             verifier: Arc::new(RateLimiter::new(&public, u64::MAX)),
@@ -264,8 +266,8 @@ impl Device {
     }
 
     /// This device's public key.
-    pub fn public_key(&self) -> [u8; 32] {
-        *self.public.as_bytes()
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(*self.public.as_bytes())
     }
 
     fn alloc_index(&mut self) -> u32 {
@@ -281,8 +283,8 @@ impl Device {
     /// Installs exactly these peers: new ones are added, missing ones removed, changed ones updated in
     /// place (their sessions keep running); untouched peers are not disturbed.
     pub fn set_peers(&mut self, desired: Vec<PeerConfig>, now: Instant) {
-        let wanted: BTreeMap<[u8; 32], PeerConfig> = desired.into_iter().map(|p| (p.key, p)).collect();
-        let gone: Vec<[u8; 32]> = self.peers.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
+        let wanted: BTreeMap<PublicKey, PeerConfig> = desired.into_iter().map(|p| (p.key, p)).collect();
+        let gone: Vec<PublicKey> = self.peers.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
         for k in gone {
             if let Some(p) = self.peers.remove(&k) {
                 self.by_index.remove(&p.index);
@@ -301,7 +303,7 @@ impl Device {
             let index = self.alloc_index();
             let tunn = Tunn::new(
                 self.secret.clone(),
-                PublicKey::from(key),
+                X25519Public::from(key.0),
                 None,
                 cfg.keepalive,
                 index,
@@ -331,12 +333,12 @@ impl Device {
     }
 
     /// Keys of the installed peers.
-    pub fn peer_keys(&self) -> Vec<[u8; 32]> {
+    pub fn peer_keys(&self) -> Vec<PublicKey> {
         self.peers.keys().copied().collect()
     }
 
     /// Figures for one peer.
-    pub fn peer_stats(&self, key: &[u8; 32]) -> Option<PeerStats> {
+    pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
         let p = self.peers.get(key)?;
         let (hs, tx, rx, _loss, rtt) = p.tunn.stats();
         Some(PeerStats {
@@ -350,7 +352,7 @@ impl Device {
 
     /// Where the path logic sends a peer's packets from now on. With `roaming`, the choice is a guess
     /// and the session follows the source of authenticated packets, as plain WireGuard does.
-    pub fn set_endpoint(&mut self, key: &[u8; 32], via: Option<Via>, roaming: bool) {
+    pub fn set_endpoint(&mut self, key: &PublicKey, via: Option<Via>, roaming: bool) {
         if let Some(p) = self.peers.get_mut(key) {
             p.endpoint = via;
             p.roaming = roaming;
@@ -396,11 +398,11 @@ impl Device {
     /// A WireGuard packet the relay brought from the node whose key is `sender`. Its handshakes are
     /// counted against that sender's own budget (a cookie cannot work without an address), and a
     /// packet whose WireGuard identity is another key is dropped.
-    pub fn handle_relayed(&mut self, sender: &[u8; 32], data: &[u8]) -> Option<Authenticated> {
+    pub fn handle_relayed(&mut self, sender: &PublicKey, data: &[u8]) -> Option<Authenticated> {
         self.relayed(Some(sender), data)
     }
 
-    fn relayed(&mut self, sender: Option<&[u8; 32]>, data: &[u8]) -> Option<Authenticated> {
+    fn relayed(&mut self, sender: Option<&PublicKey>, data: &[u8]) -> Option<Authenticated> {
         match self.verifier.verify_packet(None, data, &mut self.buf) {
             Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)) => {
                 let now = self.now;
@@ -427,7 +429,7 @@ impl Device {
     }
 
     /// Finds the session of a datagram that passed the rate limits and hands it to boringtun.
-    fn process(&mut self, from: Via, sender: Option<&[u8; 32]>, data: &[u8]) -> Option<Authenticated> {
+    fn process(&mut self, from: Via, sender: Option<&PublicKey>, data: &[u8]) -> Option<Authenticated> {
         let src_ip = match from {
             Via::Direct(a) => Some(a.ip()),
             Via::Relay => None,
@@ -441,7 +443,7 @@ impl Device {
             Ok(Packet::HandshakeInit(init)) => {
                 is_init = true;
                 match parse_handshake_anon(&self.secret, &self.public, &init) {
-                    Ok(half) => half.peer_static_public,
+                    Ok(half) => PublicKey(half.peer_static_public),
                     Err(_) => {
                         self.drops.crypto += 1;
                         return None;
@@ -556,7 +558,7 @@ impl Device {
     }
 
     /// Sends an inner packet to a specific peer.
-    pub fn send_to_peer(&mut self, key: &[u8; 32], packet: &[u8]) {
+    pub fn send_to_peer(&mut self, key: &PublicKey, packet: &[u8]) {
         let Some(peer) = self.peers.get_mut(key) else {
             self.drops.no_route += 1;
             return;
@@ -578,7 +580,7 @@ impl Device {
     }
 
     /// The peer whose allowed addresses hold `dst` (longest prefix wins).
-    pub fn route(&self, dst: Ipv4Addr) -> Option<[u8; 32]> {
+    pub fn route(&self, dst: Ipv4Addr) -> Option<PublicKey> {
         self.peers
             .iter()
             .flat_map(|(k, p)| {
@@ -637,8 +639,8 @@ pub fn is_wireguard(data: &[u8]) -> bool {
 }
 
 /// The public key for a private key.
-pub fn public_key(private_key: [u8; 32]) -> [u8; 32] {
-    *PublicKey::from(&StaticSecret::from(private_key)).as_bytes()
+pub fn public_key(private_key: [u8; 32]) -> PublicKey {
+    PublicKey(*X25519Public::from(&StaticSecret::from(private_key)).as_bytes())
 }
 
 #[cfg(test)]

@@ -31,8 +31,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!probe::verify(&again, &other));
     }
     if data.len() >= 40 {
-        let mut sender = [0u8; 32];
-        sender.copy_from_slice(&data[..32]);
+        let mut sender = tunnel_core::PublicKey::default();
+        sender.0.copy_from_slice(&data[..32]);
         let txid = u64::from_be_bytes(data[32..40].try_into().unwrap_or_else(|_| unreachable!()));
         let kind = if data.len() % 2 == 0 { ProbeKind::Ping } else { ProbeKind::Pong };
         let p = probe::encode(kind, &sender, txid, &key);

@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(c) = Capability::verify(stream, &public, now) {
             assert!(c.expires_unix_ms >= now);
             assert_eq!(c.sign(key).map(|b| b.len()), Ok(stream.len()));
-            assert_eq!(&stream[4..36], &c.node[..]);
+            assert_eq!(&stream[4..36], &c.node.0[..]);
         }
     }
     let _ = Capability::verify(stream, stream.get(..32).unwrap_or_default(), 0);
@@ -115,15 +115,15 @@ fuzz_target!(|data: &[u8]| {
     });
     let expires_unix_ms = c.u64();
     let n = usize::from(c.u8() % 16);
-    let peers: Vec<[u8; 32]> = (0..n)
+    let peers: Vec<tunnel_core::PublicKey> = (0..n)
         .map(|i| {
             let mut k = [i as u8; 32];
             let b = c.bytes(32);
             k[..b.len()].copy_from_slice(b);
-            k
+            tunnel_core::PublicKey(k)
         })
         .collect();
-    let cap = Capability { node, expires_unix_ms, peers };
+    let cap = Capability { node: tunnel_core::PublicKey(node), expires_unix_ms, peers };
     // At most 15 peers: far below MAX_CAP_PEERS, so signing cannot refuse.
     let signed = cap.sign(key).unwrap_or_else(|e| panic!("signing {} peers refused: {e}", cap.peers.len()));
     assert_eq!(Capability::verify(&signed, &public, expires_unix_ms), Ok(cap.clone()));

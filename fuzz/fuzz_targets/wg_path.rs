@@ -28,8 +28,8 @@ const KEY_A: [u8; 32] = [0x11; 32];
 const KEY_B: [u8; 32] = [0x22; 32];
 
 struct Keys {
-    a: [u8; 32],
-    b: [u8; 32],
+    a: tunnel_core::PublicKey,
+    b: tunnel_core::PublicKey,
     pair: [u8; 32],
 }
 
@@ -218,7 +218,7 @@ fuzz_target!(|data: &[u8]| {
                     1 => {
                         let mut stranger = [0u8; 32];
                         stranger[0] = who;
-                        b.dev.handle_relayed(&stranger, p);
+                        b.dev.handle_relayed(&tunnel_core::PublicKey(stranger), p);
                     }
                     _ => {
                         b.dev.handle_datagram(Via::Relay, p);

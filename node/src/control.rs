@@ -46,7 +46,7 @@ pub struct ControlConfig {
     /// The private key whose public half is `public_key`: it answers the server's key challenge.
     /// `None` logs in as nodes before key-proof-v1 did (tests of old nodes, benchmarks with made-up keys).
     pub private_key: Option<NodeKey>,
-    pub public_key: [u8; 32],
+    pub public_key: tunnel_core::PublicKey,
     pub version: String,
     pub candidates: Vec<Candidate>,
 }
@@ -91,7 +91,7 @@ impl ControlSession {
             node_id: cfg.token.node_id.to_string(),
             secret: if ticket.is_some() { String::new() } else { cfg.token.secret.expose().to_owned() },
             session_ticket: ticket.map(<[u8]>::to_vec).unwrap_or_default(),
-            public_key: cfg.public_key.to_vec(),
+            public_key: cfg.public_key.0.to_vec(),
             version: cfg.version.clone(),
             capabilities: NODE_CAPABILITIES
                 .iter()

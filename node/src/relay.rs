@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tunnel_core::PublicKey;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,7 +34,7 @@ pub struct RelayLink {
     /// Packets for the relay, in [`wire::encode_packet`] form (destination key first).
     pub out: mpsc::Sender<Vec<u8>>,
     /// Packets from peers: (sender's key, WireGuard packet).
-    pub inbound: mpsc::Receiver<([u8; 32], Vec<u8>)>,
+    pub inbound: mpsc::Receiver<(PublicKey, Vec<u8>)>,
     /// State changes.
     pub state: watch::Receiver<RelayState>,
     /// The relays (and capabilities) to use; the data plane updates it with each map.
@@ -53,7 +54,7 @@ pub fn start() -> (RelayLink, tokio::task::JoinHandle<()>) {
 async fn run(
     mut relays: watch::Receiver<Vec<RelayInfo>>,
     mut out: mpsc::Receiver<Vec<u8>>,
-    inbound: mpsc::Sender<([u8; 32], Vec<u8>)>,
+    inbound: mpsc::Sender<(PublicKey, Vec<u8>)>,
     state: watch::Sender<RelayState>,
 ) {
     let mut backoff = Duration::from_millis(500);
@@ -186,7 +187,7 @@ async fn quic_session(
     conn: quinn::Connection,
     relays: &mut watch::Receiver<Vec<RelayInfo>>,
     out: &mut mpsc::Receiver<Vec<u8>>,
-    inbound: &mpsc::Sender<([u8; 32], Vec<u8>)>,
+    inbound: &mpsc::Sender<(PublicKey, Vec<u8>)>,
 ) -> String {
     loop {
         tokio::select! {
@@ -260,7 +261,7 @@ async fn tcp_session(
     stream: TlsStream,
     relays: &mut watch::Receiver<Vec<RelayInfo>>,
     out: &mut mpsc::Receiver<Vec<u8>>,
-    inbound: &mpsc::Sender<([u8; 32], Vec<u8>)>,
+    inbound: &mpsc::Sender<(PublicKey, Vec<u8>)>,
 ) -> String {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = Vec::with_capacity(64 * 1024);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tunnel_core::NodeId;
+use tunnel_core::{NodeId, PublicKey};
 use tunnel_proto::v1 as pb;
 use tunnel_proto::v1::control_server::Control;
 
@@ -19,7 +19,7 @@ use tunnel_core::Secret;
 use crate::convert;
 use crate::hub::{Outbound, SessionEnd, SESSION_QUEUE};
 use crate::limits::{bump, source_key, Refusal};
-use crate::state::{encode_key, now_ms, Shared};
+use crate::state::{now_ms, Shared};
 use crate::store::{clip, JoinRecord};
 
 /// Capabilities this server offers in Welcome.
@@ -51,7 +51,7 @@ struct Authenticated {
     id: NodeId,
     name: String,
     generation: i64,
-    public_key: [u8; 32],
+    public_key: PublicKey,
     used_secret: bool,
     /// The join secret is used up after this login (it was already, or this is its single use).
     join_used: bool,
@@ -128,9 +128,9 @@ impl Login<'_> {
             self.charge_source()?;
             return Err(Status::unauthenticated("malformed node id"));
         };
-        let public_key: [u8; 32] = match hello.public_key.as_slice().try_into() {
-            Ok(k) => k,
-            Err(_) => {
+        let public_key = match PublicKey::from_slice(&hello.public_key) {
+            Some(k) => k,
+            None => {
                 self.charge_source()?;
                 return Err(Status::invalid_argument("the public key must be 32 bytes (X25519)"));
             }
@@ -161,7 +161,7 @@ impl Login<'_> {
         }
         let proved_key = hello.capabilities.iter().any(|c| c == KEY_PROOF_CAPABILITY);
         if proved_key {
-            self.prove_key(&id, &public_key).await?;
+            self.prove_key(&id, public_key.as_bytes()).await?;
         } else if shared.gate.limits.require_key_proof {
             bump(&shared.gate.stats.refused_key_proof);
             return Err(Status::permission_denied(
@@ -169,7 +169,12 @@ impl Login<'_> {
             ));
         }
         if !hello.session_ticket.is_empty()
-            && shared.tickets.check(&hello.session_ticket, id.as_str(), node.generation, &public_key)
+            && shared.tickets.check(
+                &hello.session_ticket,
+                id.as_str(),
+                node.generation,
+                public_key.as_bytes(),
+            )
         {
             self.spend_node_budget(&id)?;
             return Ok(Authenticated {
@@ -342,7 +347,7 @@ async fn open_session(
             .record_join(&JoinRecord {
                 id: auth.id.as_str(),
                 generation: auth.generation,
-                public_key: &encode_key(&auth.public_key),
+                public_key: &auth.public_key.to_base64(),
                 join_used: auth.join_used,
                 spend_once: auth.spends_once,
                 version: &version,
@@ -377,7 +382,12 @@ async fn open_session(
     let welcome = pb::Welcome {
         server_version: shared.facts.version.clone(),
         capabilities: SERVER_CAPABILITIES.iter().map(|s| s.to_string()).collect(),
-        session_ticket: shared.tickets.issue(auth.id.as_str(), auth.generation, &auth.public_key, now),
+        session_ticket: shared.tickets.issue(
+            auth.id.as_str(),
+            auth.generation,
+            auth.public_key.as_bytes(),
+            now,
+        ),
         server_time_ms: now,
     };
     login

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tunnel_core::PublicKey;
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -110,9 +111,9 @@ pub struct RelayEndpoint {
 }
 
 impl PathServices {
-    fn relays_for(&self, node: Option<[u8; 32]>, peers: &HashMap<NodeId, PeerInfo>) -> Vec<pb::Relay> {
+    fn relays_for(&self, node: Option<PublicKey>, peers: &HashMap<NodeId, PeerInfo>) -> Vec<pb::Relay> {
         let Some(node) = node else { return vec![] };
-        let mut keys: Vec<[u8; 32]> = peers.values().filter_map(|p| p.public_key).collect();
+        let mut keys: Vec<PublicKey> = peers.values().filter_map(|p| p.public_key).collect();
         keys.sort_unstable();
         let expires = crate::clock::now_ms().max(0) as u64 + self.ttl.as_millis() as u64;
         if keys.len() > tunnel_core::relay::MAX_CAP_PEERS {
@@ -140,7 +141,7 @@ impl PathServices {
 }
 
 fn keys_hash(peers: &HashMap<NodeId, PeerInfo>) -> u64 {
-    let mut keys: Vec<[u8; 32]> = peers.values().filter_map(|p| p.public_key).collect();
+    let mut keys: Vec<PublicKey> = peers.values().filter_map(|p| p.public_key).collect();
     keys.sort_unstable();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     keys.hash(&mut h);

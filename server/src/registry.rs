@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use tunnel_core::PublicKey;
 
 use ipnet::Ipv4Net;
 use tunnel_core::map::{Candidate, NodeKind, PeerInfo, ResourceInfo};
@@ -22,7 +23,7 @@ pub struct NodeRec {
     pub kind: NodeKind,
     pub name: String,
     pub addr: Ipv4Addr,
-    pub public_key: Option<[u8; 32]>,
+    pub public_key: Option<PublicKey>,
     pub secret_hash: String,
     pub generation: i64,
     pub join_expires_ms: i64,
@@ -455,7 +456,7 @@ mod tests {
             kind,
             name: format!("{}{n}", kind.as_str()),
             addr: addr.parse().unwrap(),
-            public_key: Some([n; 32]),
+            public_key: Some(tunnel_core::PublicKey([n; 32])),
             secret_hash: String::new(),
             generation: 1,
             join_expires_ms: 0,

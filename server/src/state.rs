@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rand::RngCore;
 use tunnel_core::map::NodeKind;
-use tunnel_core::{JoinToken, KeyPin, NodeId, Secret};
+use tunnel_core::{JoinToken, KeyPin, NodeId, PublicKey, Secret};
 use tunnel_proto::v1 as pb;
 
 use crate::auth::{SecretHasher, Tickets};
@@ -233,7 +233,9 @@ pub fn node_rec_from_row(r: &NodeRow) -> Result<NodeRec, String> {
         other => return Err(format!("node {} has unknown kind '{other}'", r.id)),
     };
     let public_key = match &r.public_key {
-        Some(k) => Some(decode_key(k).ok_or_else(|| format!("node {} has a damaged public key", r.id))?),
+        Some(k) => {
+            Some(PublicKey::from_base64(k).ok_or_else(|| format!("node {} has a damaged public key", r.id))?)
+        }
         None => None,
     };
     Ok(NodeRec {
@@ -258,18 +260,6 @@ pub fn node_rec_from_row(r: &NodeRow) -> Result<NodeRec, String> {
     })
 }
 
-/// Base64 public key text to bytes.
-pub fn decode_key(k: &str) -> Option<[u8; 32]> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(k).ok()?.try_into().ok()
-}
-
-/// Bytes to base64 public key text.
-pub fn encode_key(k: &[u8; 32]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(k)
-}
-
 /// A node as the admin API shows it.
 pub fn node_info(m: &Model, id: &NodeId) -> Option<pb::NodeInfo> {
     let n = m.reg.nodes.get(id)?;
@@ -282,7 +272,7 @@ pub fn node_info(m: &Model, id: &NodeId) -> Option<pb::NodeInfo> {
         name: n.name.clone(),
         kind: tunnel_wire::kind_to_pb(n.kind) as i32,
         overlay_addr: n.addr.to_string(),
-        public_key: n.public_key.as_ref().map(encode_key).unwrap_or_default(),
+        public_key: n.public_key.map(|k| k.to_base64()).unwrap_or_default(),
         online: m.hub.is_connected(id),
         last_seen_ms: n.last_seen_ms,
         candidates: n.candidates.iter().map(tunnel_wire::candidate_to_pb).collect(),

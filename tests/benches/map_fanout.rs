@@ -157,7 +157,7 @@ async fn run(n: usize) -> Result<()> {
         let cfg = ControlConfig {
             token: JoinToken::parse(tok)?,
             private_key: None,
-            public_key: [(i % 251) as u8; 32],
+            public_key: tunnel_core::PublicKey([(i % 251) as u8; 32]),
             version: "bench".into(),
             candidates: vec![],
         };

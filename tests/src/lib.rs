@@ -186,7 +186,7 @@ impl TestNode {
             token: JoinToken::parse(token).expect("valid token"),
             // A made-up public key: these nodes log in as nodes before key proofs did.
             private_key: None,
-            public_key: [key; 32],
+            public_key: tunnel_core::PublicKey([key; 32]),
             version: "test".into(),
             candidates: vec![],
         };

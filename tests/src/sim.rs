@@ -207,7 +207,7 @@ pub struct SimNode {
 
 impl SimNode {
     /// The public key.
-    pub fn public_key(&self) -> [u8; 32] {
+    pub fn public_key(&self) -> tunnel_core::PublicKey {
         wg::public_key(self.key)
     }
 
@@ -243,7 +243,7 @@ impl Default for LinkModel {
 #[derive(Debug)]
 enum Payload {
     Udp { src: SocketAddr, dst: SocketAddr, data: Vec<u8> },
-    Relay { from: [u8; 32], to: usize, data: Vec<u8> },
+    Relay { from: tunnel_core::PublicKey, to: usize, data: Vec<u8> },
 }
 
 /// The simulated internet.

@@ -317,7 +317,7 @@ async fn a_backup_under_write_load_restores_to_a_server_with_the_same_state_and_
         })
         .await
         .unwrap();
-    assert_eq!(m.peers[&site_id].public_key, Some([1; 32]));
+    assert_eq!(m.peers[&site_id].public_key, Some(tunnel_core::PublicKey([1; 32])));
     // And the restored server takes new changes.
     r.ctl(&["site", "add", "after-restore"]).await.unwrap();
 }

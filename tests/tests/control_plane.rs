@@ -115,10 +115,10 @@ async fn nodes_get_their_map_and_every_change_pushed() {
     assert_eq!(r.target, None, "clients never learn targets");
     assert_eq!(r.dns_names, vec!["prom.tunnel.internal"]);
     let p = &m.peers[&site_id];
-    assert_eq!(p.public_key, Some([1; 32]));
+    assert_eq!(p.public_key, Some(tunnel_core::PublicKey([1; 32])));
     assert!(p.allowed_ips.iter().any(|n| n.to_string() == format!("{prom_addr}/32")), "{:?}", p.allowed_ips);
     let m = site.wait_for("client peer", |m| m.peers.contains_key(&client_id)).await.unwrap();
-    assert_eq!(m.peers[&client_id].public_key, Some([2; 32]));
+    assert_eq!(m.peers[&client_id].public_key, Some(tunnel_core::PublicKey([2; 32])));
     let allowed: Vec<String> = m.peers[&client_id].allowed_ips.iter().map(ToString::to_string).collect();
     assert_eq!(allowed, vec![format!("{}/32", client.map().overlay_addr)]);
 
@@ -132,7 +132,7 @@ async fn nodes_get_their_map_and_every_change_pushed() {
     drop(client);
     let _client2 = TestNode::join(&client_tok, 9).await.unwrap();
     site.wait_for("the client's new key", |m| {
-        m.peers.get(&client_id).and_then(|p| p.public_key) == Some([9; 32])
+        m.peers.get(&client_id).and_then(|p| p.public_key) == Some(tunnel_core::PublicKey([9; 32]))
     })
     .await
     .unwrap();

@@ -49,9 +49,9 @@ impl Relay {
     /// transports offered.
     fn info(&self, key: u8, peers: &[u8], ttl_ms: i64, udp: bool, tcp: bool) -> RelayInfo {
         let cap = Capability {
-            node: [key; 32],
+            node: tunnel_core::PublicKey([key; 32]),
             expires_unix_ms: (now_ms() as i64 + ttl_ms).max(0) as u64,
-            peers: peers.iter().map(|p| [*p; 32]).collect(),
+            peers: peers.iter().map(|p| tunnel_core::PublicKey([*p; 32])).collect(),
         }
         .sign(&self.keys.signer)
         .unwrap();
@@ -80,7 +80,7 @@ async fn connect(info: RelayInfo) -> RelayLink {
     }
 }
 
-async fn recv(l: &mut RelayLink) -> Option<([u8; 32], Vec<u8>)> {
+async fn recv(l: &mut RelayLink) -> Option<(tunnel_core::PublicKey, Vec<u8>)> {
     tokio::time::timeout(Duration::from_secs(2), l.inbound.recv()).await.ok().flatten()
 }
 
@@ -97,36 +97,36 @@ async fn relays_only_between_peers_whose_capabilities_name_each_other() {
     }
     // A full-size tunnel packet (1280 inner + 32 WireGuard) fits one datagram and arrives whole.
     let big = vec![0x5a; 1312];
-    a.out.send(encode_packet(&[2; 32], &big)).await.unwrap();
+    a.out.send(encode_packet(&tunnel_core::PublicKey([2; 32]), &big)).await.unwrap();
     let (from, got) = recv(&mut b).await.expect("B got A's packet");
-    assert_eq!((from, got.len()), ([1; 32], 1312));
+    assert_eq!((from, got.len()), (tunnel_core::PublicKey([1; 32]), 1312));
     assert!(got == big);
-    b.out.send(encode_packet(&[1; 32], b"back")).await.unwrap();
-    assert_eq!(recv(&mut a).await, Some(([2; 32], b"back".to_vec())));
+    b.out.send(encode_packet(&tunnel_core::PublicKey([1; 32]), b"back")).await.unwrap();
+    assert_eq!(recv(&mut a).await, Some((tunnel_core::PublicKey([2; 32]), b"back".to_vec())));
 
     // C may name B, but B's newer capability does not name C: refused. A may name C, C's capability
     // (as new as A's) does not name A: refused.
     let refused = r.stats.refused_not_allowed.load(Ordering::Relaxed);
-    c.out.send(encode_packet(&[2; 32], b"let me in")).await.unwrap();
-    a.out.send(encode_packet(&[3; 32], b"hi c")).await.unwrap();
+    c.out.send(encode_packet(&tunnel_core::PublicKey([2; 32]), b"let me in")).await.unwrap();
+    a.out.send(encode_packet(&tunnel_core::PublicKey([3; 32]), b"hi c")).await.unwrap();
     assert_eq!(recv(&mut b).await, None);
     assert_eq!(recv(&mut c).await, None);
     assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 2);
     // Nobody registered as key 9.
-    a.out.send(encode_packet(&[9; 32], b"anyone?")).await.unwrap();
+    a.out.send(encode_packet(&tunnel_core::PublicKey([9; 32]), b"anyone?")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 3);
     assert!(r.stats.packets.load(Ordering::Relaxed) >= 2);
     assert_eq!(r.stats.sessions.load(Ordering::Relaxed), 4);
     // D's capability is newer than B's and names B: a grant B has not heard of yet. It goes through,
     // and so does B's answer, before B's own capability names D.
-    d.out.send(encode_packet(&[2; 32], b"new grant")).await.unwrap();
-    assert_eq!(recv(&mut b).await, Some(([4; 32], b"new grant".to_vec())));
-    b.out.send(encode_packet(&[4; 32], b"answer")).await.unwrap();
-    assert_eq!(recv(&mut d).await, Some(([2; 32], b"answer".to_vec())));
+    d.out.send(encode_packet(&tunnel_core::PublicKey([2; 32]), b"new grant")).await.unwrap();
+    assert_eq!(recv(&mut b).await, Some((tunnel_core::PublicKey([4; 32]), b"new grant".to_vec())));
+    b.out.send(encode_packet(&tunnel_core::PublicKey([4; 32]), b"answer")).await.unwrap();
+    assert_eq!(recv(&mut d).await, Some((tunnel_core::PublicKey([2; 32]), b"answer".to_vec())));
     // B's newer capability does not name C, so B may not answer C either: the newest word holds.
     let refused = r.stats.refused_not_allowed.load(Ordering::Relaxed);
-    b.out.send(encode_packet(&[3; 32], b"no")).await.unwrap();
+    b.out.send(encode_packet(&tunnel_core::PublicKey([3; 32]), b"no")).await.unwrap();
     assert_eq!(recv(&mut c).await, None);
     assert_eq!(r.stats.refused_not_allowed.load(Ordering::Relaxed), refused + 1);
 }
@@ -141,10 +141,13 @@ async fn expired_or_forged_capabilities_are_refused_but_a_live_registration_outl
     // Signed by somebody else.
     let other = RelayKeys::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
     let mut forged = r.info(1, &[2], 60_000, true, false);
-    forged.capability =
-        Capability { node: [1; 32], expires_unix_ms: now_ms() + 60_000, peers: vec![[2; 32]] }
-            .sign(&other.signer)
-            .unwrap();
+    forged.capability = Capability {
+        node: tunnel_core::PublicKey([1; 32]),
+        expires_unix_ms: now_ms() + 60_000,
+        peers: vec![tunnel_core::PublicKey([2; 32])],
+    }
+    .sign(&other.signer)
+    .unwrap();
     let forged = connect(forged).await;
     assert!(forged.state.borrow().last_error.clone().unwrap_or_default().contains("signature"));
     assert!(r.stats.registrations_refused.load(Ordering::Relaxed) >= 2);
@@ -153,8 +156,8 @@ async fn expired_or_forged_capabilities_are_refused_but_a_live_registration_outl
     let a = connect(r.info(1, &[2], 1_500, true, false)).await;
     let mut b = connect(r.info(2, &[1], 1_500, true, false)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    a.out.send(encode_packet(&[2; 32], b"still here")).await.unwrap();
-    assert_eq!(recv(&mut b).await, Some(([1; 32], b"still here".to_vec())));
+    a.out.send(encode_packet(&tunnel_core::PublicKey([2; 32]), b"still here")).await.unwrap();
+    assert_eq!(recv(&mut b).await, Some((tunnel_core::PublicKey([1; 32]), b"still here".to_vec())));
 }
 
 #[tokio::test]
@@ -167,14 +170,14 @@ async fn tcp_and_quic_nodes_reach_each_other() {
     assert_eq!(q.state.borrow().transport.as_deref(), Some("quic"));
     let big = vec![7u8; 1312];
     for _ in 0..50 {
-        q.out.send(encode_packet(&[2; 32], &big)).await.unwrap();
+        q.out.send(encode_packet(&tunnel_core::PublicKey([2; 32]), &big)).await.unwrap();
     }
     for _ in 0..50 {
         let (from, got) = recv(&mut t).await.expect("packet over TCP");
-        assert_eq!((from, got.len()), ([1; 32], 1312));
+        assert_eq!((from, got.len()), (tunnel_core::PublicKey([1; 32]), 1312));
     }
-    t.out.send(encode_packet(&[1; 32], b"over tcp")).await.unwrap();
-    assert_eq!(recv(&mut q).await, Some(([2; 32], b"over tcp".to_vec())));
+    t.out.send(encode_packet(&tunnel_core::PublicKey([1; 32]), b"over tcp")).await.unwrap();
+    assert_eq!(recv(&mut q).await, Some((tunnel_core::PublicKey([2; 32]), b"over tcp".to_vec())));
 }
 
 #[tokio::test]
@@ -221,7 +224,7 @@ async fn a_node_is_held_to_its_byte_rate_and_flow_count() {
     let _d = connect(r.info(4, &[1], 60_000, true, false)).await;
     // 1 MB in a burst: about a tenth gets through (one second's worth of burst).
     for _ in 0..800 {
-        a.out.send(encode_packet(&[2; 32], &[1u8; 1250])).await.unwrap();
+        a.out.send(encode_packet(&tunnel_core::PublicKey([2; 32]), &[1u8; 1250])).await.unwrap();
         tokio::task::yield_now().await;
     }
     let mut got = 0usize;
@@ -232,8 +235,8 @@ async fn a_node_is_held_to_its_byte_rate_and_flow_count() {
     assert!(r.stats.refused_rate.load(Ordering::Relaxed) > 0);
     // Peers 2 and 3 are its two flows; a third is refused while they are fresh.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    a.out.send(encode_packet(&[3; 32], b"x")).await.unwrap();
-    a.out.send(encode_packet(&[4; 32], b"y")).await.unwrap();
+    a.out.send(encode_packet(&tunnel_core::PublicKey([3; 32]), b"x")).await.unwrap();
+    a.out.send(encode_packet(&tunnel_core::PublicKey([4; 32]), b"y")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.stats.refused_flows.load(Ordering::Relaxed), 1);
 }
@@ -258,7 +261,8 @@ async fn a_connection_that_shows_no_capability_is_closed_and_its_datagrams_dropp
     let conn = raw_quic(&r).await;
     // Before: datagrams waited in an 8 MiB buffer and its own keep-alives held the connection for ever.
     for _ in 0..50 {
-        let _ = conn.send_datagram(bytes::Bytes::from(encode_packet(&[2; 32], &[0; 1200])));
+        let _ = conn
+            .send_datagram(bytes::Bytes::from(encode_packet(&tunnel_core::PublicKey([2; 32]), &[0; 1200])));
     }
     let why = tokio::time::timeout(PATIENCE, conn.closed()).await.expect("closed by the relay");
     assert!(why.to_string().contains("no capability"), "{why}");
@@ -341,7 +345,7 @@ async fn an_older_capability_does_not_take_a_registration_away() {
     );
     assert_eq!(r.stats.refused_older.load(Ordering::Relaxed), 1);
     // B's packets still reach the real A.
-    b.out.send(encode_packet(&[1; 32], b"still you")).await.unwrap();
-    assert_eq!(recv(&mut a).await, Some(([2; 32], b"still you".to_vec())));
+    b.out.send(encode_packet(&tunnel_core::PublicKey([1; 32]), b"still you")).await.unwrap();
+    assert_eq!(recv(&mut a).await, Some((tunnel_core::PublicKey([2; 32]), b"still you".to_vec())));
     let _ = &mut b;
 }

@@ -18,7 +18,7 @@ use tunnel_core::map::{
     Candidate, CandidateKind, HealthState, MapDelta, NetworkMap, NodeKind, PeerInfo, RelayInfo, ResourceInfo,
     TargetHealth,
 };
-use tunnel_core::NodeId;
+use tunnel_core::{NodeId, PublicKey};
 use tunnel_proto::v1 as pb;
 
 /// Why a message from the wire could not be read.
@@ -55,8 +55,10 @@ fn addr(s: &str, what: &'static str) -> Result<IpAddr, Malformed> {
     s.parse().map_err(|_| Malformed(what))
 }
 
+/// A network (`ADDR/LEN`); a bare address is its host network (`/32`, `/128`), as the data plane
+/// always read allowed IPs.
 fn net(s: &str, what: &'static str) -> Result<IpNet, Malformed> {
-    s.parse().map_err(|_| Malformed(what))
+    s.parse().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)).map_err(|_| Malformed(what))
 }
 
 /// Candidate kind for the wire.
@@ -135,7 +137,7 @@ pub fn peer_to_pb(p: &PeerInfo) -> pb::Peer {
         node_id: p.node_id.to_string(),
         name: p.name.clone(),
         kind: kind_to_pb(p.kind) as i32,
-        public_key: p.public_key.map(|k| k.to_vec()).unwrap_or_default(),
+        public_key: p.public_key.map(|k| k.0.to_vec()).unwrap_or_default(),
         overlay_addr: p.overlay_addr.to_string(),
         allowed_ips: p.allowed_ips.iter().map(IpNet::to_string).collect(),
         candidates: p.candidates.iter().map(candidate_to_pb).collect(),
@@ -148,7 +150,7 @@ pub fn peer_to_pb(p: &PeerInfo) -> pb::Peer {
 pub fn peer_from_pb(p: &pb::Peer) -> Result<PeerInfo, Malformed> {
     let public_key = match p.public_key.len() {
         0 => None,
-        32 => Some(p.public_key.as_slice().try_into().map_err(|_| Malformed("public key"))?),
+        32 => Some(PublicKey::from_slice(&p.public_key).ok_or(Malformed("public key"))?),
         _ => return Err(Malformed("public key")),
     };
     Ok(PeerInfo {

@@ -60,7 +60,7 @@ fn peer() -> impl Strategy<Value = PeerInfo> {
                     node_id,
                     name,
                     kind,
-                    public_key,
+                    public_key: public_key.map(tunnel_core::PublicKey),
                     overlay_addr,
                     allowed_ips,
                     candidates,
@@ -223,6 +223,10 @@ fn what_a_node_cannot_use_is_refused_or_left_out() {
     let mut bad = p.clone();
     bad.overlay_addr = "100.96.0".into();
     assert_eq!(peer_from_pb(&bad), Err(Malformed("peer overlay address")));
+    // A bare address is its host network, as the data plane always read it.
+    let mut bare = p.clone();
+    bare.allowed_ips.push("100.96.0.9".into());
+    assert_eq!(peer_from_pb(&bare).unwrap().allowed_ips.last(), Some(&"100.96.0.9/32".parse().unwrap()));
     let mut bad = p;
     bad.allowed_ips.push("100.96.0.9/33".into());
     assert_eq!(peer_from_pb(&bad), Err(Malformed("peer allowed IP")));

@@ -1,6 +1,7 @@
 //! What a client decides: in TUN mode, which packets from sites the system may see; in userspace
 //! mode, which go to a UDP association and which to the stack's TCP flows.
 
+use crate::PublicKey;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
@@ -40,7 +41,7 @@ impl Role for Client {
         lost_resources(node, map);
     }
 
-    fn on_inbound(&mut self, node: &mut Node, _peer: [u8; 32], packet: Vec<u8>, now: Instant) {
+    fn on_inbound(&mut self, node: &mut Node, _peer: PublicKey, packet: Vec<u8>, now: Instant) {
         self.inbound(node, packet, now);
     }
 }

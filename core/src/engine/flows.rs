@@ -1,6 +1,7 @@
 //! The TCP flows of the userspace stack: their lifecycle here, their bytes through the shell's
 //! [`FlowPort`].
 
+use crate::PublicKey;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,7 @@ pub trait FlowPort {
 #[derive(Debug)]
 pub(super) struct FlowState {
     /// Site flows: the peer whose grant it rides on.
-    pub(super) peer: Option<[u8; 32]>,
+    pub(super) peer: Option<PublicKey>,
     /// Site flows: the socket has left Listen (accepted its SYN).
     accepted: bool,
     created: Instant,
@@ -69,7 +70,7 @@ pub(super) struct FlowState {
 
 impl FlowState {
     /// A site's flow for `peer`, listening for its SYN.
-    pub(super) fn site(peer: [u8; 32], now: Instant) -> FlowState {
+    pub(super) fn site(peer: PublicKey, now: Instant) -> FlowState {
         FlowState {
             peer: Some(peer),
             accepted: false,

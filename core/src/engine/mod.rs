@@ -22,6 +22,7 @@
 //! reached through a [`FlowPort`] the shell implements over its channels; the engine keeps each
 //! flow's protocol state (who it belongs to, its timeouts, whether each side has ended).
 
+use crate::PublicKey;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -100,7 +101,7 @@ pub enum Transmit {
     /// On the node's UDP socket: WireGuard, path probes, STUN.
     Udp { dst: SocketAddr, payload: Vec<u8> },
     /// Through the relay, to `peer` (the shell frames it).
-    Relay { peer: [u8; 32], payload: Vec<u8> },
+    Relay { peer: PublicKey, payload: Vec<u8> },
 }
 
 /// Something for the local side.
@@ -158,7 +159,7 @@ pub trait Role: Sized + std::fmt::Debug {
     /// A map was applied to the shared half: the role's own state follows it.
     fn on_map(&mut self, node: &mut Node, map: &NetworkMap);
     /// A decrypted packet from `peer`.
-    fn on_inbound(&mut self, node: &mut Node, peer: [u8; 32], packet: Vec<u8>, now: Instant);
+    fn on_inbound(&mut self, node: &mut Node, peer: PublicKey, packet: Vec<u8>, now: Instant);
     /// The end of a wake-up.
     fn on_settle(&mut self, _node: &mut Node, _now: Instant) {}
     /// The role's part of the status document.
@@ -172,7 +173,7 @@ pub struct Node {
     stack: Option<NetStack>,
     own_addr: Option<Ipv4Addr>,
     map: Option<Arc<NetworkMap>>,
-    peer_names: BTreeMap<[u8; 32], (String, String)>,
+    peer_names: BTreeMap<PublicKey, (String, String)>,
     flows: BTreeMap<FlowId, FlowState>,
     counters: Counters,
     seed: u64,
@@ -182,7 +183,7 @@ pub struct Node {
     keepalive: Duration,
     force_relay: bool,
     relay_up: bool,
-    relay_bytes: BTreeMap<[u8; 32], RelayBytes>,
+    relay_bytes: BTreeMap<PublicKey, RelayBytes>,
     stun: StunClient,
     base_candidates: Vec<Candidate>,
     next_flow_trace: Instant,
@@ -344,7 +345,7 @@ impl Node {
     }
 
     /// A WireGuard packet the relay brought from peer `from`.
-    fn handle_relayed(&mut self, from: [u8; 32], data: &[u8]) {
+    fn handle_relayed(&mut self, from: PublicKey, data: &[u8]) {
         if let Some(b) = self.relay_bytes.get_mut(&from) {
             b.rx += data.len() as u64;
         } else if self.peer_names.contains_key(&from) {
@@ -518,7 +519,7 @@ impl<R: Role> Engine<R> {
     }
 
     /// A WireGuard packet the relay brought from peer `from`.
-    pub fn handle_relayed(&mut self, from: [u8; 32], data: &[u8]) {
+    pub fn handle_relayed(&mut self, from: PublicKey, data: &[u8]) {
         self.node.handle_relayed(from, data);
     }
 

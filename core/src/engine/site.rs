@@ -3,6 +3,7 @@
 //! dropped and counted. TCP to a resource waits for its target to be dialled; UDP becomes a flow to
 //! the target's socket; ICMP echo is answered here.
 
+use crate::PublicKey;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
 
@@ -28,7 +29,7 @@ pub(super) struct ServedResource {
 #[derive(Debug)]
 pub(super) struct UdpFlow {
     /// The peer whose grant this flow rides on.
-    pub(super) peer: [u8; 32],
+    pub(super) peer: PublicKey,
     /// The shell has the target's socket; until then datagrams wait in `queued`.
     ready: bool,
     queued: Vec<Vec<u8>>,
@@ -39,11 +40,11 @@ pub(super) struct UdpFlow {
 #[derive(Debug)]
 pub struct Site {
     /// Peer key -> resource addresses it may reach.
-    grants: BTreeMap<[u8; 32], Vec<Ipv4Addr>>,
+    grants: BTreeMap<PublicKey, Vec<Ipv4Addr>>,
     /// Resource address -> what to dial.
     served: BTreeMap<Ipv4Addr, ServedResource>,
     /// SYNs held while their targets are dialled, counted in `pending_count`.
-    pending_syn: BTreeMap<FlowTuple, ([u8; 32], Vec<u8>)>,
+    pending_syn: BTreeMap<FlowTuple, (PublicKey, Vec<u8>)>,
     pending_count: FlowCount,
     /// UDP flows, counted in `udp_count`.
     udp_flows: BTreeMap<FlowTuple, UdpFlow>,
@@ -90,7 +91,7 @@ impl Role for Site {
         self.revoke(node);
     }
 
-    fn on_inbound(&mut self, node: &mut Node, peer: [u8; 32], packet: Vec<u8>, now: Instant) {
+    fn on_inbound(&mut self, node: &mut Node, peer: PublicKey, packet: Vec<u8>, now: Instant) {
         self.inbound(node, peer, packet, now);
     }
 
@@ -107,7 +108,7 @@ impl Role for Site {
 }
 
 impl Site {
-    fn inbound(&mut self, node: &mut Node, peer: [u8; 32], pkt: Vec<u8>, now: Instant) {
+    fn inbound(&mut self, node: &mut Node, peer: PublicKey, pkt: Vec<u8>, now: Instant) {
         let Some(s) = packet::summarize(&pkt) else {
             node.counters.unparsable += 1;
             return;
@@ -243,7 +244,7 @@ impl Site {
 }
 
 /// Answers a site's refused SYN with a reset, as a full server would.
-fn refuse_syn(node: &mut Node, peer: &[u8; 32], syn: &[u8]) {
+fn refuse_syn(node: &mut Node, peer: &PublicKey, syn: &[u8]) {
     if let Some(rst) = packet::rst_for_syn(syn) {
         node.device.send_to_peer(peer, &rst);
     }

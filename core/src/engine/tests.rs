@@ -235,8 +235,8 @@ mod flow_timeouts {
 
     /// A site's listening flow, as a dial's success makes one for a granted SYN.
     fn site_flow(site: &mut NetStack, t0: Instant) -> (FlowId, BTreeMap<FlowId, FlowState>) {
-        let h = site.listen(SERVICE, Some(&PEER)).unwrap();
-        (h, BTreeMap::from([(h, FlowState::site(PEER, t0))]))
+        let h = site.listen(SERVICE, Some(&crate::PublicKey(PEER))).unwrap();
+        (h, BTreeMap::from([(h, FlowState::site(crate::PublicKey(PEER), t0))]))
     }
 
     #[test]
@@ -259,7 +259,7 @@ mod flow_timeouts {
         let mut client = stack(CLIENT, false, t0);
         let (h, mut flows) = site_flow(&mut site, t0);
         let mut port = Port::default();
-        client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
+        client.connect(CLIENT, SERVICE, Some(&crate::PublicKey(PEER))).unwrap();
         assert_eq!(carry(&mut client, &mut site, t0), 1, "the SYN");
         // The SYN-ACK is never carried back: the site's socket stays half open.
         assert_eq!(site.socket(h).state(), State::SynReceived);
@@ -275,7 +275,7 @@ mod flow_timeouts {
     fn a_client_connect_nobody_answers_fails_after_fifteen_seconds() {
         let t0 = Instant::now();
         let mut client = stack(CLIENT, false, t0);
-        let h = client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
+        let h = client.connect(CLIENT, SERVICE, Some(&crate::PublicKey(PEER))).unwrap();
         client.poll(t0);
         let mut flows = BTreeMap::from([(h, FlowState::client(t0))]);
         let mut port = Port::default();
@@ -296,7 +296,7 @@ mod flow_timeouts {
         let mut client = stack(CLIENT, false, t0);
         let (h, mut flows) = site_flow(&mut site, t0);
         let mut port = Port::default();
-        let c = client.connect(CLIENT, SERVICE, Some(&PEER)).unwrap();
+        let c = client.connect(CLIENT, SERVICE, Some(&crate::PublicKey(PEER))).unwrap();
         let mut now = t0;
         for _ in 0..4 {
             now += Duration::from_millis(1);

@@ -13,6 +13,7 @@
 //! socket and a task. [`FlowLimits`] bounds how many of each one peer and the node may hold, counted
 //! with [`FlowCount`]: the stack counts its TCP flows, the data plane its pending dials and UDP flows.
 
+use crate::PublicKey;
 use std::collections::HashMap;
 
 /// Limits on TCP socket buffers (each flow has one receive and one send buffer).
@@ -52,7 +53,7 @@ impl BufferLimits {
 }
 
 /// Who a flow's buffers are charged to: the peer on the other end of the tunnel.
-pub type Owner = [u8; 32];
+pub type Owner = PublicKey;
 
 /// How many flows of each kind one peer, and the node in all, may hold at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,14 +251,14 @@ mod tests {
         let limits = BufferLimits { initial: 4096, max: 16384, per_peer: 10_000, per_node: 15_000 };
         let mut b = Budget::new(limits, FlowLimits::default());
         let (p, q) = ([1u8; 32], [2u8; 32]);
-        assert!(b.take(Some(&p), 8000));
-        assert!(!b.take(Some(&p), 4000), "peer budget");
-        assert!(b.take(Some(&q), 7000));
-        assert!(!b.take(Some(&q), 1000), "node budget");
-        b.give_back(Some(&p), 8000);
-        assert!(b.take(Some(&q), 1000));
+        assert!(b.take(Some(&crate::PublicKey(p)), 8000));
+        assert!(!b.take(Some(&crate::PublicKey(p)), 4000), "peer budget");
+        assert!(b.take(Some(&crate::PublicKey(q)), 7000));
+        assert!(!b.take(Some(&crate::PublicKey(q)), 1000), "node budget");
+        b.give_back(Some(&crate::PublicKey(p)), 8000);
+        assert!(b.take(Some(&crate::PublicKey(q)), 1000));
         assert_eq!(b.used(), 8000);
-        b.give_back(Some(&q), 8000);
+        b.give_back(Some(&crate::PublicKey(q)), 8000);
         assert_eq!(b.used(), 0);
         assert!(b.by_owner.is_empty(), "nothing left behind for owners without flows");
     }
@@ -266,17 +267,17 @@ mod tests {
     fn flow_counts_bind_per_owner_and_in_total() {
         let mut c = FlowCount::new(2, 3);
         let (p, q) = ([1u8; 32], [2u8; 32]);
-        assert_eq!((c.add(Some(&p)), c.add(Some(&p))), (Ok(()), Ok(())));
-        assert_eq!(c.add(Some(&p)), Err(Limit::Peer));
-        assert_eq!(c.add(Some(&q)), Ok(()));
-        assert_eq!(c.add(Some(&q)), Err(Limit::Node));
+        assert_eq!((c.add(Some(&crate::PublicKey(p))), c.add(Some(&crate::PublicKey(p)))), (Ok(()), Ok(())));
+        assert_eq!(c.add(Some(&crate::PublicKey(p))), Err(Limit::Peer));
+        assert_eq!(c.add(Some(&crate::PublicKey(q))), Ok(()));
+        assert_eq!(c.add(Some(&crate::PublicKey(q))), Err(Limit::Node));
         assert_eq!(c.add(None), Err(Limit::Node), "ownerless flows count in the total");
-        c.remove(Some(&p));
-        assert_eq!(c.check(Some(&q)), Ok(()));
-        assert_eq!((c.of(&p), c.of(&q), c.total()), (1, 1, 2));
-        c.remove(Some(&p));
-        c.remove(Some(&q));
-        c.remove(Some(&q));
+        c.remove(Some(&crate::PublicKey(p)));
+        assert_eq!(c.check(Some(&crate::PublicKey(q))), Ok(()));
+        assert_eq!((c.of(&crate::PublicKey(p)), c.of(&crate::PublicKey(q)), c.total()), (1, 1, 2));
+        c.remove(Some(&crate::PublicKey(p)));
+        c.remove(Some(&crate::PublicKey(q)));
+        c.remove(Some(&crate::PublicKey(q)));
         assert_eq!(c.total(), 0);
         assert!(c.by_owner.is_empty(), "nothing left behind, and removing too much does not wrap");
     }

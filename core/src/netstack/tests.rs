@@ -206,8 +206,8 @@ fn run(sim: Sim) -> Transfer {
     site.set_congestion(cc);
     client.set_congestion(cc);
     let (site_key, client_key) = ([1u8; 32], [2u8; 32]);
-    site.set_rtt_hint(&client_key, rtt_hint, base);
-    client.set_rtt_hint(&site_key, rtt_hint, base);
+    site.set_rtt_hint(&crate::PublicKey(client_key), rtt_hint, base);
+    client.set_rtt_hint(&crate::PublicKey(site_key), rtt_hint, base);
     let one_way = rtt_ms * 1000 / 2;
     let mut up = Link::new(seed + 2, loss, duplicate, reorder, one_way);
     let mut down = Link::new(seed + 3, loss, duplicate, reorder, one_way);
@@ -215,9 +215,13 @@ fn run(sim: Sim) -> Transfer {
         up = up.with_bottleneck(bps, queue_us);
         down = down.with_bottleneck(bps, queue_us);
     }
-    let l = site.listen("100.96.0.10:80".parse().unwrap(), Some(&client_key)).unwrap();
+    let l = site.listen("100.96.0.10:80".parse().unwrap(), Some(&crate::PublicKey(client_key))).unwrap();
     let c = client
-        .connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), Some(&site_key))
+        .connect(
+            "100.96.0.2".parse().unwrap(),
+            "100.96.0.10:80".parse().unwrap(),
+            Some(&crate::PublicKey(site_key)),
+        )
         .unwrap();
     let upload: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let download: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
@@ -418,17 +422,28 @@ fn the_budget_refuses_flows_and_caps_growth() {
     let own: Ipv4Addr = "100.96.0.2".parse().unwrap();
     let mut mine = vec![];
     for _ in 0..4 {
-        mine.push(stack.connect(own, remote, Some(&p)).unwrap());
+        mine.push(stack.connect(own, remote, Some(&crate::PublicKey(p))).unwrap());
     }
-    assert_eq!(stack.connect(own, remote, Some(&p)), Err(SocketError::Budget), "peer budget: 4 x 128 KiB");
+    assert_eq!(
+        stack.connect(own, remote, Some(&crate::PublicKey(p))),
+        Err(SocketError::Budget),
+        "peer budget: 4 x 128 KiB"
+    );
     for _ in 0..2 {
-        stack.connect(own, remote, Some(&q)).unwrap();
+        stack.connect(own, remote, Some(&crate::PublicKey(q))).unwrap();
     }
-    assert_eq!(stack.connect(own, remote, Some(&q)), Err(SocketError::Budget), "node budget: 6 x 128 KiB");
+    assert_eq!(
+        stack.connect(own, remote, Some(&crate::PublicKey(q))),
+        Err(SocketError::Budget),
+        "node budget: 6 x 128 KiB"
+    );
     assert_eq!(stack.refused_budget, 2);
     assert_eq!(stack.buffer_bytes(), 768 * 1024);
     stack.remove(mine.pop().unwrap());
-    assert!(stack.connect(own, remote, Some(&q)).is_ok(), "what a removed flow held is free again");
+    assert!(
+        stack.connect(own, remote, Some(&crate::PublicKey(q))).is_ok(),
+        "what a removed flow held is free again"
+    );
 }
 
 #[test]
@@ -448,21 +463,21 @@ fn flow_limits_refuse_flows_per_peer_and_per_node() {
     let local = |port: u16| SocketAddrV4::new("100.96.0.10".parse().unwrap(), port);
     let mut mine = vec![];
     for port in 1..4 {
-        mine.push(stack.listen(local(port), Some(&p)).unwrap());
+        mine.push(stack.listen(local(port), Some(&crate::PublicKey(p))).unwrap());
     }
-    assert_eq!(stack.admit(Some(&p)), Err(SocketError::PeerFlows), "asked before a dial");
-    assert_eq!(stack.listen(local(9), Some(&p)), Err(SocketError::PeerFlows));
+    assert_eq!(stack.admit(Some(&crate::PublicKey(p))), Err(SocketError::PeerFlows), "asked before a dial");
+    assert_eq!(stack.listen(local(9), Some(&crate::PublicKey(p))), Err(SocketError::PeerFlows));
     for port in 10..12 {
-        stack.listen(local(port), Some(&q)).unwrap();
+        stack.listen(local(port), Some(&crate::PublicKey(q))).unwrap();
     }
-    assert_eq!(stack.listen(local(12), Some(&q)), Err(SocketError::NodeFlows));
-    assert_eq!(stack.flows(&p), (3, 5));
+    assert_eq!(stack.listen(local(12), Some(&crate::PublicKey(q))), Err(SocketError::NodeFlows));
+    assert_eq!(stack.flows(&crate::PublicKey(p)), (3, 5));
     let st = stack.stats();
     assert_eq!((st.refused_peer_flows, st.refused_node_flows, st.refused_budget), (2, 1, 0));
     stack.remove(mine.pop().unwrap());
-    assert_eq!(stack.admit(Some(&q)), Ok(()), "a removed flow's place is free again");
-    assert!(stack.listen(local(13), Some(&q)).is_ok());
-    assert_eq!(stack.flows(&q), (3, 5));
+    assert_eq!(stack.admit(Some(&crate::PublicKey(q))), Ok(()), "a removed flow's place is free again");
+    assert!(stack.listen(local(13), Some(&crate::PublicKey(q))).is_ok());
+    assert_eq!(stack.flows(&crate::PublicKey(q)), (3, 5));
 }
 
 #[test]
@@ -477,7 +492,7 @@ fn growth_stays_inside_the_budget() {
     let mut down = Link::new(1, 0.0, 0.0, 0.0, 25_000);
     let mut up = Link::new(2, 0.0, 0.0, 0.0, 25_000);
     let owner = [9u8; 32];
-    let l = site.listen("100.96.0.10:80".parse().unwrap(), Some(&owner)).unwrap();
+    let l = site.listen("100.96.0.10:80".parse().unwrap(), Some(&crate::PublicKey(owner))).unwrap();
     let c = client.connect("100.96.0.2".parse().unwrap(), "100.96.0.10:80".parse().unwrap(), None).unwrap();
     let data = vec![7u8; 1 << 20];
     let mut got = 0usize;
@@ -556,17 +571,17 @@ fn the_rtt_hint_is_the_minimum_of_its_window() {
     let at = |s: u64| base + Duration::from_secs(s);
     let mut stack = NetStack::new("100.96.0.1".parse().unwrap(), 16, 1280, true, 1, base);
     let peer = [7u8; 32];
-    let hint = |s: &NetStack| s.rtt_hints.get(&peer).map(|h| h.0);
-    stack.set_rtt_hint(&peer, Some(Duration::from_micros(300)), at(0));
+    let hint = |s: &NetStack| s.rtt_hints.get(&crate::PublicKey(peer)).map(|h| h.0);
+    stack.set_rtt_hint(&crate::PublicKey(peer), Some(Duration::from_micros(300)), at(0));
     assert_eq!(hint(&stack), Some(RTT_FLOOR), "below the floor counts as the floor");
-    stack.set_rtt_hint(&peer, Some(Duration::from_millis(2)), at(0));
-    stack.set_rtt_hint(&peer, Some(Duration::from_millis(4)), at(5));
+    stack.set_rtt_hint(&crate::PublicKey(peer), Some(Duration::from_millis(2)), at(0));
+    stack.set_rtt_hint(&crate::PublicKey(peer), Some(Duration::from_millis(4)), at(5));
     assert_eq!(hint(&stack), Some(RTT_FLOOR), "a queued probe does not raise the hint");
-    stack.set_rtt_hint(&peer, Some(Duration::from_millis(4)), at(10));
+    stack.set_rtt_hint(&crate::PublicKey(peer), Some(Duration::from_millis(4)), at(10));
     assert_eq!(hint(&stack), Some(Duration::from_millis(4)), "the window's minimum expires");
-    stack.set_rtt_hint(&peer, Some(Duration::from_millis(3)), at(11));
+    stack.set_rtt_hint(&crate::PublicKey(peer), Some(Duration::from_millis(3)), at(11));
     assert_eq!(hint(&stack), Some(Duration::from_millis(3)), "a smaller sample replaces it at once");
-    stack.set_rtt_hint(&peer, None, at(12));
+    stack.set_rtt_hint(&crate::PublicKey(peer), None, at(12));
     assert_eq!(hint(&stack), None, "a peer that lost its direct path has no hint");
 }
 

@@ -138,7 +138,7 @@ fn set_peers_keeps_untouched_sessions_and_removes_the_rest() {
         keepalive: None,
     }];
     desired.push(PeerConfig {
-        key: [9; 32],
+        key: crate::PublicKey([9; 32]),
         allowed: vec!["100.96.0.9/32".parse().unwrap()],
         endpoint: None,
         keepalive: None,
@@ -161,13 +161,13 @@ fn routes_pick_the_longest_prefix() {
     d.set_peers(
         vec![
             PeerConfig {
-                key: [5; 32],
+                key: crate::PublicKey([5; 32]),
                 allowed: vec!["100.96.0.0/16".parse().unwrap()],
                 endpoint: None,
                 keepalive: None,
             },
             PeerConfig {
-                key: [6; 32],
+                key: crate::PublicKey([6; 32]),
                 allowed: vec!["100.96.0.7/32".parse().unwrap()],
                 endpoint: None,
                 keepalive: None,
@@ -175,8 +175,8 @@ fn routes_pick_the_longest_prefix() {
         ],
         now,
     );
-    assert_eq!(d.route("100.96.0.7".parse().unwrap()), Some([6; 32]));
-    assert_eq!(d.route("100.96.3.1".parse().unwrap()), Some([5; 32]));
+    assert_eq!(d.route("100.96.0.7".parse().unwrap()), Some(crate::PublicKey([6; 32])));
+    assert_eq!(d.route("100.96.3.1".parse().unwrap()), Some(crate::PublicKey([5; 32])));
     assert_eq!(d.route("10.0.0.1".parse().unwrap()), None);
     let _ = summarize(&[]);
 }
@@ -229,7 +229,7 @@ fn an_initiation_dropped_for_want_of_an_endpoint_goes_out_once_there_is_one() {
 }
 
 /// A site with two relayed clients: `flooder` ([7; 32]) and `victim` ([8; 32]).
-fn relayed_site() -> (Device, [u8; 32], Device, Instant) {
+fn relayed_site() -> (Device, crate::PublicKey, Device, Instant) {
     let now = Instant::now();
     let mut site = Device::new([2; 32], 20);
     let flooder = public_key([7; 32]);
@@ -267,8 +267,8 @@ fn relayed_site() -> (Device, [u8; 32], Device, Instant) {
 }
 
 /// Fresh, valid handshake initiations from the flooder's key (a granted client can make any number).
-fn initiations(from: [u8; 32], to: [u8; 32], n: usize) -> Vec<Vec<u8>> {
-    let mut t = Tunn::new(StaticSecret::from(from), PublicKey::from(to), None, None, 1, None);
+fn initiations(from: [u8; 32], to: crate::PublicKey, n: usize) -> Vec<Vec<u8>> {
+    let mut t = Tunn::new(StaticSecret::from(from), X25519Public::from(to.0), None, None, 1, None);
     let mut buf = vec![0u8; 2048];
     (0..n)
         .map(|_| match t.format_handshake_initiation(&mut buf, true) {

@@ -2,6 +2,7 @@
 //! encoders, so the fuzzer starts past the first checks. Run from the repository root:
 //! `cargo run --manifest-path fuzz/Cargo.toml --features seeds --bin seeds` (writes fuzz/corpus/).
 
+use tunnel_core::PublicKey;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -58,13 +59,17 @@ fn stun_seeds() {
 
 fn relay_seeds() {
     let key = Ed25519KeyPair::from_seed_unchecked(&[0x42; 32]).unwrap();
-    let cap = Capability { node: [1; 32], expires_unix_ms: 1_900_000_000_000, peers: vec![[2; 32], [3; 32]] };
+    let cap = Capability {
+        node: PublicKey([1; 32]),
+        expires_unix_ms: 1_900_000_000_000,
+        peers: vec![PublicKey([2; 32]), PublicKey([3; 32])],
+    };
     let signed = cap.sign(&key).unwrap();
     let frames = [
         Frame::Hello(signed.clone()),
         Frame::Reply(Ok(())),
         Frame::Reply(Err("capability expired".into())),
-        Frame::Packet(relay::encode_packet(&[9; 32], &[4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])),
+        Frame::Packet(relay::encode_packet(&PublicKey([9; 32]), &[4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])),
     ];
     let mut all = vec![0x17];
     for f in &frames {
@@ -78,7 +83,7 @@ fn relay_seeds() {
     raw.extend_from_slice(&signed);
     put("relay_frames", "capability", &raw);
     let mut pkt = vec![0x33];
-    pkt.extend_from_slice(&relay::encode_packet(&[5; 32], b"payload"));
+    pkt.extend_from_slice(&relay::encode_packet(&PublicKey([5; 32]), b"payload"));
     put("relay_frames", "packet", &pkt);
 }
 
@@ -87,7 +92,7 @@ fn probe_seeds() {
     let key = [0x5A; 32];
     put("probe", "ping", &probe::encode(ProbeKind::Ping, &a, 1, &key));
     put("probe", "pong", &probe::encode(ProbeKind::Pong, &a, u64::MAX, &key));
-    let mut header = a.to_vec();
+    let mut header = a.0.to_vec();
     header.extend_from_slice(&42u64.to_be_bytes());
     put("probe", "header", &header);
 }
@@ -239,7 +244,7 @@ fn peer(n: u8, kind: pb::NodeKind) -> pb::Peer {
         node_id: tunnel_core::NodeId::from_random([n; 10]).to_string(),
         name: format!("peer{n}"),
         kind: kind as i32,
-        public_key: wg::public_key([n; 32]).to_vec(),
+        public_key: wg::public_key([n; 32]).0.to_vec(),
         overlay_addr: format!("100.96.0.{n}"),
         allowed_ips: vec![format!("100.96.0.{n}/32"), format!("100.96.1.{n}")],
         candidates: vec![

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tunnel_core::PublicKey;
 
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch, Notify};
@@ -34,7 +35,7 @@ pub(super) struct Inputs {
     pub(super) cmd_rx: mpsc::Receiver<Command>,
     pub(super) udp_event_rx: mpsc::Receiver<UdpEvent>,
     pub(super) from_os: Option<mpsc::Receiver<Vec<u8>>>,
-    pub(super) relay_in: mpsc::Receiver<([u8; 32], Vec<u8>)>,
+    pub(super) relay_in: mpsc::Receiver<(PublicKey, Vec<u8>)>,
     pub(super) relay_state: watch::Receiver<RelayState>,
     pub(super) stun_resolve_rx: mpsc::Receiver<(String, Option<SocketAddr>)>,
     /// Whether the relay link's task still sends its state.
@@ -49,7 +50,7 @@ enum Woke {
     Stun(String, Option<SocketAddr>),
     Dialed(Result<(FlowTuple, Result<TcpStream, String>), JoinError>),
     Udp(UdpEvent),
-    Relayed([u8; 32], Vec<u8>),
+    Relayed(PublicKey, Vec<u8>),
     Os(Vec<u8>),
     /// The socket is readable, the application moved flow data, or a timer is due: the sweep and
     /// the pump find out what.

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use tunnel_core::PublicKey;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -175,25 +176,25 @@ enum Handle {
 struct Registration {
     conn_id: u64,
     handle: Handle,
-    allowed: Arc<HashSet<[u8; 32]>>,
+    allowed: Arc<HashSet<PublicKey>>,
     /// Expiry of the capability it registered with: a later expiry is a newer capability.
     expires_ms: u64,
 }
 
 #[derive(Default)]
 struct Table {
-    nodes: RwLock<HashMap<[u8; 32], Registration>>,
+    nodes: RwLock<HashMap<PublicKey, Registration>>,
     next_conn: AtomicU64,
 }
 
 /// One connection's forwarding state: who it is, and its limits.
 struct Sender {
-    node: [u8; 32],
-    allowed: Arc<HashSet<[u8; 32]>>,
+    node: PublicKey,
+    allowed: Arc<HashSet<PublicKey>>,
     expires_ms: u64,
     tokens: f64,
     last_refill: Instant,
-    flows: HashMap<[u8; 32], Instant>,
+    flows: HashMap<PublicKey, Instant>,
 }
 
 struct Relay {
@@ -243,7 +244,7 @@ impl Relay {
             self.stats.registrations_refused.fetch_add(1, Ordering::Relaxed);
             e.to_string()
         })?;
-        let allowed: Arc<HashSet<[u8; 32]>> = Arc::new(cap.peers.iter().copied().collect());
+        let allowed: Arc<HashSet<PublicKey>> = Arc::new(cap.peers.iter().copied().collect());
         let mut nodes = self.table.nodes.write().unwrap_or_else(|e| e.into_inner());
         if nodes
             .get(&cap.node)
@@ -278,7 +279,7 @@ impl Relay {
         })
     }
 
-    fn unregister(&self, node: &[u8; 32], conn_id: u64) {
+    fn unregister(&self, node: &PublicKey, conn_id: u64) {
         let mut nodes = self.table.nodes.write().unwrap_or_else(|e| e.into_inner());
         if nodes.get(node).is_some_and(|r| r.conn_id == conn_id) {
             nodes.remove(node);
@@ -346,8 +347,8 @@ impl Relay {
     }
 }
 
-fn short(k: &[u8; 32]) -> String {
-    k[..4].iter().map(|b| format!("{b:02x}")).collect()
+fn short(k: &PublicKey) -> String {
+    k.0[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A running relay.
