@@ -107,47 +107,41 @@ struct Wire {
     b_delivered: usize,
 }
 
-/// Moves datagrams between A and B until both are quiet (bounded). Datagrams to other addresses
-/// are lost, as on a network where nobody listens there.
+/// Hands `from`'s datagrams to `to` (UDP to its address, or the relay naming `from`); datagrams
+/// to other addresses are lost, as on a network where nobody listens there. A's are recorded for
+/// replays. Whether any arrived.
+fn carry(from: &mut Node, to: &mut Node, record: Option<&mut Vec<Vec<u8>>>, now: Instant) -> bool {
+    let mut moved = false;
+    let mut record = record;
+    while let Some(t) = from.engine.poll_transmit(now) {
+        match t {
+            Transmit::Udp { dst, payload } => {
+                if let Some(r) = record.as_deref_mut().filter(|r| r.len() < 32) {
+                    r.push(payload.clone());
+                }
+                if dst == to.me {
+                    moved = true;
+                    to.engine.handle_datagram(from.me, &payload, now);
+                }
+            }
+            Transmit::Relay { peer, payload } => {
+                if peer == to.key {
+                    moved = true;
+                    to.engine.handle_relayed(from.key, &payload);
+                }
+            }
+        }
+    }
+    moved
+}
+
+/// Moves datagrams between A and B until both are quiet (bounded).
 fn pump(a: &mut Node, b: &mut Node, port: &mut BufferPort, wire: &mut Wire, now: Instant) {
     for _ in 0..32 {
         let mut moved = a.engine.drive(port, now);
         moved |= b.engine.drive(port, now);
-        while let Some(t) = a.engine.poll_transmit(now) {
-            match t {
-                Transmit::Udp { dst, payload } => {
-                    if wire.from_a.len() < 32 {
-                        wire.from_a.push(payload.clone());
-                    }
-                    if dst == b.me {
-                        moved = true;
-                        b.engine.handle_datagram(a.me, &payload, now);
-                    }
-                }
-                Transmit::Relay { peer, payload } => {
-                    if peer == b.key {
-                        moved = true;
-                        b.engine.handle_relayed(a.key, &payload);
-                    }
-                }
-            }
-        }
-        while let Some(t) = b.engine.poll_transmit(now) {
-            match t {
-                Transmit::Udp { dst, payload } => {
-                    if dst == a.me {
-                        moved = true;
-                        a.engine.handle_datagram(b.me, &payload, now);
-                    }
-                }
-                Transmit::Relay { peer, payload } => {
-                    if peer == a.key {
-                        moved = true;
-                        a.engine.handle_relayed(b.key, &payload);
-                    }
-                }
-            }
-        }
+        moved |= carry(a, b, Some(&mut wire.from_a), now);
+        moved |= carry(b, a, None, now);
         while a.engine.poll_deliver().is_some() {}
         while let Some(d) = b.engine.poll_deliver() {
             if let Deliver::Os(p) = d {
